@@ -1,0 +1,84 @@
+"""Shared base config. Experiment configs call ``get_base_config()`` and edit the sections they change.
+
+Sections: ``training`` (objective and loop), ``sampling``, ``eval``, ``data``, ``model`` (architecture and its
+conventions), ``sde``, ``optim``. Every field can be overridden on the command line
+(``--config.training.n_iters=200``); unknown keys are errors.
+"""
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+
+def get_base_config():
+    config = ml_collections.ConfigDict()
+    config.seed = 42
+
+    config.training = training = ml_collections.ConfigDict()
+    training.batch_size = 128              # global batch, split over all devices and processes
+    training.n_iters = 1_300_001
+    training.loss = "dsm"                  # key of losses.LOSSES
+    training.reduce_mean = False           # mean (True) or sum (False) over data dimensions
+    training.likelihood_weighting = False  # λ(t) = g(t)² (score-flow bound) instead of σ(t)²
+    training.importance_sampling = False   # sample t ∝ λ(t)/σ(t)² to reduce variance of the weighted loss
+    training.continuous = True             # continuous t ~ U[eps, T] or integer steps of the discrete chain
+    training.log_freq = 50
+    training.eval_freq = 500
+    training.snapshot_freq = 10_000        # checkpoint every this many steps
+    training.keep_checkpoints = 3
+    training.snapshot_sampling = True      # write a sample grid at each checkpoint
+    training.eps = placeholder(float)      # smallest training time; None: the SDE's eps
+
+    config.sampling = sampling = ml_collections.ConfigDict()
+    sampling.method = "pc"                 # key of samplers.SAMPLERS
+    sampling.predictor = "euler_maruyama"
+    sampling.corrector = "langevin"
+    sampling.snr = 0.16
+    sampling.n_steps = 1                   # corrector steps per noise level
+    sampling.denoise = True                # final Tweedie denoising step
+    sampling.eps = placeholder(float)      # smallest sampling time; None: the SDE's eps
+    sampling.num_samples = 64
+    sampling.batch_size = 64
+
+    config.eval = evaluate = ml_collections.ConfigDict()
+    evaluate.batch_size = 128
+    evaluate.num_samples = 1000
+    evaluate.checkpoint = placeholder(int)  # None: every checkpoint in the workdir
+    evaluate.use_ema = True
+
+    config.data = data = ml_collections.ConfigDict()
+    data.source = "digits"                 # digits | toy | idx | tfds | cifar10_pickle | image_folder
+    data.dataset = "digits"
+    data.data_dir = ""
+    data.image_size = 8
+    data.num_channels = 1
+    data.num_classes = 10
+    data.centered = True                   # model space [-1, 1] (True) or [0, 1] (False)
+    data.random_flip = False
+    data.uniform_dequantization = False
+
+    config.model = model = ml_collections.ConfigDict()
+    model.name = "small_unet"              # key of models.MODELS
+    model.prediction = "eps"               # eps | score | x0
+    model.time_input = "t999"              # t | t999 | sigma | index | sigma_index
+    model.ema_rate = 0.999
+    model.dropout = 0.0
+    model.nf = 32
+    model.ch_mult = (1, 2)
+    model.num_res_blocks = 1
+
+    config.sde = sde = ml_collections.ConfigDict()
+    sde.name = "vpsde"                     # key of sde_lib.SDES
+    sde.N = 1000
+    sde.beta_min = 0.1
+    sde.beta_max = 20.0
+    sde.sigma_min = 0.01
+    sde.sigma_max = 50.0
+
+    config.optim = optim = ml_collections.ConfigDict()
+    optim.optimizer = "adam"
+    optim.lr = 2e-4
+    optim.beta1 = 0.9
+    optim.eps = 1e-8
+    optim.weight_decay = 0.0
+    optim.warmup = 5000
+    optim.grad_clip = 1.0
+    return config

@@ -1,0 +1,105 @@
+"""Tests of evaluation.py: FID/IS/KID closed forms, the digits classifier, the Inception extractor."""
+import numpy as np
+import pytest
+import scipy.linalg
+
+import evaluation as ev
+
+
+# ------------------------------------------------------------------------------------------------ FID / IS / KID
+
+
+def test_fid_of_a_set_with_itself_is_zero():
+    feats = np.random.default_rng(0).normal(size=(500, 16))
+    assert abs(ev.fid_from_features(feats, feats)) < 1e-8
+
+
+def test_frechet_distance_diagonal_gaussians_closed_form():
+    rng = np.random.default_rng(1)
+    mu1, mu2 = rng.normal(size=5), rng.normal(size=5)
+    a, b = rng.uniform(0.1, 3, size=5), rng.uniform(0.1, 3, size=5)
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+    assert ev.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-10)
+
+
+def test_frechet_distance_full_covariances_matches_scipy_sqrtm():
+    rng = np.random.default_rng(2)
+    a, b = rng.normal(size=(6, 6)), rng.normal(size=(6, 6))
+    s1, s2 = a @ a.T + 0.1 * np.eye(6), b @ b.T + 0.1 * np.eye(6)
+    mu1, mu2 = rng.normal(size=6), rng.normal(size=6)
+    covmean = scipy.linalg.sqrtm(s1 @ s2).real
+    expected = np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2 - 2 * covmean)
+    assert ev.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-8)
+
+
+def test_frechet_distance_singular_covariances_is_finite():
+    rng = np.random.default_rng(3)
+    f1, f2 = rng.normal(size=(10, 64)), rng.normal(size=(10, 64))  # rank 9 covariances in 64 dimensions
+    d = ev.fid_from_features(f1, f2)
+    assert np.isfinite(d) and d > 0
+
+
+def test_frechet_distance_shape_mismatch_message():
+    with pytest.raises(ValueError, match="shape"):
+        ev.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+
+
+def test_inception_score_confident_balanced_equals_num_classes_and_identical_equals_one():
+    k = 10
+    logits = 50.0 * np.tile(np.eye(k), (20, 1))  # every split holds each class twice, one-hot predictions
+    mean, std = ev.inception_score(logits, splits=10)
+    assert mean == pytest.approx(k, rel=1e-6) and std < 1e-6
+    same = np.tile(np.random.default_rng(0).normal(size=(1, k)), (200, 1))
+    assert ev.inception_score(same, splits=10)[0] == pytest.approx(1.0, abs=1e-9)
+
+
+def test_inception_score_too_few_samples_message():
+    with pytest.raises(ValueError, match="splits"):
+        ev.inception_score(np.zeros((5, 10)), splits=10)
+
+
+def test_mmd_unbiased_matches_explicit_double_loop():
+    rng = np.random.default_rng(4)
+    x, y = rng.normal(size=(7, 3)), rng.normal(size=(5, 3)) + 0.5
+    k = lambda a, b: (a @ b / 3 + 1) ** 3
+    xx = sum(k(x[i], x[j]) for i in range(7) for j in range(7) if i != j) / (7 * 6)
+    yy = sum(k(y[i], y[j]) for i in range(5) for j in range(5) if i != j) / (5 * 4)
+    xy = sum(k(x[i], y[j]) for i in range(7) for j in range(5)) / 35
+    assert ev._mmd2_unbiased_poly(x, y) == pytest.approx(xx + yy - 2 * xy, rel=1e-10)
+
+
+def test_kid_is_unbiased_for_one_distribution_and_positive_for_two():
+    rng = np.random.default_rng(5)
+    d = 8
+    # Mean over many independent pairs of small sets: the unbiased estimator averages to ~0 (a biased one,
+    # e.g. including the diagonal, would average to a clearly positive value at this set size).
+    vals = [ev.kernel_inception_distance(rng.normal(size=(20, d)), rng.normal(size=(20, d)), num_subsets=1,
+                                         subset_size=20)[0] for _ in range(400)]
+    sem = np.std(vals) / np.sqrt(len(vals))
+    assert abs(np.mean(vals)) < 4 * sem
+    shifted = ev.kernel_inception_distance(rng.normal(size=(200, d)), rng.normal(size=(200, d)) + 0.5,
+                                           num_subsets=10, subset_size=100)[0]
+    assert shifted > 20 * sem
+
+
+# ------------------------------------------------------------------------------------------------ digits
+
+
+def test_quantize_uint8_rounds_and_clips():
+    x = np.array([-0.1, 0.0, 0.5 / 255, 0.49 / 255, 0.5, 1.0, 1.2])
+    np.testing.assert_array_equal(ev.quantize_uint8(x), [0, 0, 1, 0, 128, 255, 255])
+
+
+def test_digits_quality_real_vs_noise_and_cache(tmp_path):
+    real, _ = ev.digits_uint8("test")
+    res = ev.digits_quality(real[:100], cache_dir=tmp_path)
+    assert (tmp_path / ev.DIGITS_CLASSIFIER_FILE).exists()
+    assert res["classifier"]["test_accuracy"] > 0.88
+    assert res["samples"] == res["real_heldout"]  # the held-out set is the same 100 images here
+    assert res["samples"]["mean_confidence"] > 0.85 and res["samples"]["inception_score_1split"] > 7
+    noise = np.random.default_rng(0).integers(0, 256, (100, 8, 8, 1), dtype=np.uint8)
+    ev.load_digits_classifier.cache_clear()  # force a reload from the cache file
+    res_noise = ev.digits_quality(noise, cache_dir=tmp_path)
+    assert res_noise["real_heldout"] == res["real_heldout"]
+    assert res_noise["samples"]["domain_fid"] > 4 * res["samples"]["domain_fid"]
+    assert sum(res_noise["samples"]["class_histogram"]) == 100

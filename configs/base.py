@@ -54,6 +54,10 @@ def get_base_config():
     data.centered = True                   # model space [-1, 1] (True) or [0, 1] (False)
     data.random_flip = False
     data.uniform_dequantization = False
+    data.prefetch = 2                      # batches prepared ahead by the background thread
+    data.toy_eval_size = 10_000            # toy source: points in the fixed finite (evaluation) set
+    data.shuffle_buffer = 10_000           # tfds source: shuffle buffer of the training stream
+    data.manual_dir = ""                   # tfds source: manual_dir for datasets that need manual download
 
     config.model = model = ml_collections.ConfigDict()
     model.name = "small_unet"              # key of models.MODELS

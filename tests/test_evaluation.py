@@ -103,3 +103,40 @@ def test_digits_quality_real_vs_noise_and_cache(tmp_path):
     assert res_noise["real_heldout"] == res["real_heldout"]
     assert res_noise["samples"]["domain_fid"] > 4 * res["samples"]["domain_fid"]
     assert sum(res_noise["samples"]["class_histogram"]) == 100
+
+
+# ------------------------------------------------------------------------------------------------ Inception
+
+
+@pytest.fixture(scope="module")
+def inception():
+    from conftest import shared_data_path
+
+    weights = shared_data_path("inception", ev.INCEPTION_FILE)
+    ref = dict(np.load(shared_data_path("inception", "reference_activations.npz")))
+    return ev.InceptionExtractor(str(weights)), ref
+
+
+@pytest.mark.parametrize("size", ["32", "28"])
+def test_inception_preprocess_matches_reference_network_input(inception, size):
+    _, ref = inception
+    x = np.asarray(ev.inception_preprocess(ref[f"images_{size}"]))
+    np.testing.assert_allclose(x, ref[f"model_input_{size}"], rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("size", ["32", "28", "299"])
+def test_inception_features_match_reference(inception, size):
+    extractor, ref = inception
+    images = ref[f"images_{size}"]
+    if size == "28":
+        images = images[..., :1]  # grayscale, repeated to 3 channels inside the extractor
+    feats = np.asarray(extractor(images)[0])
+    expected = ref[f"feats64_{size}"]
+    err = np.abs(feats - expected).max()
+    print(f"max abs error {size}x{size}: {err:.2e} (max |feature| {np.abs(expected).max():.2f})")
+    assert err < 1e-3 * np.abs(expected).max() and err < 1e-4
+
+
+def test_missing_inception_weights_message(tmp_path):
+    with pytest.raises(FileNotFoundError, match="rebuild_inception_weights"):
+        ev.load_inception_params(str(tmp_path / "nope.npz"))

@@ -23,9 +23,12 @@ import numpy as np
 
 
 def quantize_uint8(x01) -> np.ndarray:
-    """Images in [0, 1] -> uint8 as saved (torchvision ``save_image``/PIL): ⌊clip(255 x + ½, 0, 255)⌋. Any shape."""
-    x = np.asarray(x01, dtype=np.float64)
-    return np.floor(np.clip(x * 255.0 + 0.5, 0.0, 255.0)).astype(np.uint8)
+    """Images in [0, 1] -> uint8 as ``datasets.ImageTransform.inverse`` saves them: clip(round(255 x), 0, 255).
+
+    (numpy's round-half-to-even, in float32 like the transform.) Any shape.
+    """
+    x = np.asarray(x01, dtype=np.float32)
+    return np.clip(np.round(x * np.float32(255.0)), 0, 255).astype(np.uint8)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -121,25 +124,20 @@ def kernel_inception_distance(feats1, feats2, key_seed: int = 0, num_subsets: in
 # Digits (sklearn 8x8): data, a small classifier, and quality numbers
 # --------------------------------------------------------------------------------------------------------------
 
-DIGITS_NUM_TEST = 360  # the last 360 of sklearn's 1797 digits are held out; the first 1437 train the classifier
-
-
 def digits_uint8(split: str = "train") -> Tuple[np.ndarray, np.ndarray]:
-    """sklearn digits as (N, 8, 8, 1) uint8, values round(v * 255 / 16), and labels (N,) int; split train|test."""
-    from sklearn.datasets import load_digits
+    """sklearn digits as stored by ``datasets`` (source "digits"): (N, 8, 8, 1) uint8 and labels (N,) int32.
 
-    d = load_digits()
-    images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
-    labels = d.target.astype(np.int32)
-    cut = len(images) - DIGITS_NUM_TEST
-    if split == "train":
-        return images[:cut], labels[:cut]
-    if split == "test":
-        return images[cut:], labels[cut:]
-    raise ValueError(f"digits split {split!r} is unknown; valid: 'train', 'test'")
+    Split "train" (1500 images) or "test" (297 held out), the fixed split of ``datasets.load_digits``.
+    """
+    import ml_collections
+
+    import datasets
+
+    cfg = ml_collections.ConfigDict({"data": {"image_size": 8, "num_channels": 1}})
+    return datasets.load_digits(cfg, split)
 
 
-DIGITS_CLASSIFIER_FILE = "digits_mlp_v1.npz"
+DIGITS_CLASSIFIER_FILE = "digits_mlp_v2.npz"  # v2: the datasets.py split
 
 
 def train_digits_classifier(seed: int = 0) -> Dict[str, np.ndarray]:
@@ -209,7 +207,7 @@ def digits_quality(samples_uint8, cache_dir: Optional[str] = None) -> Dict[str, 
 
     Both sets get: mean predictive entropy, mean max-probability, class histogram, IS (min(10, N) splits and
     1 split) and the domain FID to the training split, in the classifier's penultimate (64-d) feature space.
-    The held-out set has min(N, 360) images (its count is recorded).
+    The held-out set has min(N, 297) images (its count is recorded).
     """
     samples = np.asarray(samples_uint8)
     params = load_digits_classifier(str(cache_dir) if cache_dir else None)
@@ -222,7 +220,7 @@ def digits_quality(samples_uint8, cache_dir: Optional[str] = None) -> Dict[str, 
         feats, logits = digits_features_logits(params, images)
         out[name] = classifier_quality(logits, feats, ref_mu, ref_sigma)
     out["classifier"] = {"name": "digits_mlp_128_64", "test_accuracy": float(params["test_accuracy"]),
-                         "reference": "digits train split (1437 images)"}
+                         "reference": f"digits train split ({len(train)} images)"}
     return out
 
 

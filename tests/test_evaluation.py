@@ -86,8 +86,15 @@ def test_kid_is_unbiased_for_one_distribution_and_positive_for_two():
 
 
 def test_quantize_uint8_rounds_and_clips():
-    x = np.array([-0.1, 0.0, 0.5 / 255, 0.49 / 255, 0.5, 1.0, 1.2])
+    import datasets
+
+    x = np.array([-0.1, 0.0, 0.51 / 255, 0.49 / 255, 0.5, 1.0, 1.2])
     np.testing.assert_array_equal(ev.quantize_uint8(x), [0, 0, 1, 0, 128, 255, 255])
+    u = np.arange(256, dtype=np.uint8)
+    np.testing.assert_array_equal(ev.quantize_uint8(u / 255.0), u)
+    xs = np.random.default_rng(0).uniform(-0.1, 1.1, size=1000)
+    inverse = datasets.ImageTransform(centered=False).inverse
+    np.testing.assert_array_equal(ev.quantize_uint8(xs), inverse(xs.astype(np.float32)))
 
 
 def test_digits_quality_real_vs_noise_and_cache(tmp_path):

@@ -121,8 +121,11 @@ class SDE(abc.ABC):
         return drift * dt, diffusion * jnp.sqrt(dt)
 
     def step_index(self, t: Array) -> Array:
-        """Index i = ⌊t (N-1) / T⌋ of the discrete step at time t (the SDE paper's code)."""
-        return jnp.clip((t * (self.N - 1) / self.T).astype(jnp.int32), 0, self.N - 1)
+        """Index i = ⌊t (N-1) / T⌋ of the discrete step at time t (the SDE paper's code).
+
+        A tolerance of 1e-4 steps keeps grid times t = i T/(N-1) on step i despite float32 rounding.
+        """
+        return jnp.clip(jnp.floor(t * (self.N - 1) / self.T + 1e-4).astype(jnp.int32), 0, self.N - 1)
 
     def timesteps(self, eps: float | None = None) -> Array:
         """The N sampling times linspace(T, eps, N) used by the SDE paper's PC sampler."""

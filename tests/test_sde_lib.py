@@ -1,0 +1,209 @@
+"""sde_lib against closed forms and independent computations."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from scipy import stats
+
+import sde_lib
+from analytic import GaussianMixture
+
+jax.config.update("jax_enable_x64", False)
+ALL_SDES = [sde_lib.VPSDE(), sde_lib.subVPSDE(), sde_lib.VESDE(sigma_max=5.0)]
+IDS = ["vp", "subvp", "ve"]
+
+
+def simulate_forward(sde, key, x0, t_end, n_steps=2000):
+    """Euler–Maruyama simulation of the forward SDE from 0 to t_end (independent of marginal_prob)."""
+    dt = t_end / n_steps
+
+    def step(x, i):
+        t = jnp.full((x.shape[0],), i * dt)
+        drift, g = sde.sde(x, t)
+        z = jax.random.normal(jax.random.fold_in(key, i), x.shape)
+        return x + drift * dt + g[:, None] * jnp.sqrt(dt) * z, None
+
+    x, _ = jax.lax.scan(step, x0, jnp.arange(n_steps))
+    return x
+
+
+@pytest.mark.parametrize("sde", ALL_SDES, ids=IDS)
+def test_marginal_prob_matches_simulated_forward_sde(sde):
+    n, t_end = 20000, 0.6
+    x0 = jnp.concatenate([jnp.full((n // 2, 1), 1.5), jnp.full((n // 2, 1), -0.5)])
+    key = jax.random.key(0)
+    if isinstance(sde, sde_lib.VESDE):  # the VE marginal std σ(t) assumes x(0) already carries σ_min noise
+        x0 = x0 + sde.sigma_min * jax.random.normal(jax.random.key(1), x0.shape)
+    xt = simulate_forward(sde, key, x0, t_end)
+    mean, std = sde.marginal_prob(x0, jnp.full((n,), t_end))
+    resid = (xt - mean) / std[:, None]
+    assert abs(float(resid.mean())) < 0.03
+    assert abs(float(resid.std()) - 1.0) < 0.02
+    # the two halves have different means: the mean coefficient must be right, not just the spread
+    half_mean = float(xt[: n // 2].mean())
+    assert abs(half_mean - float(mean[0, 0])) < 4 * float(std[0]) / np.sqrt(n / 2)
+
+
+def test_vp_alphas_cumprod_matches_integral_of_beta():
+    sde = sde_lib.VPSDE()
+    i = np.arange(sde.N)
+    t = (i + 1) / sde.N  # ᾱ_i covers i+1 steps of length 1/N
+    alpha_t, _ = sde.alpha_sigma(jnp.asarray(t))
+    np.testing.assert_allclose(np.sqrt(sde.alphas_cumprod), alpha_t, rtol=0, atol=2e-3)
+    # DDPM's own schedule: β from 1e-4 to 0.02
+    np.testing.assert_allclose(sde.discrete_betas[[0, -1]], [1e-4, 0.02], rtol=1e-12)
+    np.testing.assert_allclose(sde.discrete_betas[1] - sde.discrete_betas[0],
+                               (sde.beta_max - sde.beta_min) / (sde.N * (sde.N - 1)), rtol=1e-9)
+
+
+def test_vp_discretize_is_the_ddpm_chain():
+    """Running x_{i} = x_{i-1} + f_i + G_i z from x_0 reproduces q(x_i | x_0) = N(√ᾱ_i x_0, 1-ᾱ_i)."""
+    sde = sde_lib.VPSDE(N=100)
+    n, x0 = 20000, 2.0
+    x = jnp.full((n, 1), x0)
+    for i in range(40):
+        t = jnp.full((n,), i * sde.T / (sde.N - 1))
+        f, G = sde.discretize(x, t)
+        x = x + f + G[:, None] * jax.random.normal(jax.random.fold_in(jax.random.key(2), i), x.shape)
+    abar = sde.alphas_cumprod[39]
+    assert abs(float(x.mean()) - np.sqrt(abar) * x0) < 0.03
+    assert abs(float(x.var()) - (1 - abar)) < 0.03
+
+
+def test_ve_discretize_accumulates_the_sigma_ladder():
+    sde = sde_lib.VESDE(N=50)
+    ts = jnp.arange(sde.N) * sde.T / (sde.N - 1)
+    _, G = sde.discretize(jnp.zeros((sde.N, 1)), ts)
+    np.testing.assert_allclose(np.cumsum(np.asarray(G, np.float64) ** 2), sde.discrete_sigmas**2, rtol=1e-4)
+
+
+def test_posterior_matches_bayes_rule_on_a_grid():
+    sde = sde_lib.VPSDE()
+    x0, xt = 0.7, -0.4
+    grid = np.linspace(-6, 6, 200001)
+    for i in [1, 10, 500, 999]:
+        abar_prev, alpha = sde.alphas_cumprod[i - 1], sde.alphas[i]
+        log_post = (stats.norm.logpdf(xt, np.sqrt(alpha) * grid, np.sqrt(1 - alpha))
+                    + stats.norm.logpdf(grid, np.sqrt(abar_prev) * x0, np.sqrt(1 - abar_prev)))
+        w = np.exp(log_post - log_post.max())
+        w /= w.sum()
+        mean = (w * grid).sum()
+        var = (w * (grid - mean) ** 2).sum()
+        mu, v = sde.posterior(jnp.full((1, 1), xt), jnp.full((1, 1), x0), jnp.array([i]))
+        np.testing.assert_allclose(float(mu[0, 0]), mean, atol=1e-5)
+        np.testing.assert_allclose(float(v[0]), var, rtol=1e-3)
+
+
+@pytest.mark.parametrize("sde", ALL_SDES, ids=IDS)
+def test_prior_logp_matches_scipy_and_prior_sampling(sde):
+    z = sde.prior_sampling(jax.random.key(3), (4000, 3))
+    scale = getattr(sde, "sigma_max", 1.0)
+    assert abs(float(z.std()) / scale - 1.0) < 0.03
+    expected = stats.norm.logpdf(np.asarray(z[:5], np.float64), scale=scale).sum(-1)
+    np.testing.assert_allclose(sde.prior_logp(z[:5]), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("sde", ALL_SDES, ids=IDS)
+def test_reverse_drift(sde):
+    gmm = GaussianMixture([0.5, 0.5], [[-1.0, 0.0], [1.0, 1.0]], [0.3, 0.5])
+    x = gmm.sample(jax.random.key(4), 6)
+    t = jnp.linspace(0.1, 0.9, 6)
+    score = gmm.score_t(sde, x, t)
+    f, g = sde.sde(x, t)
+    for pf, coeff in [(False, 1.0), (True, 0.5)]:
+        drift, diffusion = sde.reverse(gmm.score_fn(sde), probability_flow=pf).sde(x, t)
+        np.testing.assert_allclose(drift, f - coeff * g[:, None] ** 2 * score, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(diffusion, 0.0 if pf else g)
+    rf, rG = sde.reverse(gmm.score_fn(sde)).discretize(x, t)
+    df, dG = sde.discretize(x, t)
+    np.testing.assert_allclose(rf, df - dG[:, None] ** 2 * score, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("sde", ALL_SDES, ids=IDS)
+def test_score_conversions_agree(sde):
+    """For x = α x0 + σ ε the three targets ε, x0 and the conditional score are one function of each other."""
+    key = jax.random.key(5)
+    x0 = jax.random.normal(key, (5, 4, 4, 1))
+    t = jnp.linspace(0.05, 0.95, 5)
+    xt, eps, std = sde.perturb(jax.random.fold_in(key, 1), x0, t)
+    true_score = -eps / std[:, None, None, None]
+    for prediction, output in [("eps", eps), ("x0", x0), ("score", true_score)]:
+        np.testing.assert_allclose(sde.score_from_output(output, xt, t, prediction), true_score,
+                                   rtol=1e-3, atol=1e-3)
+        np.testing.assert_allclose(sde.output_from_score(true_score, xt, t, prediction), output,
+                                   rtol=1e-3, atol=1e-3)
+    with pytest.raises(ValueError, match="prediction"):
+        sde.score_from_output(eps, xt, t, "velocity")
+
+
+def test_model_time_labels():
+    vp, ve = sde_lib.VPSDE(), sde_lib.VESDE()
+    t = jnp.array([0.0, 0.5, 1.0])
+    np.testing.assert_allclose(vp.model_time(t, "t999"), [0, 499.5, 999])
+    np.testing.assert_allclose(vp.model_time(t, "index"), [0, 499.5, 999])
+    np.testing.assert_allclose(ve.model_time(t, "sigma"), [0.01, np.sqrt(0.01 * 50), 50], rtol=1e-5)
+    np.testing.assert_array_equal(ve.model_time(t, "sigma_index"), [999, 500, 0])
+    with pytest.raises(ValueError, match="time input"):
+        vp.model_time(t, "seconds")
+
+
+def test_ancestral_steps_are_the_chains_posteriors():
+    """DDPM ancestral mean/std with the exact score of a point mass at x0 equals the β-variance reverse rule,
+    and the SMLD rule equals the Gaussian posterior of the SMLD chain."""
+    ve = sde_lib.VESDE(N=10)
+    x0, xi = 0.3, 2.0
+    i = 6
+    t = jnp.array([i / (ve.N - 1)])
+    s_i, s_prev = ve.discrete_sigmas[i], ve.discrete_sigmas[i - 1]
+    score = jnp.array([[-(xi - x0) / s_i**2]])  # score of N(x0, σ_i²) at xi
+    mean, std = ve.ancestral_step(jnp.array([[xi]]), t, score)
+    # Bayes: x_{i-1} | x_i, x0 with x_{i-1} ~ N(x0, σ_{i-1}²), x_i | x_{i-1} ~ N(x_{i-1}, σ_i² - σ_{i-1}²)
+    post_var = 1 / (1 / s_prev**2 + 1 / (s_i**2 - s_prev**2))
+    post_mean = post_var * (x0 / s_prev**2 + xi / (s_i**2 - s_prev**2))
+    np.testing.assert_allclose(float(mean[0, 0]), post_mean, rtol=1e-5)
+    np.testing.assert_allclose(float(std[0]) ** 2, post_var, rtol=1e-4)
+
+
+def test_get_sde_from_config_and_errors():
+    cfg = ml_collections.ConfigDict({"name": "vesde", "N": 10, "sigma_max": 20.0, "beta_min": 0.1})
+    sde = sde_lib.get_sde(cfg)
+    assert isinstance(sde, sde_lib.VESDE) and sde.N == 10 and sde.sigma_max == 20.0
+    with pytest.raises(ValueError, match="unknown SDE 'cld'.*vesde"):
+        sde_lib.get_sde(ml_collections.ConfigDict({"name": "cld"}))
+
+
+def test_new_sde_is_one_subclass():
+    """A cosine-schedule VP SDE (Nichol & Dhariwal) only implements sde/alpha_sigma/prior: marginals, reverse
+    SDE and score conversions come from the base class."""
+
+    @dataclasses.dataclass(frozen=True)
+    class CosineVP(sde_lib.SDE):
+        s: float = 0.008
+
+        def alpha_sigma(self, t):
+            f = lambda u: jnp.cos((u + self.s) / (1 + self.s) * jnp.pi / 2)
+            a = f(t) / f(0.0)
+            return a, jnp.sqrt(1 - a**2)
+
+        def sde(self, x, t):
+            a = lambda u: self.alpha_sigma(u)[0]
+            dlog_a = jax.vmap(jax.grad(lambda u: jnp.log(a(u))))(t)
+            beta = -2 * dlog_a
+            return -0.5 * beta[:, None] * x, jnp.sqrt(beta)
+
+        def prior_sampling(self, key, shape):
+            return jax.random.normal(key, shape)
+
+        def prior_logp(self, z):
+            return sde_lib.standard_normal_logp(z)
+
+    sde = CosineVP(T=0.99)
+    n, t_end = 20000, 0.7
+    x0 = jnp.full((n, 1), 1.0)
+    xt = simulate_forward(sde, jax.random.key(6), x0, t_end, n_steps=1000)
+    mean, std = sde.marginal_prob(x0, jnp.full((n,), t_end))
+    assert abs(float(xt.mean()) - float(mean[0, 0])) < 0.02
+    assert abs(float(xt.std()) - float(std[0])) < 0.02

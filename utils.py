@@ -1,0 +1,209 @@
+"""Workdir I/O: config files, checkpoints with conventions, metric logs and image grids. All writes are atomic."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+import tempfile
+import time
+import warnings
+from typing import Callable, Optional
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import serialization
+
+log = logging.getLogger(__name__)
+
+
+# ---- atomic files -----------------------------------------------------------------------------------------------
+def _atomic(path: pathlib.Path, write: Callable, suffix: str = ""):
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{suffix}")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_write_json(path, obj):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1, default=_json_default)
+    _atomic(path, write)
+
+
+def atomic_savez(path, **arrays):
+    _atomic(path, lambda tmp: np.savez(tmp, **arrays), suffix=".npz")
+
+
+def _json_default(o):
+    if isinstance(o, (np.generic, jax.Array)):
+        return np.asarray(o).tolist()
+    if isinstance(o, tuple):
+        return list(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def write_config(workdir: pathlib.Path, config):
+    """Save the resolved config next to the checkpoints (``config.json``)."""
+    atomic_write_json(pathlib.Path(workdir) / "config.json", config.to_dict())
+
+
+def check_workdir_writable(workdir: str):
+    """Fail early, writing nothing, when ``workdir`` cannot be created or written."""
+    path = pathlib.Path(workdir).absolute()
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"workdir {workdir!r} is not writable (checked {existing})")
+
+
+# ---- checkpoints ------------------------------------------------------------------------------------------------
+def conventions(config) -> dict:
+    """What a checkpoint must agree on with the config that restores it: architecture, its conventions, the SDE
+    and the data geometry (not learning rate, EMA rate or loop lengths, which may change on resume)."""
+    model = {k: v for k, v in config.model.to_dict().items() if k not in ("ema_rate", "dropout")}
+    data = {k: config.data[k] for k in ("image_size", "num_channels", "centered", "source") if k in config.data}
+    return json.loads(json.dumps({"model": model, "sde": config.sde.to_dict(), "data": data},
+                                 default=_json_default))
+
+
+def _diff(a, b, prefix=""):
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _diff(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [f"{prefix[:-1]}: checkpoint {a!r} vs config {b!r}"]
+
+
+class CheckpointManager:
+    """orbax ``CheckpointManager`` storing the train state with the config's conventions.
+
+    Restoring refuses a checkpoint from an incompatible config, and falls back to the previous checkpoint (with a
+    warning) when the latest one is corrupt or partial.
+    """
+
+    def __init__(self, directory: pathlib.Path, config, max_to_keep: Optional[int] = None):
+        self.directory = pathlib.Path(directory).absolute()
+        self.config = config
+        keep = max_to_keep or config.training.get("keep_checkpoints", 3)
+        self.manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=True, create=True))
+
+    def save(self, step: int, state):
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(serialization.to_state_dict(jax.device_get(state))),
+            meta=ocp.args.JsonSave({"step": step, "conventions": conventions(self.config)})))
+
+    def wait(self):
+        self.manager.wait_until_finished()
+
+    def steps(self):
+        return sorted(self.manager.all_steps())
+
+    def _restore_step(self, step: int, template):
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(serialization.to_state_dict(template)), meta=ocp.args.JsonRestore()))
+        mismatch = _diff(restored["meta"]["conventions"], conventions(self.config))
+        if mismatch:
+            raise IncompatibleCheckpointError(
+                f"checkpoint {self.directory / str(step)} was written by an incompatible config: "
+                + "; ".join(mismatch[:5]))
+        return serialization.from_state_dict(template, restored["state"])
+
+    def restore(self, template, step: Optional[int] = None):
+        """Restore ``step`` (default: the latest readable checkpoint) into the structure of ``template``."""
+        steps = self.steps()
+        if not steps:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        if step is not None:
+            if step not in steps:
+                raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}; available: {steps}")
+            return self._restore_step(step, template)
+        for s in reversed(steps):
+            try:
+                return self._restore_step(s, template)
+            except IncompatibleCheckpointError:
+                raise
+            except Exception as e:  # corrupt or partial write: fall back to the previous one
+                warnings.warn(f"checkpoint {self.directory / str(s)} is unreadable ({type(e).__name__}: {e}); "
+                              f"falling back to the previous checkpoint")
+        raise FileNotFoundError(f"no readable checkpoint in {self.directory} (tried steps {steps})")
+
+    def restore_or(self, init: Callable):
+        template = init()
+        if not self.steps():
+            return template
+        state = self.restore(template)
+        print(f"resumed from step {int(state.step)} in {self.directory}")
+        return state
+
+
+class IncompatibleCheckpointError(ValueError):
+    pass
+
+
+# ---- logging ----------------------------------------------------------------------------------------------------
+class MetricLogger:
+    """Metrics as JSON lines (``metrics.jsonl``) and a concise console line with steps/s and ETA."""
+
+    def __init__(self, workdir: pathlib.Path, n_iters: int, start_step: int, log_freq: int = 50):
+        self.path = pathlib.Path(workdir) / "metrics.jsonl"
+        self.n_iters, self.log_freq = n_iters, log_freq
+        self.t0, self.step0 = time.time(), start_step
+
+    def log(self, step: int, metrics: dict, batch_size: int, force: bool = False):
+        if step % self.log_freq and step != self.n_iters and not force:
+            return
+        elapsed = max(time.time() - self.t0, 1e-9)
+        rate = (step - self.step0) / elapsed
+        record = {"step": step, **{k: float(v) for k, v in metrics.items()}, "steps_per_s": rate,
+                  "samples_per_s": rate * batch_size, "time": time.time()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        eta = (self.n_iters - step) / rate if rate > 0 else float("nan")
+        print(f"step {step}/{self.n_iters}  loss {record['loss']:.4f}  grad_norm {record.get('grad_norm', 0):.3f}"
+              f"  {rate:.1f} it/s  ETA {eta:.0f}s", flush=True)
+
+
+# ---- pictures ---------------------------------------------------------------------------------------------------
+def save_image_grid(images: np.ndarray, path, ncol: Optional[int] = None, scale: int = 4):
+    """Tile uint8 images (N, H, W, C) into one PNG, each image upscaled ``scale``× (nearest)."""
+    from PIL import Image
+
+    n, h, w, c = images.shape
+    ncol = ncol or int(np.ceil(np.sqrt(n)))
+    nrow = int(np.ceil(n / ncol))
+    grid = np.full((nrow * (h + 1) + 1, ncol * (w + 1) + 1, c), 255, np.uint8)
+    for i, img in enumerate(images):
+        r, q = divmod(i, ncol)
+        grid[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + q * (w + 1):1 + q * (w + 1) + w] = img
+    grid = np.repeat(np.repeat(grid, scale, 0), scale, 1)
+    pil = Image.fromarray(grid[..., 0] if c == 1 else grid)
+    _atomic(path, lambda tmp: pil.save(tmp, format="PNG"), suffix=".png")
+
+
+def save_scatter(x: np.ndarray, path, reference: Optional[np.ndarray] = None):
+    """Scatter plot of 2-D points (first two coordinates), optionally over reference data."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4, 4))
+    if reference is not None:
+        ax.scatter(reference[:, 0], reference[:, 1], s=2, alpha=0.3, label="data")
+    ax.scatter(x[:, 0], x[:, 1], s=2, label="samples")
+    ax.set_aspect("equal")
+    fig.tight_layout()
+    _atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100), suffix=".png")
+    plt.close(fig)

@@ -236,6 +236,190 @@ def register_source(name: str):
 
 register_source("digits")(load_digits)
 
+REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def resolve_data_dir(config) -> str:
+    """``config.data.data_dir`` as an existing directory; relative paths are tried from the working directory,
+    then from the repository root."""
+    raw = config.data.data_dir
+    if not raw:
+        raise ValueError(f"config.data.data_dir is empty but config.data.source={config.data.source!r} reads files "
+                         f"from a directory")
+    path = os.path.expanduser(raw)
+    candidates = [path] if os.path.isabs(path) else [os.path.abspath(path), os.path.join(REPO_ROOT, path)]
+    for candidate in candidates:
+        if os.path.isdir(candidate):
+            return candidate
+    raise FileNotFoundError(f"config.data.data_dir={raw!r} is not a directory (looked at {candidates})")
+
+
+# IDX (MNIST / Fashion-MNIST) -----------------------------------------------------------------------------------
+
+IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def parse_idx(data: bytes, path: str = "<bytes>") -> np.ndarray:
+    """IDX bytes -> array: magic 0x0000 TT NN (type code, rank), NN big-endian uint32 dims, then the values."""
+    if len(data) < 4 or data[:2] != b"\0\0" or data[2] not in IDX_DTYPES:
+        raise ValueError(f"{path}: not an IDX file (magic bytes {data[:4].hex()!r})")
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    shape = tuple(int(d) for d in np.frombuffer(data[4:header], ">u4"))
+    dtype = np.dtype(IDX_DTYPES[data[2]])
+    expected = int(np.prod(shape)) * dtype.itemsize
+    if len(data) - header != expected:
+        raise ValueError(f"{path}: IDX header gives shape {shape} ({expected} bytes of data) but the file holds "
+                         f"{len(data) - header} bytes; the file is truncated or has the wrong size")
+    return np.frombuffer(data, dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+def read_idx(path: str) -> np.ndarray:
+    """Read an IDX file, gzip-compressed (.gz) or raw."""
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as exc:
+        raise ValueError(f"cannot read IDX file {path}: {exc}") from exc
+    return parse_idx(data, path)
+
+
+def find_idx_file(directory: str, prefix: str, kind: str) -> str:
+    """``{prefix}-{kind}-idx?-ubyte`` (or ``.idx?-ubyte``), raw or .gz, in ``directory``."""
+    patterns = [f"{prefix}-{kind}-idx?-ubyte", f"{prefix}-{kind}.idx?-ubyte"]
+    matches = sorted(m for p in patterns for ext in ("", ".gz") for m in glob.glob(os.path.join(directory, p + ext)))
+    if not matches:
+        raise FileNotFoundError(f"no IDX file {patterns[0]}[.gz] in {directory} (config.data.data_dir)")
+    return matches[0]
+
+
+@register_source("idx")
+def load_idx(config, split: str) -> Arrays:
+    """MNIST-format files ``train-*`` / ``t10k-*`` (images (N, H, W) uint8, labels (N,)) from data_dir."""
+    directory = resolve_data_dir(config)
+    prefix = "train" if _local_split(split) == "train" else "t10k"
+    images_path = find_idx_file(directory, prefix, "images")
+    labels_path = find_idx_file(directory, prefix, "labels")
+    images, labels = read_idx(images_path), read_idx(labels_path)
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim != 4 or images.dtype != np.uint8:
+        raise ValueError(f"{images_path}: expected uint8 images (N, H, W[, C]), got {images.dtype} {images.shape}")
+    if labels.shape != (len(images),):
+        raise ValueError(f"{labels_path}: labels of shape {labels.shape} do not match {len(images)} images "
+                         f"in {images_path}")
+    what = f"IDX images {images_path}"
+    return fit_images(images, config.data.image_size, config.data.num_channels, what), labels.astype(np.int32)
+
+
+# CIFAR-10 python pickles ---------------------------------------------------------------------------------------
+
+CIFAR_FILES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
+
+
+def read_cifar_batch(path: str) -> Arrays:
+    """One CIFAR-10 python pickle: {b"data": (N, 3072) uint8 rows R..G..B.., b"labels": N ints} -> NHWC, labels.
+
+    Only open pickles you trust: unpickling can run code.
+    """
+    try:
+        with open(path, "rb") as f:
+            batch = pickle.load(f, encoding="bytes")
+        data, labels = np.asarray(batch[b"data"]), np.asarray(batch[b"labels"], np.int32)
+    except (OSError, EOFError, pickle.UnpicklingError, KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"corrupt CIFAR-10 pickle {path}: {type(exc).__name__}: {exc}") from exc
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or data.dtype != np.uint8:
+        raise ValueError(f"{path}: CIFAR-10 rows must be uint8 of length 3072 (3x32x32), got {data.dtype} "
+                         f"{data.shape}")
+    if labels.shape != (len(data),):
+        raise ValueError(f"{path}: {labels.shape} labels for {len(data)} images")
+    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
+
+
+@register_source("cifar10_pickle")
+def load_cifar10_pickle(config, split: str) -> Arrays:
+    """``data_batch_1..5`` (train) / ``test_batch`` (test) from data_dir or its ``cifar-10-batches-py/``."""
+    directory = resolve_data_dir(config)
+    nested = os.path.join(directory, "cifar-10-batches-py")
+    if not os.path.exists(os.path.join(directory, "test_batch")) and os.path.isdir(nested):
+        directory = nested
+    names = CIFAR_FILES[_local_split(split)]
+    missing = [n for n in names if not os.path.isfile(os.path.join(directory, n))]
+    if missing:
+        raise FileNotFoundError(f"CIFAR-10 pickles {missing} are missing from {directory} (config.data.data_dir)")
+    parts = [read_cifar_batch(os.path.join(directory, n)) for n in names]
+    images = np.concatenate([p[0] for p in parts])
+    labels = np.concatenate([p[1] for p in parts])
+    return fit_images(images, config.data.image_size, config.data.num_channels, f"CIFAR-10 in {directory}"), labels
+
+
+# Image folders -------------------------------------------------------------------------------------------------
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+SPLIT_FOLDERS = {"train": ("train",), "test": ("test", "val", "validation", "eval")}
+
+
+def _image_files(directory: str) -> list:
+    """Sorted image paths under ``directory`` (recursively)."""
+    return sorted(os.path.join(root, f) for root, _, files in os.walk(directory) for f in files
+                  if f.lower().endswith(IMAGE_EXTENSIONS))
+
+
+def list_image_folder(directory: str) -> Tuple[list, np.ndarray, list]:
+    """(paths, int32 labels, class names). Sub-folders are classes (sorted names -> 0, 1, ...); a folder with
+    images but no sub-folders is one class 0."""
+    classes = sorted(d for d in os.listdir(directory) if os.path.isdir(os.path.join(directory, d)))
+    top = [f for f in sorted(os.listdir(directory)) if f.lower().endswith(IMAGE_EXTENSIONS)]
+    if classes and top:
+        raise ValueError(f"image folder {directory} mixes images ({top[0]}, ...) with class sub-folders "
+                         f"({classes[0]}, ...); put every image in a class folder or use a flat folder")
+    groups = [_image_files(os.path.join(directory, c)) for c in classes] if classes else [_image_files(directory)]
+    paths = [p for g in groups for p in g]
+    labels = np.concatenate([np.full(len(g), i, np.int32) for i, g in enumerate(groups)]) if paths else \
+        np.zeros(0, np.int32)
+    if not paths:
+        raise FileNotFoundError(f"no {'/'.join(IMAGE_EXTENSIONS)} images found in {directory}")
+    return paths, labels, classes
+
+
+def read_image(path: str, size: int, channels: int) -> np.ndarray:
+    """Decode a PNG/JPEG, convert to L/RGB, resize the short side to ``size`` and centre crop: uint8 (s, s, C)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as pil:
+            pil = pil.convert("L" if channels == 1 else "RGB")
+    except Exception as exc:  # PIL raises many types for broken files
+        raise ValueError(f"corrupt or unreadable image {path}: {type(exc).__name__}: {exc}") from exc
+    image = np.asarray(pil, np.uint8).reshape(pil.size[1], pil.size[0], channels)
+    if min(image.shape[:2]) == 0:
+        raise ValueError(f"image {path} has an empty size {pil.size}")
+    return resize_center_crop(image, size)
+
+
+def _split_folder(directory: str, split: str) -> str:
+    """``directory/<split folder>`` when the folder is organised by split, else ``directory`` itself."""
+    present = [n for names in SPLIT_FOLDERS.values() for n in names if os.path.isdir(os.path.join(directory, n))]
+    if not present:
+        return directory
+    matching = [n for n in SPLIT_FOLDERS[split] if n in present]
+    if not matching:
+        raise FileNotFoundError(f"image folder {directory} has split folders {present} but none for split "
+                                f"{split!r} (expected one of {list(SPLIT_FOLDERS[split])})")
+    return os.path.join(directory, matching[0])
+
+
+@register_source("image_folder")
+def load_image_folder(config, split: str) -> Arrays:
+    """PNG/JPEG files under data_dir. If data_dir has a split folder (train/ or test|val|validation|eval/) it
+    is used, otherwise the whole folder serves every split. Class sub-folders give labels."""
+    directory = _split_folder(resolve_data_dir(config), _local_split(split))
+    paths, labels, _ = list_image_folder(directory)
+    size, channels = config.data.image_size, config.data.num_channels
+    if channels not in (1, 3):
+        raise ValueError(f"config.data.num_channels={channels}: image folders give 1 (L) or 3 (RGB) channels")
+    return np.stack([read_image(p, size, channels) for p in paths]), labels
+
 
 # --------------------------------------------------------------------------------------------------------------
 # Toy 2-D distributions
@@ -507,5 +691,126 @@ def get_dataset(config, split: str, *, infinite: bool, seed: Optional[int] = Non
     return Prefetcher(iterator, size=int(config.data.get("prefetch", 2)))
 
 
-def tfds_batches(config, split, **kwargs):  # placeholder until the tfds source lands
-    raise NotImplementedError("the tfds source is not implemented yet")
+# --------------------------------------------------------------------------------------------------------------
+# TensorFlow Datasets
+# --------------------------------------------------------------------------------------------------------------
+
+TFDS_EVAL_SPLITS = {"celeb_a": "validation", "lsun": "validation"}  # others: "test"
+CELEBA_CROP = 140  # centre crop of the 218x178 aligned faces before resizing (as in the score_sde paper code)
+
+
+def import_tensorflow():
+    """Import TensorFlow with every GPU hidden from it, so it reserves no accelerator memory JAX needs."""
+    import tensorflow as tf
+
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except RuntimeError:  # devices already initialised: only fine if TF sees no GPU
+        if tf.config.get_visible_devices("GPU"):
+            raise RuntimeError("TensorFlow initialised its GPUs before datasets.py could hide them; import "
+                               "datasets (or call datasets.import_tensorflow()) before building any tf pipeline")
+    return tf
+
+
+def tfds_split(name: str, split: str) -> str:
+    """"eval" -> the dataset's evaluation split ("validation" for celeb_a and lsun/*, else "test")."""
+    if split != "eval":
+        return split
+    return TFDS_EVAL_SPLITS.get(name.split("/")[0], "test")
+
+
+def tfds_builder(config):
+    """The prepared builder of ``config.data.dataset`` under ``config.data.data_dir`` (tfds default if empty);
+    datasets that need manual downloads read them from ``config.data.manual_dir``."""
+    import tensorflow_datasets as tfds
+
+    name = config.data.dataset
+    data_dir = os.path.expanduser(config.data.data_dir) or None
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except Exception as exc:  # DatasetNotFoundError and friends
+        raise ValueError(f"unknown tfds dataset {name!r} in config.data.dataset ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
+    manual_dir = os.path.expanduser(config.data.get("manual_dir", "")) or None
+    try:
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    except Exception as exc:
+        raise RuntimeError(f"tfds dataset {name!r} is not prepared in data_dir={data_dir or tfds.core.constants.DATA_DIR!r} "
+                           f"and preparing it failed (offline? manual_dir={manual_dir!r}): {exc}") from exc
+    return builder
+
+
+def tf_resize_image(tf, image, name: str, size: int):
+    """uint8 (H, W, C) -> uint8 (size, size, C): CelebA centre crop 140, then short side -> size (bicubic,
+    antialiased) and centre crop."""
+    if name.startswith("celeb_a"):
+        h, w = tf.shape(image)[0], tf.shape(image)[1]
+        image = tf.image.crop_to_bounding_box(image, (h - CELEBA_CROP) // 2, (w - CELEBA_CROP) // 2,
+                                              CELEBA_CROP, CELEBA_CROP)
+    h, w = tf.cast(tf.shape(image)[0], tf.float32), tf.cast(tf.shape(image)[1], tf.float32)
+    scale = size / tf.minimum(h, w)
+    new_h = tf.maximum(size, tf.cast(tf.round(h * scale), tf.int32))
+    new_w = tf.maximum(size, tf.cast(tf.round(w * scale), tf.int32))
+    resized = tf.image.resize(image, [new_h, new_w], method="bicubic", antialias=True)
+    resized = tf.image.resize_with_crop_or_pad(resized, size, size)
+    return tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
+
+
+def tfds_examples(config, split: str, *, shuffle: bool, seed: int, process_index: int, process_count: int):
+    """tf.data of (uint8 image (size, size, C_stored), int32 label) for this process's shard of ``split``.
+
+    Returns (dataset, number of examples in the whole split).
+    """
+    tf = import_tensorflow()
+    import tensorflow_datasets as tfds
+
+    name, size = config.data.dataset, config.data.image_size
+    builder = tfds_builder(config)
+    read_config = tfds.ReadConfig(shuffle_seed=seed + 7919 * process_index)
+    ds = builder.as_dataset(split=tfds_split(name, split), shuffle_files=shuffle, read_config=read_config)
+    total = int(ds.cardinality().numpy())
+    if total < 0:  # unknown cardinality: count once
+        total = int(ds.reduce(0, lambda n, _: n + 1).numpy())
+    ds = ds.shard(process_count, process_index)
+
+    def convert(example):
+        label = tf.cast(example["label"], tf.int32) if "label" in example else tf.constant(0, tf.int32)
+        return tf_resize_image(tf, example["image"], name, size), label
+
+    return ds.map(convert, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True), total
+
+
+def tfds_batches(config, split: str, *, batch_size: int, infinite: bool, seed: int, process_index: int,
+                 process_count: int) -> Iterator[Batch]:
+    """Batches from tfds (see the module docstring); images pass through the same numpy transforms."""
+    tf = import_tensorflow()
+    ds, total = tfds_examples(config, split, shuffle=infinite, seed=seed, process_index=process_index,
+                              process_count=process_count)
+    preprocess = image_preprocess(config, flip=infinite and bool(config.data.random_flip))
+    channels = config.data.num_channels
+    if infinite:
+        ds = ds.repeat().shuffle(int(config.data.shuffle_buffer), seed=seed + 7919 * process_index)
+        ds = ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+        for step, (images, labels) in enumerate(ds.as_numpy_iterator()):
+            images = convert_channels(images, channels, f"tfds {config.data.dataset}")
+            yield {"x": preprocess(images, batch_rng(seed, process_index, step, STREAM_AUGMENT)),
+                   "label": labels.astype(np.int32)}
+        return
+    yield from _padded_tf_batches(ds.batch(batch_size), preprocess, batch_size=batch_size,
+                                  n_batches=num_eval_batches(total, batch_size, process_count),
+                                  size=config.data.image_size, channels=channels, name=config.data.dataset,
+                                  seed=seed, process_index=process_index)
+
+
+def _padded_tf_batches(ds, preprocess, *, n_batches, batch_size, size, channels, name, seed, process_index):
+    """Finite mode for tf.data: pad short (or missing) batches to ``batch_size`` rows with mask False."""
+    iterator = ds.as_numpy_iterator()
+    blank = np.zeros((1, size, size, channels), np.uint8)
+    for step in range(n_batches):
+        images, labels = next(iterator, (blank[:0], np.zeros(0, np.int32)))
+        images = convert_channels(images, channels, f"tfds {name}")
+        n, pad = len(images), batch_size - len(images)
+        images = np.concatenate([images, np.repeat(images[:1] if n else blank, pad, axis=0)])
+        labels = np.concatenate([labels.astype(np.int32), np.zeros(pad, np.int32)])
+        yield {"x": preprocess(images, batch_rng(seed, process_index, step, STREAM_AUGMENT)),
+               "label": labels, "mask": np.arange(batch_size) < n}

@@ -213,3 +213,205 @@ def test_unknown_names_are_clear_errors():
                              process_index=0, process_count=1)
     with pytest.raises(ValueError, match="unknown split"):
         datasets.load_digits(make_config(), "holdout")
+
+
+# ---------------------------------------------------------------------------- IDX (offline Fashion-MNIST)
+
+def test_idx_fashion_mnist_shapes_and_label_counts():
+    from conftest import shared_data_path
+
+    directory = shared_data_path("fashion_mnist")
+    config = make_config(source="idx", data_dir=str(directory), image_size=28)
+    for split, n in (("train", 60000), ("test", 10000)):
+        images, labels = datasets.load_idx(config, split)
+        assert images.shape == (n, 28, 28, 1) and images.dtype == np.uint8
+        np.testing.assert_array_equal(np.bincount(labels, minlength=10), np.full(10, n // 10))
+
+
+def write_idx(path, array, compress):
+    import gzip
+    code = {np.dtype(np.uint8): 0x08}[array.dtype]
+    header = bytes([0, 0, code, array.ndim]) + np.array(array.shape, ">u4").tobytes()
+    with (gzip.open if compress else open)(path, "wb") as f:
+        f.write(header + array.tobytes())
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_idx_round_trip_raw_and_gz(tmp_path, compress):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (10, 5, 5), dtype=np.uint8)
+    labels = rng.integers(0, 10, 10).astype(np.uint8)
+    ext = ".gz" if compress else ""
+    write_idx(tmp_path / f"t10k-images-idx3-ubyte{ext}", images, compress)
+    write_idx(tmp_path / f"t10k-labels-idx1-ubyte{ext}", labels, compress)
+    config = make_config(source="idx", data_dir=str(tmp_path), image_size=5)
+    x, y = datasets.load_idx(config, "test")
+    np.testing.assert_array_equal(x[..., 0], images)
+    np.testing.assert_array_equal(y, labels)
+    config.eval.batch_size = 4
+    x_model, _ = collect(datasets.get_dataset(config, "eval", infinite=False, process_index=0, process_count=1))
+    np.testing.assert_array_equal(datasets.get_data_transform(config).inverse(x_model)[..., 0], images)
+
+
+def test_idx_truncated_file_is_a_clear_error(tmp_path):
+    images = np.zeros((4, 5, 5), np.uint8)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", images, False)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.zeros(4, np.uint8), False)
+    path = tmp_path / "t10k-images-idx3-ubyte"
+    path.write_bytes(path.read_bytes()[:-3])
+    with pytest.raises(ValueError, match="t10k-images-idx3-ubyte.*truncated"):
+        datasets.load_idx(make_config(source="idx", data_dir=str(tmp_path), image_size=5), "test")
+
+
+def test_missing_directory_is_a_clear_error(tmp_path):
+    missing = str(tmp_path / "nowhere")
+    for source in ("idx", "cifar10_pickle", "image_folder"):
+        with pytest.raises(FileNotFoundError, match="nowhere"):
+            datasets.get_dataset(make_config(source=source, data_dir=missing), "train", infinite=True,
+                                 process_index=0, process_count=1)
+    with pytest.raises(FileNotFoundError, match="t10k-images"):
+        datasets.load_idx(make_config(source="idx", data_dir=str(tmp_path)), "test")
+
+
+# ---------------------------------------------------------------------------- CIFAR-10 pickles
+
+def write_cifar(directory, rng, n_per_batch=6):
+    import pickle
+    directory.mkdir(parents=True, exist_ok=True)
+    truth = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        images = rng.integers(0, 256, (n_per_batch, 32, 32, 3), dtype=np.uint8)
+        labels = rng.integers(0, 10, n_per_batch).tolist()
+        rows = images.transpose(0, 3, 1, 2).reshape(n_per_batch, -1)  # channel planes R, G, B
+        with open(directory / name, "wb") as f:
+            pickle.dump({b"data": rows, b"labels": labels, b"batch_label": name.encode()}, f)
+        truth[name] = (images, np.array(labels))
+    return truth
+
+
+def test_cifar10_pickles(tmp_path):
+    truth = write_cifar(tmp_path / "cifar-10-batches-py", np.random.default_rng(0))
+    config = make_config(source="cifar10_pickle", data_dir=str(tmp_path), image_size=32, num_channels=3)
+    x, y = datasets.load_cifar10_pickle(config, "train")
+    assert x.shape == (30, 32, 32, 3)
+    np.testing.assert_array_equal(x[6:12], truth["data_batch_2"][0])
+    np.testing.assert_array_equal(y[6:12], truth["data_batch_2"][1])
+    x, y = datasets.load_cifar10_pickle(config, "test")
+    np.testing.assert_array_equal(x, truth["test_batch"][0])
+    batch = take(datasets.get_dataset(config, "train", infinite=True, process_index=0, process_count=1), 1)[0]
+    assert batch["x"].shape == (16, 32, 32, 3)
+
+
+def test_cifar10_corrupt_and_wrong_size(tmp_path):
+    import pickle
+    write_cifar(tmp_path, np.random.default_rng(0))
+    config = make_config(source="cifar10_pickle", data_dir=str(tmp_path), image_size=32, num_channels=3)
+    (tmp_path / "test_batch").write_bytes(b"not a pickle")
+    with pytest.raises(ValueError, match="corrupt CIFAR-10 pickle .*test_batch"):
+        datasets.load_cifar10_pickle(config, "test")
+    with open(tmp_path / "test_batch", "wb") as f:
+        pickle.dump({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}, f)
+    with pytest.raises(ValueError, match="test_batch.*3072"):
+        datasets.load_cifar10_pickle(config, "test")
+
+
+# ---------------------------------------------------------------------------- image folders
+
+def write_png(path, array):
+    from PIL import Image
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def test_image_folder_classes_resize_and_crop(tmp_path):
+    rng = np.random.default_rng(0)
+    small = {}
+    for cls in ("cats", "dogs"):
+        for i in range(3):
+            small[(cls, i)] = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+            write_png(tmp_path / cls / f"{i}.png", small[(cls, i)])
+    # a non-square image: resized to 8 on its short side then centre-cropped; a constant image stays constant
+    write_png(tmp_path / "dogs" / "wide.png", np.full((16, 32, 3), 77, np.uint8))
+    config = make_config(source="image_folder", data_dir=str(tmp_path), image_size=8, num_channels=3)
+    x, y = datasets.load_image_folder(config, "train")
+    assert x.shape == (7, 8, 8, 3)
+    np.testing.assert_array_equal(y, [0, 0, 0, 1, 1, 1, 1])
+    np.testing.assert_array_equal(x[0], small[("cats", 0)])
+    np.testing.assert_array_equal(x[6], np.full((8, 8, 3), 77, np.uint8))
+    gray, _ = datasets.load_image_folder(make_config(source="image_folder", data_dir=str(tmp_path),
+                                                     image_size=4, num_channels=1), "train")
+    assert gray.shape == (7, 4, 4, 1)
+
+
+def test_image_folder_centre_crop_keeps_the_middle(tmp_path):
+    image = np.zeros((8, 24, 3), np.uint8)
+    image[:, 8:16] = 255  # white middle third
+    write_png(tmp_path / "a.png", image)
+    x, y = datasets.load_image_folder(make_config(source="image_folder", data_dir=str(tmp_path), image_size=8,
+                                                  num_channels=3), "test")
+    np.testing.assert_array_equal(x[0], np.full((8, 8, 3), 255, np.uint8))
+    np.testing.assert_array_equal(y, [0])
+
+
+def test_image_folder_split_folders_and_errors(tmp_path):
+    write_png(tmp_path / "train" / "a.png", np.zeros((4, 4, 3), np.uint8))
+    config = make_config(source="image_folder", data_dir=str(tmp_path), image_size=4, num_channels=3)
+    assert datasets.load_image_folder(config, "train")[0].shape == (1, 4, 4, 3)
+    with pytest.raises(FileNotFoundError, match="none for split 'test'"):
+        datasets.load_image_folder(config, "test")
+    (tmp_path / "train" / "broken.png").write_bytes(b"\x89PNG garbage")
+    with pytest.raises(ValueError, match="corrupt or unreadable image .*broken.png"):
+        datasets.load_image_folder(config, "train")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="no .* images found in .*empty"):
+        datasets.load_image_folder(make_config(source="image_folder", data_dir=str(empty)), "train")
+
+
+# ---------------------------------------------------------------------------- tfds (mocked, no network)
+
+def tfds_config(dataset, size, channels):
+    config = make_config(source="tfds", dataset=dataset, image_size=size, num_channels=channels,
+                         shuffle_buffer=8)
+    config.training.batch_size = 4
+    config.eval.batch_size = 4
+    return config
+
+
+@pytest.mark.parametrize("dataset,size,channels", [("mnist", 28, 1), ("cifar10", 32, 3), ("celeb_a", 16, 3),
+                                                   ("lsun/bedroom", 16, 3), ("svhn_cropped", 32, 3)])
+def test_tfds_sources_mocked(dataset, size, channels):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    config = tfds_config(dataset, size, channels)
+    with tfds.testing.mock_data(num_examples=6):
+        batches = take(datasets.get_dataset(config, "train", infinite=True, seed=0, process_index=0,
+                                            process_count=1), 3)
+        again = take(datasets.get_dataset(config, "train", infinite=True, seed=0, process_index=0,
+                                          process_count=1), 3)
+    for batch, other in zip(batches, again):
+        assert batch["x"].shape == (4, size, size, channels) and batch["x"].dtype == np.float32
+        assert batch["label"].dtype == np.int32
+        np.testing.assert_array_equal(batch["x"], other["x"])  # deterministic given the seed
+
+
+def test_tfds_finite_matches_raw_data_and_shards():
+    tfds = pytest.importorskip("tensorflow_datasets")
+    config = tfds_config("mnist", 28, 1)
+    with tfds.testing.mock_data(num_examples=7):
+        raw = list(tfds.as_numpy(tfds.load("mnist", split="test")))
+        x, y = collect(datasets.get_dataset(config, "eval", infinite=False, process_index=0, process_count=1))
+        shards = [list(datasets.get_dataset(config, "eval", infinite=False, process_index=i, process_count=2))
+                  for i in range(2)]
+    transform = datasets.get_data_transform(config)
+    np.testing.assert_array_equal(transform.inverse(x), np.stack([r["image"] for r in raw]))
+    np.testing.assert_array_equal(y, [r["label"] for r in raw])
+    assert len(shards[0]) == len(shards[1]) == 2  # ceil(ceil(7 / 2) / 2)
+    parts = [np.concatenate([b["label"][b["mask"]] for b in s]) for s in shards]
+    np.testing.assert_array_equal(parts[0], y[0::2])
+    np.testing.assert_array_equal(parts[1], y[1::2])
+
+
+def test_tfds_unknown_dataset_is_a_clear_error():
+    pytest.importorskip("tensorflow_datasets")
+    with pytest.raises(ValueError, match="unknown tfds dataset 'no_such_dataset'"):
+        datasets.tfds_builder(tfds_config("no_such_dataset", 8, 1))

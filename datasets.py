@@ -558,10 +558,31 @@ def array_batches(x: np.ndarray, labels: np.ndarray, *, batch_size: int, infinit
                "label": labels[rows].astype(np.int32), "mask": mask}
 
 
+def _put(q: queue.Queue, stop: threading.Event, item) -> bool:
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _produce(iterator: Iterator, q: queue.Queue, stop: threading.Event, end) -> None:
+    """Thread body; holds no reference to the Prefetcher, so dropping the Prefetcher stops the thread."""
+    try:
+        for item in iterator:
+            if not _put(q, stop, item):
+                return
+        _put(q, stop, end)
+    except BaseException as exc:  # handed to the consumer
+        _put(q, stop, exc)
+
+
 class Prefetcher:
     """Runs an iterator in a daemon thread, ``size`` items ahead; order and values are unchanged.
 
-    Exceptions of the producer are re-raised by ``next``; ``close()`` stops the thread.
+    Exceptions of the producer are re-raised by ``next``; ``close()`` (or dropping the object) stops the thread.
     """
 
     _END = object()
@@ -570,26 +591,9 @@ class Prefetcher:
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, size))
         self._stop = threading.Event()
         self._done = False
-        self._thread = threading.Thread(target=self._produce, args=(iterator,), daemon=True)
+        self._thread = threading.Thread(target=_produce, args=(iterator, self._queue, self._stop, self._END),
+                                        daemon=True)
         self._thread.start()
-
-    def _put(self, item) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _produce(self, iterator):
-        try:
-            for item in iterator:
-                if not self._put(item):
-                    return
-            self._put(self._END)
-        except BaseException as exc:  # handed to the consumer
-            self._put(exc)
 
     def __iter__(self):
         return self
@@ -606,7 +610,7 @@ class Prefetcher:
             raise item
         return item
 
-    def close(self):
+    def close(self) -> None:
         self._stop.set()
         self._done = True
 
@@ -658,14 +662,15 @@ def _check_source(name: str):
 def _toy_batches(config, split, *, b, infinite, seed, process_index, process_count) -> Iterator[Batch]:
     """Infinite: fresh samples every step. Finite: a fixed set of config.data.toy_eval_size points per split."""
     sampler = get_toy_sampler(config.data.dataset)
+    split_id = 0 if split == "train" else 1  # train and evaluation streams never share draws
     if infinite:
         def stream():
             step = 0
             while True:
-                yield dict(zip(("x", "label"), sampler(b, batch_rng(seed, process_index, step, STREAM_TOY))))
+                rng = batch_rng(seed, process_index, step, STREAM_TOY + 16 * split_id)
+                yield dict(zip(("x", "label"), sampler(b, rng)))
                 step += 1
         return stream()
-    split_id = 0 if split == "train" else 1
     x, labels = sampler(int(config.data.toy_eval_size), batch_rng(seed, split_id, 0, STREAM_EVAL_SET))
     return array_batches(x, labels, batch_size=b, infinite=False, seed=seed, process_index=process_index,
                          process_count=process_count, preprocess=lambda v, rng: v)

@@ -415,3 +415,17 @@ def test_tfds_unknown_dataset_is_a_clear_error():
     pytest.importorskip("tensorflow_datasets")
     with pytest.raises(ValueError, match="unknown tfds dataset 'no_such_dataset'"):
         datasets.tfds_builder(tfds_config("no_such_dataset", 8, 1))
+
+
+def test_dropped_prefetcher_stops_its_thread():
+    import gc
+    import time
+
+    it = datasets.get_dataset(make_config(source="toy", dataset="two_moons"), "train", infinite=True,
+                              process_index=0, process_count=1)
+    next(it)
+    thread = it._thread
+    del it
+    gc.collect()
+    thread.join(timeout=2.0)
+    assert not thread.is_alive()

@@ -69,7 +69,7 @@ def ema_update(ema_params, params, rate: float):
 def init_train_state(config, model: models.ScoreModel, optimizer, data_shape) -> TrainState:
     key = jax.random.fold_in(jax.random.key(config.seed), -1 & 0x7FFFFFFF)
     params = model.init(key, jnp.zeros((1,) + tuple(data_shape)))
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=jax.tree.map(jnp.copy, params),
                       opt_state=optimizer.init(params))
 
 
@@ -178,9 +178,33 @@ def train(config, workdir: str) -> TrainState:
         if (step + 1) % config.training.snapshot_freq == 0 or last:
             ckpt.save(step + 1, state)
             if config.training.snapshot_sampling:
-                write_samples(exp, state.ema_params, workdir / "samples" / f"step_{step + 1}", step + 1)
+                samples = write_samples(exp, state.ema_params, workdir / "samples" / f"step_{step + 1}", step + 1)
+                if last:
+                    report_quality(config, samples, workdir, step + 1)
     ckpt.wait()
     return state
+
+
+def report_quality(config, samples, workdir: pathlib.Path, step: int) -> dict:
+    """Print and save (``samples/step_<k>/quality.json``) the quality figures of samples next to real data."""
+    figures = quality_figures(config, samples)
+    if figures:
+        utils.atomic_write_json(workdir / "samples" / f"step_{step}" / "quality.json", figures)
+        print("sample quality (samples vs held-out real data):")
+        for k, v in _flatten(figures).items():
+            print(f"  {k:45s} {v:.4f}" if isinstance(v, float) else f"  {k:45s} {v}")
+    return figures
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    """Scalar leaves of a nested dict, keyed 'a/b'."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}/"))
+        elif np.isscalar(v):
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 # ---- sampling and evaluation ------------------------------------------------------------------------------------

@@ -787,7 +787,11 @@ def tfds_examples(config, split: str, *, shuffle: bool, seed: int, process_index
 
 def tfds_batches(config, split: str, *, batch_size: int, infinite: bool, seed: int, process_index: int,
                  process_count: int) -> Iterator[Batch]:
-    """Batches from tfds (see the module docstring); images pass through the same numpy transforms."""
+    """Batches from tfds (see the module docstring); images pass through the same numpy transforms.
+
+    The builder and tf.data pipeline are made here, eagerly (so errors surface in ``get_dataset``); the returned
+    generator only iterates.
+    """
     tf = import_tensorflow()
     ds, total = tfds_examples(config, split, shuffle=infinite, seed=seed, process_index=process_index,
                               process_count=process_count)
@@ -796,15 +800,19 @@ def tfds_batches(config, split: str, *, batch_size: int, infinite: bool, seed: i
     if infinite:
         ds = ds.repeat().shuffle(int(config.data.shuffle_buffer), seed=seed + 7919 * process_index)
         ds = ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-        for step, (images, labels) in enumerate(ds.as_numpy_iterator()):
-            images = convert_channels(images, channels, f"tfds {config.data.dataset}")
-            yield {"x": preprocess(images, batch_rng(seed, process_index, step, STREAM_AUGMENT)),
-                   "label": labels.astype(np.int32)}
-        return
-    yield from _padded_tf_batches(ds.batch(batch_size), preprocess, batch_size=batch_size,
+        return _tf_train_batches(ds, preprocess, channels, config.data.dataset, seed, process_index)
+    return _padded_tf_batches(ds.batch(batch_size), preprocess, batch_size=batch_size,
                                   n_batches=num_eval_batches(total, batch_size, process_count),
                                   size=config.data.image_size, channels=channels, name=config.data.dataset,
                                   seed=seed, process_index=process_index)
+
+
+def _tf_train_batches(ds, preprocess, channels, name, seed, process_index) -> Iterator[Batch]:
+    """Infinite mode for tf.data: numpy transforms with the per-step generator."""
+    for step, (images, labels) in enumerate(ds.as_numpy_iterator()):
+        images = convert_channels(images, channels, f"tfds {name}")
+        yield {"x": preprocess(images, batch_rng(seed, process_index, step, STREAM_AUGMENT)),
+               "label": labels.astype(np.int32)}
 
 
 def _padded_tf_batches(ds, preprocess, *, n_batches, batch_size, size, channels, name, seed, process_index):

@@ -429,3 +429,69 @@ def test_dropped_prefetcher_stops_its_thread():
     gc.collect()
     thread.join(timeout=2.0)
     assert not thread.is_alive()
+
+
+# ---------------------------------------------------------------------------- augmentation, config, benchmark
+
+def test_random_flip_mirrors_about_half():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (1000, 4, 5, 2), dtype=np.uint8)
+    out = datasets.random_flip(images, np.random.default_rng(1))
+    same = np.all(out == images, axis=(1, 2, 3))
+    mirrored = np.all(out == images[:, :, ::-1], axis=(1, 2, 3))
+    assert np.all(same | mirrored)
+    assert 430 < mirrored.sum() < 570  # Binomial(1000, ½): ±4.4σ
+
+
+def test_uniform_dequantization_fills_each_bin():
+    transform = datasets.ImageTransform(centered=False, uniform_dequantization=True)
+    u = np.repeat(np.arange(256, dtype=np.uint8), 400)
+    x = transform.forward(u, np.random.default_rng(0))
+    offset = 256.0 * x - u  # should be U[0, 1)
+    assert offset.min() >= 0.0 and offset.max() < 1.0
+    assert abs(offset.mean() - 0.5) < 0.005 and abs(offset.var() - 1 / 12) < 0.002
+
+
+def test_eval_batches_are_not_flipped():
+    config = make_config(random_flip=True)
+    config.eval.batch_size = 297
+    images, _ = datasets.load_digits(config, "test")
+    batch = next(iter(datasets.get_dataset(config, "test", infinite=False, process_index=0, process_count=1)))
+    np.testing.assert_array_equal(datasets.get_data_transform(config).inverse(batch["x"]), images)
+
+
+def test_relative_data_dir_resolves_from_repo_root(tmp_path, monkeypatch):
+    from conftest import shared_data_path
+
+    shared_data_path("fashion_mnist")
+    monkeypatch.chdir(tmp_path)  # "../shared/..." is now only meaningful relative to the repository
+    config = make_config(source="idx", data_dir="../shared/data/fashion_mnist", image_size=28)
+    import os
+    assert datasets.resolve_data_dir(config) == os.path.join(datasets.REPO_ROOT, "../shared/data/fashion_mnist")
+
+
+def test_fashion_mnist_config_loads_offline():
+    from conftest import shared_data_path
+
+    shared_data_path("fashion_mnist")
+    from configs import fashion_mnist
+
+    config = fashion_mnist.get_config()
+    config.training.batch_size = 8
+    batch = take(datasets.get_dataset(config, "train", infinite=True, process_index=0, process_count=1), 1)[0]
+    assert batch["x"].shape == (8, 28, 28, 1) and config.model.name == "small_unet"
+    assert config.sde.name == "vpsde"
+
+
+def test_benchmark_runs(capsys):
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "data.py"
+    spec = importlib.util.spec_from_file_location("bench_data", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--batches", "2", "--batch_size", "4", "--n_png", "4", "--cifar_per_batch", "4",
+                 "--sources", "toy,cifar10_pickle,image_folder"])
+    out = capsys.readouterr().out
+    assert "cifar10_pickle" in out and "image_folder" in out and "images/s" in out

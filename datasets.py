@@ -619,84 +619,6 @@ class Prefetcher:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Public entry point
-# --------------------------------------------------------------------------------------------------------------
-
-def _process_defaults(process_index: Optional[int], process_count: Optional[int]) -> Tuple[int, int]:
-    if process_index is None or process_count is None:
-        import jax
-        process_index = jax.process_index() if process_index is None else process_index
-        process_count = jax.process_count() if process_count is None else process_count
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index={process_index} is not in [0, process_count={process_count})")
-    return process_index, process_count
-
-
-def host_batch_size(config, split: str, process_count: int) -> int:
-    """training.batch_size (split "train") or eval.batch_size (other splits), divided over processes."""
-    key = "training.batch_size" if split == "train" else "eval.batch_size"
-    total = config.training.batch_size if split == "train" else config.eval.batch_size
-    if total <= 0 or total % process_count:
-        raise ValueError(f"config.{key}={total} must be a positive multiple of the process count {process_count}")
-    return total // process_count
-
-
-def image_preprocess(config, *, flip: bool) -> Preprocess:
-    """uint8 batch -> model space: optional random flip, then the forward transform (with dequantization)."""
-    transform = get_data_transform(config)
-
-    def preprocess(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        if flip:
-            images = random_flip(images, rng)
-        return transform.forward(images, rng)
-
-    return preprocess
-
-
-def _check_source(name: str):
-    if name not in SOURCES and name not in ("toy", "tfds"):
-        raise ValueError(f"unknown data source {name!r} in config.data.source; valid: "
-                         f"{sorted([*SOURCES, 'toy', 'tfds'])}")
-
-
-def _toy_batches(config, split, *, b, infinite, seed, process_index, process_count) -> Iterator[Batch]:
-    """Infinite: fresh samples every step. Finite: a fixed set of config.data.toy_eval_size points per split."""
-    sampler = get_toy_sampler(config.data.dataset)
-    split_id = 0 if split == "train" else 1  # train and evaluation streams never share draws
-    if infinite:
-        def stream():
-            step = 0
-            while True:
-                rng = batch_rng(seed, process_index, step, STREAM_TOY + 16 * split_id)
-                yield dict(zip(("x", "label"), sampler(b, rng)))
-                step += 1
-        return stream()
-    x, labels = sampler(int(config.data.toy_eval_size), batch_rng(seed, split_id, 0, STREAM_EVAL_SET))
-    return array_batches(x, labels, batch_size=b, infinite=False, seed=seed, process_index=process_index,
-                         process_count=process_count, preprocess=lambda v, rng: v)
-
-
-def get_dataset(config, split: str, *, infinite: bool, seed: Optional[int] = None,
-                process_index: Optional[int] = None, process_count: Optional[int] = None) -> Iterator[Batch]:
-    """Iterator of host-local batches ``{"x", "label"[, "mask"]}`` of ``split`` (see the module docstring)."""
-    source = config.data.source
-    _check_source(source)
-    process_index, process_count = _process_defaults(process_index, process_count)
-    seed = int(config.seed if seed is None else seed)
-    b = host_batch_size(config, split, process_count)
-    kwargs = dict(infinite=infinite, seed=seed, process_index=process_index, process_count=process_count)
-    if source == "toy":
-        iterator = _toy_batches(config, split, b=b, **kwargs)
-    elif source == "tfds":
-        iterator = tfds_batches(config, split, batch_size=b, **kwargs)
-    else:
-        images, labels = SOURCES[source](config, split)
-        iterator = array_batches(images, labels, batch_size=b, preprocess=image_preprocess(
-            config, flip=infinite and bool(config.data.random_flip)), **kwargs)
-    return Prefetcher(iterator, size=int(config.data.get("prefetch", 2)))
-
-
-# --------------------------------------------------------------------------------------------------------------
 # TensorFlow Datasets
 # --------------------------------------------------------------------------------------------------------------
 
@@ -827,3 +749,81 @@ def _padded_tf_batches(ds, preprocess, *, n_batches, batch_size, size, channels,
         labels = np.concatenate([labels.astype(np.int32), np.zeros(pad, np.int32)])
         yield {"x": preprocess(images, batch_rng(seed, process_index, step, STREAM_AUGMENT)),
                "label": labels, "mask": np.arange(batch_size) < n}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Public entry point
+# --------------------------------------------------------------------------------------------------------------
+
+def _process_defaults(process_index: Optional[int], process_count: Optional[int]) -> Tuple[int, int]:
+    if process_index is None or process_count is None:
+        import jax
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} is not in [0, process_count={process_count})")
+    return process_index, process_count
+
+
+def host_batch_size(config, split: str, process_count: int) -> int:
+    """training.batch_size (split "train") or eval.batch_size (other splits), divided over processes."""
+    key = "training.batch_size" if split == "train" else "eval.batch_size"
+    total = config.training.batch_size if split == "train" else config.eval.batch_size
+    if total <= 0 or total % process_count:
+        raise ValueError(f"config.{key}={total} must be a positive multiple of the process count {process_count}")
+    return total // process_count
+
+
+def image_preprocess(config, *, flip: bool) -> Preprocess:
+    """uint8 batch -> model space: optional random flip, then the forward transform (with dequantization)."""
+    transform = get_data_transform(config)
+
+    def preprocess(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        if flip:
+            images = random_flip(images, rng)
+        return transform.forward(images, rng)
+
+    return preprocess
+
+
+def _check_source(name: str):
+    if name not in SOURCES and name not in ("toy", "tfds"):
+        raise ValueError(f"unknown data source {name!r} in config.data.source; valid: "
+                         f"{sorted([*SOURCES, 'toy', 'tfds'])}")
+
+
+def _toy_batches(config, split, *, b, infinite, seed, process_index, process_count) -> Iterator[Batch]:
+    """Infinite: fresh samples every step. Finite: a fixed set of config.data.toy_eval_size points per split."""
+    sampler = get_toy_sampler(config.data.dataset)
+    split_id = 0 if split == "train" else 1  # train and evaluation streams never share draws
+    if infinite:
+        def stream():
+            step = 0
+            while True:
+                rng = batch_rng(seed, process_index, step, STREAM_TOY + 16 * split_id)
+                yield dict(zip(("x", "label"), sampler(b, rng)))
+                step += 1
+        return stream()
+    x, labels = sampler(int(config.data.toy_eval_size), batch_rng(seed, split_id, 0, STREAM_EVAL_SET))
+    return array_batches(x, labels, batch_size=b, infinite=False, seed=seed, process_index=process_index,
+                         process_count=process_count, preprocess=lambda v, rng: v)
+
+
+def get_dataset(config, split: str, *, infinite: bool, seed: Optional[int] = None,
+                process_index: Optional[int] = None, process_count: Optional[int] = None) -> Iterator[Batch]:
+    """Iterator of host-local batches ``{"x", "label"[, "mask"]}`` of ``split`` (see the module docstring)."""
+    source = config.data.source
+    _check_source(source)
+    process_index, process_count = _process_defaults(process_index, process_count)
+    seed = int(config.seed if seed is None else seed)
+    b = host_batch_size(config, split, process_count)
+    kwargs = dict(infinite=infinite, seed=seed, process_index=process_index, process_count=process_count)
+    if source == "toy":
+        iterator = _toy_batches(config, split, b=b, **kwargs)
+    elif source == "tfds":
+        iterator = tfds_batches(config, split, batch_size=b, **kwargs)
+    else:
+        images, labels = SOURCES[source](config, split)
+        iterator = array_batches(images, labels, batch_size=b, preprocess=image_preprocess(
+            config, flip=infinite and bool(config.data.random_flip)), **kwargs)
+    return Prefetcher(iterator, size=int(config.data.get("prefetch", 2)))

@@ -14,7 +14,8 @@ Modes:
   run across epoch boundaries, so no example is ever dropped and there is no epoch bookkeeping. Random
   horizontal flips (``config.data.random_flip``) are applied in this mode only.
 - ``infinite=False`` (evaluation): one complete pass in a fixed order. Every batch has exactly ``b`` rows; the
-  last one(s) are **padded** (repeating example 0 of the shard) and marked with ``mask == False``. All processes
+  last one(s) are **padded** and marked with ``mask == False`` (padding rows hold some valid image with an
+  arbitrary label: weight every per-example quantity by ``mask``). All processes
   yield the same number of batches, ``ceil(ceil(N / P) / b)``, so collective steps stay in lock-step.
 
 Sharding: process ``i`` of ``P`` owns examples ``i, i + P, i + 2P, ...`` of the split (disjoint, and their union
@@ -184,6 +185,19 @@ def fit_images(images: np.ndarray, size: int, channels: int, what: str) -> np.nd
 # Local sources: (config, split) -> (uint8 images (N, H, W, C), int32 labels (N,))
 # --------------------------------------------------------------------------------------------------------------
 
+SOURCES: Dict[str, Callable] = {}
+
+
+def register_source(name: str):
+    """Function decorator adding a source ``(config, split) -> (images, labels)`` to ``SOURCES``."""
+
+    def wrap(fn):
+        SOURCES[name] = fn
+        return fn
+
+    return wrap
+
+
 def _local_split(split: str) -> str:
     """Local sources have "train" and "test"; "eval" and "validation" mean "test"."""
     if split == "train":
@@ -207,6 +221,7 @@ def digits_to_uint8(v: np.ndarray) -> np.ndarray:
     return ((255 * v + 8) // 16).astype(np.uint8)
 
 
+@register_source("digits")
 def load_digits(config, split: str) -> Arrays:
     """scikit-learn's 8x8 digits (embedded in the package): 1797 images; a fixed permutation (numpy seed 0)
     puts the first 297 in "test" and the other 1500 in "train"."""
@@ -221,20 +236,6 @@ def load_digits(config, split: str) -> Arrays:
     return fit_images(images[idx], config.data.image_size, config.data.num_channels, "digits"), labels[idx]
 
 
-SOURCES: Dict[str, Callable] = {}
-
-
-def register_source(name: str):
-    """Function decorator adding a source ``(config, split) -> (images, labels)`` to ``SOURCES``."""
-
-    def wrap(fn):
-        SOURCES[name] = fn
-        return fn
-
-    return wrap
-
-
-register_source("digits")(load_digits)
 
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
 

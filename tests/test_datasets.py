@@ -495,3 +495,11 @@ def test_benchmark_runs(capsys):
                  "--sources", "toy,cifar10_pickle,image_folder"])
     out = capsys.readouterr().out
     assert "cifar10_pickle" in out and "image_folder" in out and "images/s" in out
+
+
+def test_process_defaults_from_jax():
+    config = make_config()
+    batch = take(datasets.get_dataset(config, "train", infinite=True), 1)[0]  # jax: process 0 of 1
+    assert batch["x"].shape == (16, 8, 8, 1)
+    with pytest.raises(ValueError, match="training.batch_size=16 must be a positive multiple"):
+        datasets.get_dataset(config, "train", infinite=True, process_index=0, process_count=3)

@@ -166,7 +166,7 @@ def train(config, workdir: str) -> TrainState:
                                                config.seed), mesh)
     state = jax.device_put(state, NamedSharding(mesh, P()))
     data = datasets.get_dataset(config, "train", infinite=True, seed=config.seed + start)
-    logger = utils.MetricLogger(workdir, config.training.n_iters, start)
+    logger = utils.MetricLogger(workdir, config.training.n_iters, start, config.training.log_freq)
     for step in range(start, config.training.n_iters):
         state, metrics = step_fn(state, shard_batch(next(data), mesh))
         metrics = jax.device_get(jax.block_until_ready(metrics))

@@ -503,3 +503,45 @@ def test_process_defaults_from_jax():
     assert batch["x"].shape == (16, 8, 8, 1)
     with pytest.raises(ValueError, match="training.batch_size=16 must be a positive multiple"):
         datasets.get_dataset(config, "train", infinite=True, process_index=0, process_count=3)
+
+
+CHILD = r"""
+import sys, numpy as np
+sys.path.insert(0, sys.argv[4])
+import jax
+jax.distributed.initialize(coordinator_address=f"127.0.0.1:{sys.argv[1]}", num_processes=2,
+                           process_id=int(sys.argv[2]))
+import datasets
+from configs.base import get_base_config
+config = get_base_config()
+config.eval.batch_size = 64
+batches = list(datasets.get_dataset(config, "test", infinite=False))  # process index/count from jax
+train = next(datasets.get_dataset(config, "train", infinite=True))
+inverse = datasets.get_data_transform(config).inverse
+np.savez(sys.argv[3], n=len(batches), train=train["x"],
+         images=np.concatenate([inverse(b["x"])[b["mask"]] for b in batches]))
+jax.distributed.shutdown()
+"""
+
+
+@pytest.mark.slow
+def test_two_jax_processes_shard_disjoint_and_complete(tmp_path):
+    """Two real jax.distributed processes: defaults from jax.process_index()/process_count()."""
+    import pathlib
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    repo = str(pathlib.Path(__file__).resolve().parents[1])
+    procs = [subprocess.Popen([sys.executable, "-c", CHILD, str(port), str(i), str(tmp_path / f"{i}.npz"), repo])
+             for i in range(2)]
+    assert [p.wait(timeout=240) for p in procs] == [0, 0]
+    out = [np.load(tmp_path / f"{i}.npz") for i in range(2)]
+    assert int(out[0]["n"]) == int(out[1]["n"]) == 5  # ceil(ceil(297 / 2) / 32)
+    assert not np.array_equal(out[0]["train"], out[1]["train"])
+    images, _ = datasets.load_digits(make_config(), "test")
+    np.testing.assert_array_equal(out[0]["images"], images[0::2])
+    np.testing.assert_array_equal(out[1]["images"], images[1::2])

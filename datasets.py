@@ -507,11 +507,14 @@ def batch_rng(seed: int, process_index: int, step: int, stream: int) -> np.rando
 STREAM_SHUFFLE, STREAM_AUGMENT, STREAM_TOY, STREAM_EVAL_SET = 0, 1, 2, 3
 
 
-def _epoch_free_indices(n: int, b: int, seed: int, process_index: int) -> Iterator[np.ndarray]:
-    """Endless batches of ``b`` indices into range(n): concatenated per-epoch permutations, no drops."""
+def _epoch_free_indices(n: int, b: int, seed: int, process_index: int, start_step: int = 0) -> Iterator[np.ndarray]:
+    """Endless batches of ``b`` indices into range(n): concatenated per-epoch permutations, no drops. Batch
+    ``k`` holds positions ``[k b, (k + 1) b)`` of the concatenation, so starting at ``start_step`` skips exactly."""
     if n == 0:
         raise ValueError("cannot draw training batches from an empty shard")
-    buffer, epoch = np.zeros(0, np.int64), 0
+    epoch, offset = divmod(start_step * b, n)
+    buffer = batch_rng(seed, process_index, epoch, STREAM_SHUFFLE).permutation(n)[offset:]
+    epoch += 1
     while True:
         while len(buffer) < b:
             buffer = np.concatenate([buffer, batch_rng(seed, process_index, epoch, STREAM_SHUFFLE).permutation(n)])
@@ -538,11 +541,13 @@ Preprocess = Callable[[np.ndarray, np.random.Generator], np.ndarray]
 
 
 def array_batches(x: np.ndarray, labels: np.ndarray, *, batch_size: int, infinite: bool, seed: int,
-                  process_index: int, process_count: int, preprocess: Preprocess) -> Iterator[Batch]:
+                  process_index: int, process_count: int, preprocess: Preprocess,
+                  start_step: int = 0) -> Iterator[Batch]:
     """Host-local batches from whole in-memory arrays (see the module docstring for the two modes)."""
     shard = np.arange(process_index, len(x), process_count)
     if infinite:
-        for step, idx in enumerate(_epoch_free_indices(len(shard), batch_size, seed, process_index)):
+        indices = _epoch_free_indices(len(shard), batch_size, seed, process_index, start_step)
+        for step, idx in enumerate(indices, start=start_step):
             rows = shard[idx]
             yield {"x": preprocess(x[rows], batch_rng(seed, process_index, step, STREAM_AUGMENT)),
                    "label": labels[rows].astype(np.int32)}
@@ -793,13 +798,14 @@ def _check_source(name: str):
                          f"{sorted([*SOURCES, 'toy', 'tfds'])}")
 
 
-def _toy_batches(config, split, *, b, infinite, seed, process_index, process_count) -> Iterator[Batch]:
+def _toy_batches(config, split, *, b, infinite, seed, process_index, process_count,
+                 start_step: int = 0) -> Iterator[Batch]:
     """Infinite: fresh samples every step. Finite: a fixed set of config.data.toy_eval_size points per split."""
     sampler = get_toy_sampler(config.data.dataset)
     split_id = 0 if split == "train" else 1  # train and evaluation streams never share draws
     if infinite:
         def stream():
-            step = 0
+            step = start_step
             while True:
                 rng = batch_rng(seed, process_index, step, STREAM_TOY + 16 * split_id)
                 yield dict(zip(("x", "label"), sampler(b, rng)))
@@ -811,20 +817,26 @@ def _toy_batches(config, split, *, b, infinite, seed, process_index, process_cou
 
 
 def get_dataset(config, split: str, *, infinite: bool, seed: Optional[int] = None,
-                process_index: Optional[int] = None, process_count: Optional[int] = None) -> Iterator[Batch]:
-    """Iterator of host-local batches ``{"x", "label"[, "mask"]}`` of ``split`` (see the module docstring)."""
+                process_index: Optional[int] = None, process_count: Optional[int] = None,
+                start_step: int = 0) -> Iterator[Batch]:
+    """Iterator of host-local batches ``{"x", "label"[, "mask"]}`` of ``split`` (see the module docstring).
+
+    ``start_step`` (infinite mode): begin at batch ``start_step`` of the stream, exactly as if the earlier ones had
+    been drawn (toy and in-memory sources; tfds, whose shuffle buffer has no such index, reseeds with it instead).
+    """
     source = config.data.source
     _check_source(source)
     process_index, process_count = _process_defaults(process_index, process_count)
     seed = int(config.seed if seed is None else seed)
     b = host_batch_size(config, split, process_count)
     kwargs = dict(infinite=infinite, seed=seed, process_index=process_index, process_count=process_count)
+    start = int(start_step) if infinite else 0
     if source == "toy":
-        iterator = _toy_batches(config, split, b=b, **kwargs)
+        iterator = _toy_batches(config, split, b=b, start_step=start, **kwargs)
     elif source == "tfds":
-        iterator = tfds_batches(config, split, batch_size=b, **kwargs)
+        iterator = tfds_batches(config, split, batch_size=b, **dict(kwargs, seed=seed + start))
     else:
         images, labels = SOURCES[source](config, split)
         iterator = array_batches(images, labels, batch_size=b, preprocess=image_preprocess(
-            config, flip=infinite and bool(config.data.random_flip)), **kwargs)
+            config, flip=infinite and bool(config.data.random_flip)), start_step=start, **kwargs)
     return Prefetcher(iterator, size=int(config.data.get("prefetch", 2)))

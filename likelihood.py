@@ -138,28 +138,42 @@ def _draw_probes(key, divergence: str, num_probes: int, x: Array):
     return jax.vmap(lambda k: sampler(k, (num_probes,) + x.shape[1:], x.dtype))(keys)
 
 
-def _log_likelihood(key, x, *, sde, score_fn, divergence, num_probes, rtol, atol, eps, solver, max_steps, mesh):
+def _log_likelihood(params, key, x, *, sde, score_fn_of, divergence, num_probes, rtol, atol, eps, solver,
+                    max_steps, mesh):
     solver_obj = SOLVERS[solver]()
     controller = diffrax.PIDController(rtol=rtol, atol=atol)
-    vf = _flow_vector_field(sde, score_fn, divergence)
-    solve = functools.partial(_solve_one, vf, solver_obj, controller, eps, sde.T, max_steps)
+
+    def solve_batch(params, x, probes):
+        vf = _flow_vector_field(sde, score_fn_of(params), divergence)
+        return jax.vmap(functools.partial(_solve_one, vf, solver_obj, controller, eps, sde.T, max_steps))(
+            x, probes)
+
     probes = _draw_probes(key, divergence, num_probes, x)
-    batched = jax.vmap(solve)
-    if mesh is not None:
+    if mesh is not None:  # each device solves its own examples: no collectives inside the adaptive loop
         spec = P("data")
-        batched = jax.shard_map(batched, mesh=mesh, in_specs=(spec, spec), out_specs=(spec, spec, spec),
-                                check_vma=False)
+        solve_batch = jax.shard_map(solve_batch, mesh=mesh, in_specs=(P(), spec, spec),
+                                    out_specs=(spec, spec, spec), check_vma=False)
         sharding = NamedSharding(mesh, spec)
         x, probes = jax.lax.with_sharding_constraint((x, probes), (sharding, sharding))
-    z, delta, steps = batched(x, probes)
+    z, delta, steps = solve_batch(params, x, probes)
     logp = sde.prior_logp(z) + delta
     return logp, z, solver_nfe(solver_obj, steps)
 
 
 _jitted_log_likelihood = jax.jit(
     _log_likelihood,
-    static_argnames=("sde", "score_fn", "divergence", "num_probes", "rtol", "atol", "eps", "solver",
+    static_argnames=("sde", "score_fn_of", "divergence", "num_probes", "rtol", "atol", "eps", "solver",
                      "max_steps", "mesh"))
+
+
+@dataclasses.dataclass(frozen=True)
+class _NoParams:
+    """``params -> fn`` for a score (or ε) function without parameters; hashes by the function, so jit caches hit."""
+
+    score_fn: ScoreFn
+
+    def __call__(self, params):
+        return self.score_fn
 
 
 def check_likelihood_inputs(x, divergence: str, solver: str, num_probes: int, mesh: Optional[Mesh]):
@@ -193,11 +207,26 @@ def log_likelihood(key: Array, sde, score_fn: ScoreFn, x: Array, *, divergence: 
     collectives). Hutchinson probes come from ``fold_in(key, i)`` for example i and stay fixed over the solve.
     Returns (logp (batch,), z = x(T) (shape of x), nfe (batch,) drift evaluations).
     """
-    check_likelihood_inputs(x, divergence, solver, num_probes, mesh)
+    return log_likelihood_fn(sde, _NoParams(score_fn), divergence=divergence, num_probes=num_probes, rtol=rtol,
+                             atol=atol, eps=eps, solver=solver, max_steps=max_steps, mesh=mesh)(None, key, x)
+
+
+def log_likelihood_fn(sde, score_fn_of: Callable, *, divergence: str = "exact", num_probes: int = 1,
+                      rtol: float = 1e-5, atol: float = 1e-5, eps: Optional[float] = None, solver: str = "tsit5",
+                      max_steps: int = 16_384, mesh: Optional[Mesh] = None) -> Callable:
+    """``fn(params, key, x) -> (logp, z, nfe)`` as ``log_likelihood`` with ``score_fn = score_fn_of(params)``;
+    parameters stay jit arguments (not baked-in constants), so one compilation serves every batch."""
     eps = float(sde.eps if eps is None else eps)
-    return _jitted_log_likelihood(key, jnp.asarray(x, jnp.float32), sde=sde, score_fn=score_fn,
-                                  divergence=divergence, num_probes=int(num_probes), rtol=float(rtol),
-                                  atol=float(atol), eps=eps, solver=solver, max_steps=int(max_steps), mesh=mesh)
+    if not 0 < eps < sde.T:
+        raise ValueError(f"eps={eps} must lie in (0, T={sde.T})")
+    opts = dict(sde=sde, score_fn_of=score_fn_of, divergence=divergence, num_probes=int(num_probes),
+                rtol=float(rtol), atol=float(atol), eps=eps, solver=solver, max_steps=int(max_steps), mesh=mesh)
+
+    def fn(params, key, x):
+        check_likelihood_inputs(x, divergence, solver, num_probes, mesh)
+        return _jitted_log_likelihood(params, key, jnp.asarray(x, jnp.float32), **opts)
+
+    return fn
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -319,18 +348,20 @@ def data_log_likelihood(key: Array, model_logp: Callable, x, space: DataSpace, *
 # The DDPM variational bound (Ho et al. 2020, Eq. 5), via losses.ddpm_vlb_terms
 # --------------------------------------------------------------------------------------------------------------
 
-def _ddpm_bound_batch(key, x0, *, sde, eps_fn, score_fn, variance, num_steps):
+def _ddpm_bound_batch(params, key, x0, score_times, *, sde, eps_fn_of, score_fn_of, variance, num_steps):
     import losses
 
     steps = None
     if num_steps is not None:  # a uniform random subset of steps: N · mean is an unbiased estimate of Σ
         steps = jax.random.choice(jax.random.fold_in(key, 1), sde.N, (num_steps,), replace=False)
-    return losses.ddpm_vlb_terms(sde, x0, jax.random.fold_in(key, 0), eps_fn=eps_fn, score_fn=score_fn,
-                                 steps=steps, variance=variance)
+    return losses.ddpm_vlb_terms(sde, x0, jax.random.fold_in(key, 0), steps=steps, variance=variance,
+                                 eps_fn=None if eps_fn_of is None else eps_fn_of(params),
+                                 score_fn=None if score_fn_of is None else score_fn_of(params),
+                                 score_times=score_times)
 
 
 _jitted_ddpm_bound = jax.jit(_ddpm_bound_batch,
-                             static_argnames=("sde", "eps_fn", "score_fn", "variance", "num_steps"))
+                             static_argnames=("sde", "eps_fn_of", "score_fn_of", "variance", "num_steps"))
 
 
 def check_ddpm_bound_inputs(sde, space: DataSpace, num_steps: Optional[int]):
@@ -357,8 +388,189 @@ def ddpm_bound(key: Array, sde, x, *, eps_fn: Optional[Callable] = None, score_f
     steps. This is a bound on the discrete probability of k itself, so no dequantization or offset enters.
     Returns {"bpd", "prior" (L_T), "terms" (b, steps)} in bits/dim.
     """
+    fn = ddpm_bound_fn(sde, eps_fn_of=None if eps_fn is None else _NoParams(eps_fn),
+                       score_fn_of=None if score_fn is None else _NoParams(score_fn), variance=variance,
+                       num_steps=num_steps, space=space)
+    return fn(None, key, x)
+
+
+def ddpm_bound_fn(sde, *, eps_fn_of: Optional[Callable] = None, score_fn_of: Optional[Callable] = None,
+                  variance: str = "beta", num_steps: Optional[int] = None, space: DataSpace = DataSpace(8, True),
+                  mesh: Optional[Mesh] = None) -> Callable:
+    """``fn(params, key, x) -> {"bpd", "prior", "terms"}`` as ``ddpm_bound`` with ε̂ or the score built from
+    ``params``; with ``mesh`` the batch is placed on the ``data`` axis (the bound is per example)."""
     check_ddpm_bound_inputs(sde, space, num_steps)
-    x0 = space.lattice(space.integers(x))
-    out = _jitted_ddpm_bound(key, x0, sde=sde, eps_fn=eps_fn, score_fn=score_fn, variance=variance,
-                             num_steps=num_steps)
-    return {"bpd": out["total"], "prior": out["prior"], "terms": out["terms"]}
+    if (eps_fn_of is None) == (score_fn_of is None):
+        raise ValueError("the DDPM bound needs exactly one of eps_fn or score_fn")
+
+    score_times = None
+    if score_fn_of is not None:  # continuous times with α(t) = √ᾱ_i, found on the host (numpy) outside jit
+        import losses
+
+        score_times = losses.time_of(sde, np.sqrt(sde.alphas_cumprod), "alpha", t_max=1.2 * sde.T)
+
+    def fn(params, key, x):
+        x0 = space.lattice(space.integers(x))
+        if mesh is not None:
+            x0 = jax.device_put(x0, NamedSharding(mesh, P("data")))
+        out = _jitted_ddpm_bound(params, key, x0, score_times, sde=sde, eps_fn_of=eps_fn_of, score_fn_of=score_fn_of,
+                                 variance=variance, num_steps=num_steps)
+        return {"bpd": out["total"], "prior": out["prior"], "terms": out["terms"]}
+
+    return fn
+
+
+# --------------------------------------------------------------------------------------------------------------
+# main.py --mode=likelihood
+# --------------------------------------------------------------------------------------------------------------
+
+METHODS = ("ode", "ddpm_bound")
+
+
+def data_space(config) -> DataSpace:
+    """The data convention of ``config.data``: 8-bit images in [0, 1] or [-1, 1], or continuous toy vectors."""
+    import datasets
+
+    if not isinstance(datasets.get_data_transform(config), datasets.ImageTransform):
+        return DataSpace(bits=None, centered=bool(config.data.centered))
+    bits = int(config.eval.likelihood.bits)
+    if bits != 8:
+        raise ValueError(f"config.eval.likelihood.bits={bits}: the image pipeline (datasets.py) loads 8-bit data")
+    return DataSpace(bits=8, centered=bool(config.data.centered))
+
+
+def likelihood_settings(config, sde) -> dict:
+    """Every setting that produces the figure, validated; errors name the config key."""
+    lik = config.eval.likelihood
+    for key, valid in (("method", METHODS), ("divergence", DIVERGENCES), ("solver", SOLVERS),
+                       ("dequantization", DEQUANTIZATIONS), ("ddpm_variance", ("beta", "posterior"))):
+        _check_choice(lik[key], valid, f"config.eval.likelihood.{key}")
+    space = data_space(config)
+    out = {"method": lik.method, "split": lik.split, "data_bits": space.bits, "centered": space.centered,
+           "ema": bool(config.eval.use_ema), "sde": type(sde).__name__, "seed": int(config.seed),
+           "batch_size": int(config.eval.batch_size)}
+    if lik.method == "ddpm_bound":
+        check_ddpm_bound_inputs(sde, space, lik.ddpm_num_steps)
+        return {**out, "ddpm_variance": lik.ddpm_variance, "ddpm_num_steps": lik.ddpm_num_steps or sde.N,
+                "ddpm_exact_sum": lik.ddpm_num_steps is None, "is_bound": True}
+    dequantization = "none" if space.bits is None else lik.dequantization
+    if int(lik.num_draws) < 1 or int(lik.num_probes) < 1:
+        raise ValueError("config.eval.likelihood.num_draws and .num_probes must be >= 1")
+    return {**out, "estimator": lik.divergence, "num_probes": int(lik.num_probes) if lik.divergence != "exact"
+            else 0, "rtol": float(lik.rtol), "atol": float(lik.atol), "solver": lik.solver,
+            "max_steps": int(lik.max_steps), "eps": float(sde.eps if lik.eps is None else lik.eps),
+            "dequantization": dequantization, "num_draws": int(lik.num_draws) if dequantization == "uniform" else 1,
+            "is_bound": dequantization == "uniform"}
+
+
+def _batch_evaluator(config, ev, settings: dict, space: DataSpace, mesh: Optional[Mesh]) -> Callable:
+    """``evaluate(key, x) -> (bpd (b,), nfe (b,))`` for one batch of model-space data as loaded."""
+    score_fn_of = functools.partial(_model_score_fn, ev.model, ev.sde)
+    if settings["method"] == "ddpm_bound":
+        import losses
+
+        eps_fn_of = None
+        if losses.resolve_loss_name(config, ev.sde) in ("ddpm", "ddpm_vlb"):  # trained on the chain's labels
+            eps_fn_of, score_fn_of = functools.partial(_model_eps_fn, ev.model, ev.sde), None
+        fn = ddpm_bound_fn(ev.sde, eps_fn_of=eps_fn_of, score_fn_of=score_fn_of, space=space, mesh=mesh,
+                           variance=settings["ddpm_variance"], num_steps=config.eval.likelihood.ddpm_num_steps)
+        return lambda key, x: (fn(ev.params, key, x)["bpd"], jnp.full((x.shape[0],), settings["ddpm_num_steps"]))
+    ll = log_likelihood_fn(ev.sde, score_fn_of, divergence=settings["estimator"], mesh=mesh,
+                           num_probes=max(settings["num_probes"], 1), rtol=settings["rtol"], atol=settings["atol"],
+                           eps=settings["eps"], solver=settings["solver"], max_steps=settings["max_steps"])
+
+    def model_logp(key, xm):
+        logp, _, nfe = ll(ev.params, key, xm)
+        return logp, nfe
+
+    def evaluate(key, x):
+        out = data_log_likelihood(key, model_logp, x, space, dequantization=settings["dequantization"],
+                                  num_draws=settings["num_draws"])
+        return out["bpd"], out["nfe"]
+
+    return evaluate
+
+
+def _model_score_fn(model, sde, params):
+    return model.score_fn(params, sde)
+
+
+def _model_eps_fn(model, sde, params):
+    import losses
+
+    return lambda x, i: losses.model_eps(model, params, sde, x, i)
+
+
+def _lattice_batch(x, transform, space: DataSpace) -> np.ndarray:
+    """Model-space data as loaded -> the 8-bit lattice (undoing the pipeline's own dequantization, if any)."""
+    if space.bits is None or not getattr(transform, "uniform_dequantization", False):
+        return np.asarray(x)
+    return np.asarray(space.lattice(transform.inverse(np.asarray(x))))
+
+
+def _evaluate_split(config, evaluate: Callable, space: DataSpace, split: str, limit: Optional[int]):
+    """Per-example bits/dim and NFE of this process's share of ``split`` (padding dropped), up to ``limit``."""
+    import datasets
+
+    transform = datasets.get_data_transform(config)
+    key = jax.random.fold_in(jax.random.key(int(config.seed)), jax.process_index())
+    bpd, nfe = [], []
+    for i, batch in enumerate(datasets.get_dataset(config, split, infinite=False, seed=config.seed)):
+        b_bpd, b_nfe = evaluate(jax.random.fold_in(key, i), _lattice_batch(batch["x"], transform, space))
+        mask = np.asarray(batch.get("mask", np.ones(len(batch["x"]), bool)))
+        bpd.append(np.asarray(b_bpd)[mask])
+        nfe.append(np.asarray(b_nfe)[mask])
+        if limit is not None and sum(map(len, bpd)) >= limit:
+            break
+    bpd, nfe = np.concatenate(bpd), np.concatenate(nfe)
+    return (bpd[:limit], nfe[:limit]) if limit is not None else (bpd, nfe)
+
+
+def _gather(a: np.ndarray) -> np.ndarray:
+    """Concatenate per-process arrays (possibly of different lengths) on every process."""
+    if jax.process_count() == 1:
+        return a
+    from jax.experimental import multihost_utils
+
+    n = multihost_utils.process_allgather(np.array([len(a)]))
+    padded = np.zeros(int(n.max()), a.dtype)
+    padded[:len(a)] = a
+    allv = multihost_utils.process_allgather(padded)
+    return np.concatenate([allv[p, :int(n[p, 0])] for p in range(len(n))])
+
+
+def run(config, workdir: str) -> dict:
+    """``--mode=likelihood``: bits/dim of a checkpoint on ``config.eval.likelihood.split``, written with every
+    setting that produced it to ``<workdir>/likelihood/step_<k>_<method>_<split>.json``."""
+    import pathlib
+    import time
+
+    import run_lib
+    import utils
+
+    import sde_lib
+
+    settings = likelihood_settings(config, sde_lib.get_sde(config.sde))  # fail before restoring anything
+    ev = run_lib.restore_eval_state(config, workdir, config.eval.checkpoint)
+    space = data_space(config)
+    n_local = len(jax.local_devices())
+    mesh = Mesh(np.array(jax.local_devices()), ("data",)) if n_local > 1 else None
+    b = int(config.eval.batch_size) // jax.process_count()
+    if b % n_local:
+        raise ValueError(f"config.eval.batch_size={config.eval.batch_size} gives {b} examples per process, not "
+                         f"divisible by its {n_local} devices")
+    limit = config.eval.likelihood.num_examples
+    local_limit = None if limit is None else -(-int(limit) // jax.process_count())
+    start = time.time()
+    bpd, nfe = _evaluate_split(config, _batch_evaluator(config, ev, settings, space, mesh), space,
+                               settings["split"], local_limit)
+    bpd, nfe = _gather(bpd.astype(np.float64)), _gather(nfe.astype(np.float64))
+    result = {"bpd": float(bpd.mean()), "bpd_stderr": float(bpd.std(ddof=1) / np.sqrt(len(bpd)))
+              if len(bpd) > 1 else None, "num_examples": int(len(bpd)), "nfe_mean": float(nfe.mean()),
+              "checkpoint_step": int(ev.step), "wall_time_s": round(time.time() - start, 2), **settings}
+    out = pathlib.Path(workdir) / "likelihood" / f"step_{ev.step}_{settings['method']}_{settings['split']}.json"
+    if jax.process_index() == 0:
+        utils.atomic_write_json(out, result)
+        print(f"{settings['method']} bits/dim on {settings['split']} ({len(bpd)} examples, step {ev.step}): "
+              f"{result['bpd']:.4f} ± {result['bpd_stderr'] or 0:.4f}; wrote {out}")
+    return result

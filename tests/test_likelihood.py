@@ -272,3 +272,65 @@ def test_ddpm_bound_errors():
         likelihood.ddpm_bound(jax.random.key(0), sde, x, eps_fn=eps_fn, space=likelihood.DataSpace(8, False))
     with pytest.raises(ValueError, match="not 8-bit"):
         likelihood.ddpm_bound(jax.random.key(0), sde, np.full((1, 4), 0.001), eps_fn=eps_fn)
+
+
+# ---- --mode=likelihood ---------------------------------------------------------------------------------------------
+
+def _checkpointed(config, workdir):
+    import pathlib
+
+    import run_lib
+    import utils
+
+    exp = run_lib.Experiment.from_config(config)
+    ckpt = utils.CheckpointManager(pathlib.Path(workdir) / "checkpoints", config)
+    ckpt.save(1, run_lib.init_train_state(config, exp.model, exp.optimizer, exp.data_shape))
+    ckpt.wait()
+    return exp
+
+
+def test_run_writes_the_figure_with_every_setting(tmp_path):
+    """Toy (continuous) data: the JSON figure equals -log p / (D ln 2) of log_likelihood on the same points."""
+    import json
+
+    import datasets
+    from configs import toy
+
+    config = toy.get_config("two_moons")
+    config.eval.batch_size, config.data.toy_eval_size = 4, 6
+    lik = config.eval.likelihood
+    lik.divergence, lik.rtol, lik.atol = "exact", 1e-4, 1e-4
+    exp = _checkpointed(config, tmp_path)
+    result = likelihood.run(config, str(tmp_path))
+    written = json.loads(next((tmp_path / "likelihood").glob("*.json")).read_text())
+    assert written == pytest.approx(result)
+    for key in ("bpd", "estimator", "num_probes", "rtol", "atol", "dequantization", "num_draws", "nfe_mean",
+                "num_examples", "checkpoint_step", "ema", "solver", "eps", "data_bits", "split"):
+        assert key in written, key
+    assert written["num_examples"] == 6 and written["dequantization"] == "none" and written["data_bits"] is None
+    x = np.concatenate([b["x"][b["mask"]] for b in datasets.get_dataset(config, "test", infinite=False)])
+    state = run_lib_restore(config, tmp_path)
+    logp, _, _ = likelihood.log_likelihood(jax.random.key(0), exp.sde, exp.model.score_fn(state.params, exp.sde),
+                                           jnp.asarray(x), rtol=1e-4, atol=1e-4)
+    assert written["bpd"] == pytest.approx(float(np.mean(-logp / (2 * np.log(2)))), abs=1e-3)
+
+
+def run_lib_restore(config, workdir):
+    import run_lib
+
+    return run_lib.restore_eval_state(config, str(workdir))
+
+
+def test_run_rejects_bad_settings(tmp_path):
+    from configs import default
+
+    config = default.get_config()  # settings are checked before any checkpoint is looked for
+    config.eval.likelihood.divergence = "hutch"
+    with pytest.raises(ValueError, match="config.eval.likelihood.divergence"):
+        likelihood.run(config, str(tmp_path))
+    config.eval.likelihood.divergence, config.eval.likelihood.method = "gaussian", "ddpm_bound"
+    with pytest.raises(ValueError, match="DDPM Markov chain"):
+        likelihood.likelihood_settings(config, SDES["ve"])
+    config.data.centered = False
+    with pytest.raises(ValueError, match="centred model space"):
+        likelihood.likelihood_settings(config, SDES["vp"])

@@ -1,0 +1,323 @@
+"""Convert score_sde_pytorch checkpoints into this codebase's Flax parameters (``main.py --mode=convert``).
+
+A score_sde_pytorch checkpoint is ``torch.save({"optimizer", "model", "ema", "step"})``: ``model`` is the
+(DataParallel, ``module.``-prefixed) state dict, ``ema`` is ``{decay, num_updates, shadow_params}`` where
+``shadow_params`` is an unnamed list of the *trainable* parameters in parameter order (buffers such as ``sigmas``
+and ``requires_grad=False`` parameters such as NCSN++'s Fourier ``W`` are absent; they come from ``model``).
+
+Each model family registers a converter ``fn(state_dict: StateDict, model_cfg, data_cfg) -> params`` in
+``TORCH_CONVERTERS`` (``@register_converter(name, non_trainable=...)``). Converters read tensors by their torch
+name (without ``module.``) through ``StateDict``, which records what was read. The mapping is strict: a tensor
+nobody read, a Flax parameter nobody produced, or a shape that differs from ``jax.eval_shape`` of the model's
+init is one error listing the names. Layout helpers: ``conv_kernel`` (OIHW -> HWIO), ``dense_kernel``
+((out, in) -> (in, out)).
+"""
+from __future__ import annotations
+
+import pathlib
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import torch_io
+
+Params = Dict[str, Any]
+ConverterFn = Callable[["StateDict", Any, Any], Params]
+
+TORCH_CONVERTERS: Dict[str, ConverterFn] = {}
+# model name -> names of non-trainable state-dict entries (absent from the EMA list), or fn(model_cfg) -> names.
+NON_TRAINABLE: Dict[str, Union[Sequence[str], Callable[[Any], Sequence[str]]]] = {}
+DEFAULT_NON_TRAINABLE = ("sigmas",)
+MAX_LISTED = 8
+
+
+class ConversionError(ValueError):
+    """A checkpoint that does not map exactly onto the configured model."""
+
+
+def register_converter(name: str, non_trainable=DEFAULT_NON_TRAINABLE):
+    """Decorator registering ``fn(state_dict, model_cfg, data_cfg) -> params`` for ``config.model.name``.
+
+    ``non_trainable``: state-dict names absent from the EMA ``shadow_params`` list (buffers and
+    ``requires_grad=False`` parameters), or a function ``model_cfg -> names``.
+    """
+
+    def wrap(fn: ConverterFn) -> ConverterFn:
+        if name in TORCH_CONVERTERS and TORCH_CONVERTERS[name] is not fn:
+            raise ValueError(f"a torch converter for model {name!r} is already registered")
+        TORCH_CONVERTERS[name] = fn
+        NON_TRAINABLE[name] = non_trainable
+        return fn
+
+    return wrap
+
+
+def get_converter(name: str) -> ConverterFn:
+    import models
+    models._import_all()  # model modules register their converters next to their classes
+    if name not in TORCH_CONVERTERS:
+        raise ConversionError(f"no score_sde_pytorch converter for config.model.name={name!r}; models with one: "
+                              f"{sorted(TORCH_CONVERTERS)}")
+    return TORCH_CONVERTERS[name]
+
+
+def _listed(names: Sequence[str], n: int = MAX_LISTED) -> str:
+    names = list(names)
+    more = f" ... and {len(names) - n} more" if len(names) > n else ""
+    return ", ".join(names[:n]) + more
+
+
+# ---- layout helpers ----------------------------------------------------------------------------------------------
+
+
+def conv_kernel(w: np.ndarray) -> np.ndarray:
+    """torch Conv2d weight (out, in, kh, kw) -> Flax Conv kernel (kh, kw, in, out)."""
+    if w.ndim != 4:
+        raise ConversionError(f"expected a 4-D conv weight (out, in, kh, kw), got shape {w.shape}")
+    return np.ascontiguousarray(w.transpose(2, 3, 1, 0))
+
+
+def dense_kernel(w: np.ndarray) -> np.ndarray:
+    """torch Linear weight (out, in) -> Flax Dense kernel (in, out)."""
+    if w.ndim != 2:
+        raise ConversionError(f"expected a 2-D linear weight (out, in), got shape {w.shape}")
+    return np.ascontiguousarray(w.T)
+
+
+# ---- the tracked state dict --------------------------------------------------------------------------------------
+
+
+class StateDict(Mapping):
+    """A torch state dict (names without ``module.``) that records which tensors a converter read.
+
+    ``sd["a.weight"]`` returns the array; ``sd.conv("a")`` / ``sd.dense("a")`` return Flax ``{"kernel", "bias"}``
+    dicts; ``sd.skip(name)`` marks a tensor as deliberately unused. Every array handed out remembers its torch
+    name, so that shape errors can name the tensor.
+    """
+
+    def __init__(self, tensors: Mapping[str, np.ndarray], source: str = "checkpoint"):
+        self._tensors = dict(tensors)
+        self.source = source
+        self.used: set = set()
+        self.origin: Dict[int, str] = {}
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        if key not in self._tensors:
+            stem = key.rsplit(".", 1)[0]
+            near = [k for k in self._tensors if k.startswith(stem)] or self.unused()
+            raise ConversionError(f"{self.source}: tensor {key!r} needed by the configured model is not in the "
+                                  f"checkpoint (wrong config?); unread checkpoint tensors: {_listed(near)}")
+        self.used.add(key)
+        return self._tensors[key]
+
+    def __iter__(self):
+        return iter(self._tensors)
+
+    def __len__(self):
+        return len(self._tensors)
+
+    def take(self, key: str, fn: Optional[Callable[[np.ndarray], np.ndarray]] = None) -> np.ndarray:
+        """``fn(sd[key])`` (default identity) as float32, remembered as coming from ``key``."""
+        arr = self[key]
+        arr = np.asarray(fn(arr) if fn is not None else arr)
+        if np.issubdtype(arr.dtype, np.floating):
+            arr = arr.astype(np.float32)
+        self.origin[id(arr)] = key
+        return arr
+
+    def conv(self, prefix: str, bias: bool = True) -> Params:
+        """Flax Conv params from torch ``<prefix>.weight`` (OIHW) and ``<prefix>.bias``."""
+        out = {"kernel": self.take(f"{prefix}.weight", conv_kernel)}
+        if bias:
+            out["bias"] = self.take(f"{prefix}.bias")
+        return out
+
+    def dense(self, prefix: str, bias: bool = True) -> Params:
+        """Flax Dense params from torch Linear ``<prefix>.weight`` (out, in) and ``<prefix>.bias``."""
+        out = {"kernel": self.take(f"{prefix}.weight", dense_kernel)}
+        if bias:
+            out["bias"] = self.take(f"{prefix}.bias")
+        return out
+
+    def skip(self, *keys: str) -> None:
+        for key in keys:
+            self[key]
+
+    def unused(self) -> List[str]:
+        return [k for k in self._tensors if k not in self.used]
+
+
+def strip_prefix(state: Mapping[str, np.ndarray], prefix: str = "module.") -> Dict[str, np.ndarray]:
+    """Drop DataParallel's ``module.`` prefix when every name carries it."""
+    if state and all(k.startswith(prefix) for k in state):
+        return {k[len(prefix):]: v for k, v in state.items()}
+    return dict(state)
+
+
+# ---- EMA --------------------------------------------------------------------------------------------------------
+
+
+def non_trainable_names(model_name: str, model_cfg) -> Tuple[str, ...]:
+    names = NON_TRAINABLE.get(model_name, DEFAULT_NON_TRAINABLE)
+    return tuple(names(model_cfg) if callable(names) else names)
+
+
+def ema_state_dict(model_sd: Mapping[str, np.ndarray], shadow: Sequence[np.ndarray], non_trainable: Iterable[str],
+                   source: str) -> Dict[str, np.ndarray]:
+    """The state dict with EMA values: ``shadow[i]`` replaces the i-th trainable entry (state-dict order, skipping
+    ``non_trainable``, which keep their ``model`` values)."""
+    skip = set(non_trainable)
+    absent = sorted(skip - set(model_sd))
+    trainable = [k for k in model_sd if k not in skip]
+    if len(trainable) != len(shadow):
+        raise ConversionError(
+            f"{source}: ema.shadow_params has {len(shadow)} tensors but the model state dict has {len(trainable)} "
+            f"trainable entries (after excluding non-trainable {sorted(skip)}; not present: {absent}); the "
+            f"converter's non_trainable list does not match this checkpoint")
+    bad = [f"{k}: model {model_sd[k].shape} vs shadow[{i}] {np.shape(s)}"
+           for i, (k, s) in enumerate(zip(trainable, shadow)) if tuple(model_sd[k].shape) != tuple(np.shape(s))]
+    if bad:
+        raise ConversionError(f"{source}: ema.shadow_params do not line up with the model's parameters: "
+                              f"{_listed(bad, 4)}")
+    out = dict(model_sd)
+    out.update(zip(trainable, (np.asarray(s) for s in shadow)))
+    return out
+
+
+# ---- strict mapping ----------------------------------------------------------------------------------------------
+
+
+def _flatten(tree: Mapping, prefix: str = "") -> Dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, f"{prefix}{k}/"))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def expected_shapes(config) -> Dict[str, Tuple[int, ...]]:
+    """Flat ``{"Conv_0/kernel": shape}`` of the configured model's parameters, via ``jax.eval_shape``."""
+    import models
+    model = models.create_model(config)
+    shape = (1, config.data.image_size, config.data.image_size, config.data.num_channels)
+    tree = jax.eval_shape(lambda k: model.init(k, jnp.zeros(shape, jnp.float32)), jax.random.key(0))
+    return {k: tuple(v.shape) for k, v in _flatten(tree).items()}
+
+
+def check_mapping(params: Params, expected: Mapping[str, Tuple[int, ...]], sd: StateDict, what: str) -> None:
+    """Raise one ``ConversionError`` listing shape mismatches, params not produced, extra params, unread tensors."""
+    flat = _flatten(params)
+    named = lambda path: f"{sd.origin[id(flat[path])]} -> {path}" if id(flat[path]) in sd.origin else path
+    problems = []
+    mismatched = [f"{named(p)}: checkpoint {tuple(np.shape(flat[p]))} vs model {expected[p]}"
+                  for p in flat if p in expected and tuple(np.shape(flat[p])) != expected[p]]
+    if mismatched:
+        problems.append(f"shape mismatches (first {min(len(mismatched), MAX_LISTED)} of {len(mismatched)}): "
+                        f"{_listed(mismatched)}")
+    missing = [p for p in expected if p not in flat]
+    if missing:
+        problems.append(f"model parameters with no checkpoint tensor: {_listed(missing)}")
+    extra = [named(p) for p in flat if p not in expected]
+    if extra:
+        problems.append(f"converted tensors the model does not have: {_listed(extra)}")
+    unread = sd.unused()
+    if unread:
+        problems.append(f"checkpoint tensors left unmapped: {_listed(unread)}")
+    if problems:
+        raise ConversionError(f"{sd.source} ({what}) does not match the configured model:\n  "
+                              + "\n  ".join(problems))
+
+
+def convert_state_dict(state: Mapping[str, np.ndarray], config, source: str = "checkpoint",
+                       expected: Optional[Mapping[str, Tuple[int, ...]]] = None) -> Params:
+    """Flax params of ``config.model`` from one torch state dict (``module.`` prefix optional), strictly checked."""
+    convert_fn = get_converter(config.model.name)
+    sd = StateDict(strip_prefix(state), source)
+    params = convert_fn(sd, config.model, config.data)
+    check_mapping(params, expected if expected is not None else expected_shapes(config), sd, source)
+    return params
+
+
+def convert_loaded(ckpt: Mapping, config, source: str = "checkpoint") -> Tuple[Params, Params, int]:
+    """``(params, ema_params, step)`` from an unpickled score_sde_pytorch checkpoint dict."""
+    if not isinstance(ckpt, Mapping):
+        raise ConversionError(f"{source}: expected a dict checkpoint, got {type(ckpt).__name__}")
+    if "model" not in ckpt:
+        if ckpt and all(isinstance(v, np.ndarray) for v in ckpt.values()):
+            ckpt = {"model": ckpt}  # a bare state dict: no EMA, no step
+        else:
+            raise ConversionError(f"{source}: no 'model' entry (keys: {sorted(map(str, ckpt))}); expected a "
+                                  f"score_sde_pytorch checkpoint {{'optimizer', 'model', 'ema', 'step'}}")
+    expected = expected_shapes(config)
+    model_sd = strip_prefix(ckpt["model"])
+    params = convert_state_dict(model_sd, config, f"{source}['model']", expected)
+    ema = ckpt.get("ema")
+    if ema is None:
+        ema_params = jax.tree.map(np.copy, params)
+    else:
+        names = non_trainable_names(config.model.name, config.model)
+        ema_sd = ema_state_dict(model_sd, ema["shadow_params"], names, f"{source}['ema']")
+        ema_params = convert_state_dict(ema_sd, config, f"{source}['ema']", expected)
+    return params, ema_params, int(ckpt.get("step", 0))
+
+
+def convert_checkpoint(pth_path: Union[str, pathlib.Path], config) -> Tuple[Params, Params, int]:
+    """Read a score_sde_pytorch ``.pth`` (numpy only) and return ``(params, ema_params, step)`` for ``config``.
+
+    Raises ``torch_io.TorchLoadError`` for unreadable files and ``ConversionError`` (naming the tensors) when
+    the checkpoint does not map exactly onto ``config.model``.
+    """
+    return convert_loaded(torch_io.load(pth_path), config, str(pth_path))
+
+
+# ---- main.py --mode=convert ----------------------------------------------------------------------------------------
+
+
+def checkpoint_path(config) -> pathlib.Path:
+    """The source file named by ``config.convert.checkpoint``."""
+    section = config.get("convert")
+    path = section.get("checkpoint") if section is not None else None
+    if not path:
+        raise ValueError("--mode=convert needs the source file: pass --config.convert.checkpoint=/path/to/"
+                         "checkpoint_N.pth (config section 'convert', field 'checkpoint')")
+    path = pathlib.Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"config.convert.checkpoint={str(path)!r}: no such file")
+    return path
+
+
+def save_converted(config, workdir, params: Params, ema_params: Params, step: int, source: str) -> pathlib.Path:
+    """Write a train state (fresh optimizer state) at ``step`` in ``workdir/checkpoints``, with the config, so that
+    sample/eval/likelihood and training resume from it. Returns the checkpoint directory."""
+    import run_lib
+    import utils
+
+    workdir = pathlib.Path(workdir)
+    utils.check_workdir_writable(str(workdir))
+    exp = run_lib.Experiment.from_config(config)
+    state = run_lib.init_train_state(config, exp.model, exp.optimizer, exp.data_shape)
+    params, ema_params = (jax.tree.map(jnp.asarray, p) for p in (params, ema_params))
+    state = state.replace(step=jnp.asarray(step, jnp.int32), params=params, ema_params=ema_params,
+                          opt_state=exp.optimizer.init(params))
+    ckpt = utils.CheckpointManager(workdir / "checkpoints", config)
+    if step in ckpt.steps():
+        raise FileExistsError(f"{ckpt.directory} already has a checkpoint for step {step}; use an empty workdir")
+    utils.write_config(workdir, config)
+    ckpt.save(step, state)
+    ckpt.wait()
+    utils.atomic_write_json(workdir / "converted_from.json", {"source": source, "step": step,
+                                                              "model": config.model.name})
+    return ckpt.directory / str(step)
+
+
+def run(config, workdir: str) -> None:
+    """``main.py --mode=convert --config=<matching config> --config.convert.checkpoint=<file.pth> --workdir=W``."""
+    source = checkpoint_path(config)
+    params, ema_params, step = convert_checkpoint(source, config)
+    n = sum(int(np.size(v)) for v in jax.tree.leaves(params))
+    out = save_converted(config, workdir, params, ema_params, step, str(source))
+    print(f"converted {source} ({config.model.name}, {n / 1e6:.2f}M parameters, step {step}) -> {out}")

@@ -545,3 +545,15 @@ def test_two_jax_processes_shard_disjoint_and_complete(tmp_path):
     images, _ = datasets.load_digits(make_config(), "test")
     np.testing.assert_array_equal(out[0]["images"], images[0::2])
     np.testing.assert_array_equal(out[1]["images"], images[1::2])
+
+
+def test_image_folder_reads_jpeg_rgba_and_gray(tmp_path):
+    from PIL import Image
+
+    Image.fromarray(np.full((6, 6, 3), 200, np.uint8)).save(tmp_path / "a.jpg", quality=95)
+    Image.fromarray(np.full((6, 6, 4), 100, np.uint8)).save(tmp_path / "b.png")  # RGBA
+    Image.fromarray(np.full((6, 6), 50, np.uint8)).save(tmp_path / "c.png")  # L
+    config = make_config(source="image_folder", data_dir=str(tmp_path), image_size=6, num_channels=3)
+    x, _ = datasets.load_image_folder(config, "train")
+    assert x.shape == (3, 6, 6, 3)
+    np.testing.assert_allclose(x.reshape(3, -1).mean(1), [200, 100, 50], atol=2)

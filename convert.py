@@ -228,7 +228,7 @@ def check_mapping(params: Params, expected: Mapping[str, Tuple[int, ...]], sd: S
     if unread:
         problems.append(f"checkpoint tensors left unmapped: {_listed(unread)}")
     if problems:
-        raise ConversionError(f"{sd.source} ({what}) does not match the configured model:\n  "
+        raise ConversionError(f"{sd.source} does not match the configured model ({what}):\n  "
                               + "\n  ".join(problems))
 
 
@@ -238,7 +238,8 @@ def convert_state_dict(state: Mapping[str, np.ndarray], config, source: str = "c
     convert_fn = get_converter(config.model.name)
     sd = StateDict(strip_prefix(state), source)
     params = convert_fn(sd, config.model, config.data)
-    check_mapping(params, expected if expected is not None else expected_shapes(config), sd, source)
+    what = f"config.model.name={config.model.name!r}, image_size={config.data.image_size}"
+    check_mapping(params, expected if expected is not None else expected_shapes(config), sd, what)
     return params
 
 
@@ -298,11 +299,10 @@ def save_converted(config, workdir, params: Params, ema_params: Params, step: in
 
     workdir = pathlib.Path(workdir)
     utils.check_workdir_writable(str(workdir))
-    exp = run_lib.Experiment.from_config(config)
-    state = run_lib.init_train_state(config, exp.model, exp.optimizer, exp.data_shape)
+    optimizer = run_lib.get_optimizer(config.optim)
     params, ema_params = (jax.tree.map(jnp.asarray, p) for p in (params, ema_params))
-    state = state.replace(step=jnp.asarray(step, jnp.int32), params=params, ema_params=ema_params,
-                          opt_state=exp.optimizer.init(params))
+    state = run_lib.TrainState(step=jnp.asarray(step, jnp.int32), params=params, ema_params=ema_params,
+                               opt_state=optimizer.init(params))
     ckpt = utils.CheckpointManager(workdir / "checkpoints", config)
     if step in ckpt.steps():
         raise FileExistsError(f"{ckpt.directory} already has a checkpoint for step {step}; use an empty workdir")

@@ -1,0 +1,235 @@
+"""convert: score_sde_pytorch checkpoints -> Flax params, checked against outputs computed by score_sde_pytorch
+(../shared/data/interop/ncsnv2_ve_small*) and against closed forms of the layout changes."""
+import importlib
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import convert
+import models
+import sde_lib
+import torch_io
+from conftest import shared_data_path
+
+SMALL = "ncsnv2_ve_small"
+
+
+def small_config(**model):
+    """The interop fixture's config: NCSNv2 CIFAR-10 (σ 50 -> 0.01, 232 levels) with nf = 16."""
+    config = importlib.import_module("configs.ve.ncsn.ncsnv2_cifar10").get_config()
+    config.model.nf = 16
+    for k, v in model.items():
+        if k in ("image_size",):
+            config.data[k] = v
+        elif k in ("N",):
+            config.sde[k] = v
+        else:
+            config.model[k] = v
+    return config
+
+
+@pytest.fixture(scope="module")
+def checkpoint():
+    return torch_io.load(shared_data_path("interop", f"{SMALL}.pth"))
+
+
+@pytest.fixture(scope="module")
+def converted(checkpoint):
+    return convert.convert_loaded(checkpoint, small_config(), SMALL)
+
+
+# ---- reproducing score_sde_pytorch ----------------------------------------------------------------------------------
+
+
+def test_small_ncsnv2_reproduces_reference_scores(converted):
+    """EMA and raw weights, through the whole path t -> σ index label -> network -> score.
+
+    The network output is f(x)/σ_label; the reference is float32 torch (then divided by a float64 σ), and its own
+    float32 rounding is ~1e-6 on f(x) (our float64 forward differs from it by 1.8e-4 at σ = 0.012, where the score
+    reaches 72). So f(x) = σ·score is compared at 1e-5, and the score at 1e-4 where σ >= 0.1."""
+    params, ema_params, step = converted
+    ref = np.load(shared_data_path("interop", f"{SMALL}_reference.npz"))
+    config = small_config()
+    model, sde = models.create_model(config), sde_lib.get_sde(config.sde)
+    t = jnp.asarray(ref["t"])
+    np.testing.assert_array_equal(sde.model_time(t, model.time_input), ref["labels"])
+
+    @jax.jit
+    def scores(ema_params, params, x):
+        return model.score(ema_params, sde, x, t), model.score(params, sde, x, t)
+
+    with jax.default_matmul_precision("highest"):
+        s_ema, s_raw = (np.asarray(s, np.float64) for s in scores(ema_params, params, jnp.asarray(ref["x_nhwc"])))
+    sigma = np.exp(np.linspace(np.log(50.0), np.log(0.01), 232))[ref["labels"]][:, None, None, None]
+    big = sigma[:, 0, 0, 0] >= 0.1
+    for ours, theirs in ((s_ema, ref["score_nhwc"]), (s_raw, ref["score_model_nchw"].transpose(0, 2, 3, 1))):
+        err = np.abs(ours - theirs)
+        assert (err * sigma).max() <= 1e-5, (err * sigma).max()
+        assert err[big].max() <= 1e-4, err[big].max()
+        assert err.max() <= 2.5e-4, err.max()
+    np.testing.assert_array_equal(ref["out_nhwc"], ref["score_nhwc"])  # NCSNv2's output is the score
+    assert np.abs(s_ema - s_raw).max() > 1.0 and step == 3  # EMA and raw weights really differ
+
+
+def test_ema_and_raw_tensors_are_placed_with_layout_change(checkpoint, converted):
+    params, ema_params, _ = converted
+    model, shadow = checkpoint["model"], checkpoint["ema"]["shadow_params"]
+    np.testing.assert_array_equal(params["begin_conv"]["kernel"], model["module.begin_conv.weight"].transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(ema_params["begin_conv"]["kernel"], shadow[0].transpose(2, 3, 1, 0))
+    # the last trainable tensor (state-dict order minus the sigmas buffer) is the last shadow parameter
+    last = [k for k in model if k != "module.sigmas"][-1]
+    path = models.ncsnv2.flax_path(last[len("module."):])
+    leaf = ema_params
+    for p in path:
+        leaf = leaf[p]
+    np.testing.assert_array_equal(leaf, shadow[-1].transpose(2, 3, 1, 0) if shadow[-1].ndim == 4 else shadow[-1])
+
+
+def test_prefix_free_state_dict_and_bare_state_dict(checkpoint, converted):
+    bare = {k[len("module."):]: v for k, v in checkpoint["model"].items()}
+    params, ema_params, step = convert.convert_loaded(bare, small_config(), "bare")
+    assert step == 0
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(converted[0])):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(ema_params), jax.tree.leaves(converted[0])):  # no EMA: raw weights
+        np.testing.assert_array_equal(a, b)
+
+
+# ---- strictness --------------------------------------------------------------------------------------------------
+
+
+def test_wrong_width_names_first_mismatching_tensors(checkpoint):
+    with pytest.raises(convert.ConversionError) as info:
+        convert.convert_loaded(checkpoint, small_config(nf=32), SMALL)
+    msg = str(info.value)
+    assert "shape mismatches" in msg and "begin_conv.weight -> begin_conv/kernel" in msg
+    assert "checkpoint (3, 3, 3, 16) vs model (3, 3, 3, 32)" in msg and SMALL in msg
+
+
+def test_wrong_depth_lists_missing_parameters(checkpoint):
+    config = small_config(image_size=128)  # the 5-stage network: res5 and refine5 are missing from the file
+    with pytest.raises(convert.ConversionError, match="model parameters with no checkpoint tensor: refine5/"):
+        convert.convert_loaded(checkpoint, config, SMALL)
+
+
+def test_wrong_noise_ladder(checkpoint):
+    with pytest.raises(convert.ConversionError, match="σ ladder.*num_scales=100"):
+        convert.convert_loaded(checkpoint, small_config(N=100), SMALL)
+
+
+def test_extra_and_missing_tensors(checkpoint):
+    model = dict(checkpoint["model"])
+    model["module.extra.weight"] = np.zeros((2, 2, 3, 3), np.float32)
+    with pytest.raises(convert.ConversionError, match=r"converted tensors the model does not have: extra\.weight"):
+        convert.convert_state_dict(model, small_config(), "extra")
+    model = dict(checkpoint["model"])
+    del model["module.res2.0.shortcut.conv.bias"]
+    with pytest.raises(convert.ConversionError, match="no checkpoint tensor: res2_0/shortcut/conv/bias"):
+        convert.convert_state_dict(model, small_config(), "missing")
+
+
+def test_unread_tensors_are_listed():
+    sd = convert.StateDict({"a.weight": np.ones((2, 3)), "b.bias": np.ones(2)}, "file.pth")
+    params = {"a": sd.dense("a", bias=False)}
+    with pytest.raises(convert.ConversionError, match=r"(?s)file.pth .*left unmapped: b\.bias"):
+        convert.check_mapping(params, {"a/kernel": (3, 2)}, sd, "model")
+    with pytest.raises(convert.ConversionError, match="tensor 'c.weight' needed by the configured model"):
+        sd["c.weight"]
+
+
+def test_ema_list_that_does_not_line_up(checkpoint):
+    bad = dict(checkpoint, ema=dict(checkpoint["ema"], shadow_params=checkpoint["ema"]["shadow_params"][1:]))
+    with pytest.raises(convert.ConversionError, match="shadow_params has 152 tensors .* 153 trainable"):
+        convert.convert_loaded(bad, small_config(), SMALL)
+    swapped = list(checkpoint["ema"]["shadow_params"])
+    swapped[0], swapped[1] = swapped[1], swapped[0]
+    bad = dict(checkpoint, ema=dict(checkpoint["ema"], shadow_params=swapped))
+    with pytest.raises(convert.ConversionError, match="do not line up.*begin_conv.weight"):
+        convert.convert_loaded(bad, small_config(), SMALL)
+
+
+def test_unknown_model_has_no_converter(checkpoint):
+    config = small_config()
+    config.model.name = "small_unet"
+    with pytest.raises(convert.ConversionError, match="no score_sde_pytorch converter .* 'ncsnv2'"):
+        convert.convert_loaded(checkpoint, config, SMALL)
+
+
+# ---- layout helpers against closed forms ----------------------------------------------------------------------
+
+
+def test_conv_kernel_layout_matches_torch_cross_correlation():
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(4, 3, 3, 3)).astype(np.float32)  # torch (out, in, kh, kw)
+    b = rng.normal(size=4).astype(np.float32)
+    x = rng.normal(size=(1, 3, 5, 6)).astype(np.float32)  # NCHW
+    xp = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    torch_out = np.zeros((1, 4, 5, 6))
+    for i in range(5):
+        for j in range(6):
+            torch_out[0, :, i, j] = np.einsum("oikl,ikl->o", w, xp[0, :, i:i + 3, j:j + 3]) + b
+    conv = nn.Conv(4, (3, 3), padding=1)
+    out = conv.apply({"params": {"kernel": convert.conv_kernel(w), "bias": b}}, x.transpose(0, 2, 3, 1))
+    np.testing.assert_allclose(np.asarray(out).transpose(0, 3, 1, 2), torch_out, atol=1e-5)
+
+
+def test_dense_kernel_layout():
+    rng = np.random.default_rng(1)
+    w, b, x = rng.normal(size=(5, 3)), rng.normal(size=5), rng.normal(size=(2, 3))
+    out = nn.Dense(5).apply({"params": {"kernel": convert.dense_kernel(w), "bias": b}}, x)
+    np.testing.assert_allclose(out, x @ w.T + b, rtol=1e-5)
+    with pytest.raises(convert.ConversionError, match="4-D conv weight"):
+        convert.conv_kernel(w)
+
+
+# ---- --mode=convert ------------------------------------------------------------------------------------------------
+
+
+def test_run_requires_a_source(tmp_path):
+    config = small_config()
+    with pytest.raises(ValueError, match="--config.convert.checkpoint"):
+        convert.run(config, str(tmp_path))
+    config.convert.checkpoint = str(tmp_path / "nope.pth")
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        convert.run(config, str(tmp_path))
+
+
+def test_run_writes_a_train_state_checkpoint(tmp_path, converted):
+    """The orbax checkpoint holds step 3, raw and EMA params and a fresh optimizer state (restored here into a
+    template built from the converted params, without initialising the network)."""
+    run_lib, utils = pytest.importorskip("run_lib"), pytest.importorskip("utils")
+    config = small_config()
+    config.convert.checkpoint = str(shared_data_path("interop", f"{SMALL}.pth"))
+    convert.run(config, str(tmp_path))
+    assert (tmp_path / "config.json").exists() and (tmp_path / "converted_from.json").exists()
+    params, ema_params, _ = converted
+    opt = run_lib.get_optimizer(config.optim)
+    template = run_lib.TrainState(step=jnp.zeros((), jnp.int32), params=jax.tree.map(jnp.zeros_like, params),
+                                  ema_params=jax.tree.map(jnp.zeros_like, params), opt_state=opt.init(params))
+    state = utils.CheckpointManager(tmp_path / "checkpoints", config).restore(template)
+    assert int(state.step) == 3
+    for got, expected in ((state.params, params), (state.ema_params, ema_params)):
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+            np.testing.assert_array_equal(a, b)
+    with pytest.raises(FileExistsError, match="already has a checkpoint for step 3"):
+        convert.run(config, str(tmp_path))
+
+
+@pytest.mark.slow
+def test_converted_checkpoint_restores_and_samples_through_run_lib(tmp_path, converted):
+    """--mode=convert then the eval path of run_lib (restore_eval_state) and a tiny ALD sampling run."""
+    run_lib = pytest.importorskip("run_lib")
+    config = small_config()
+    config.convert.checkpoint = str(shared_data_path("interop", f"{SMALL}.pth"))
+    convert.run(config, str(tmp_path))
+    state = run_lib.restore_eval_state(config, str(tmp_path))
+    assert state.step == 3
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(converted[1])):
+        np.testing.assert_array_equal(a, b)
+    config.sde.N, config.sampling.n_steps = 3, 1
+    exp = run_lib.Experiment.from_config(config)
+    x, nfe = exp.sample(jax.random.key(0), state.params, 2)
+    assert x.shape == (2, 32, 32, 3) and np.isfinite(np.asarray(x)).all()

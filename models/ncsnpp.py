@@ -16,9 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models import register_model
-from models import layers
-from models import torch_mapping
+from convert import register_converter
+from models import layers, register_model, torch_mapping
 
 Array = jax.Array
 
@@ -277,6 +276,13 @@ class NCSNpp(nn.Module):
         return names
 
 
+def torch_non_trainable(model_cfg) -> tuple:
+    """State-dict entries absent from score_sde_pytorch's EMA list: the σ buffer and the fixed Fourier W."""
+    fourier = str(model_cfg.get("embedding_type", "positional")).lower() == "fourier"
+    return ("sigmas", "all_modules.0.W") if fourier else ("sigmas",)
+
+
+@register_converter("ncsnpp", non_trainable=torch_non_trainable)
 def params_from_torch(state_dict: Mapping[str, np.ndarray], model_cfg, data_cfg) -> dict:
     """Flax params of ``NCSNpp.from_config(model_cfg, data_cfg)`` from a score_sde_pytorch ``ncsnpp`` state dict.
 

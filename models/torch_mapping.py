@@ -23,6 +23,8 @@ import flax
 import jax
 import numpy as np
 
+from convert import ConversionError
+
 Path = Tuple[str, ...]
 # buffers of the torch models that are not parameters here (NCSN++/DDPM keep a float64 copy of the σ ladder)
 IGNORED_BUFFERS = ("sigmas",)
@@ -72,7 +74,7 @@ def map_state_dict(state_dict: Mapping[str, np.ndarray], module_names: Sequence[
     """Nested Flax params from a torch state dict; every tensor and every expected parameter must match.
 
     ``expected`` maps each Flax parameter path to its shape. Raises ``ValueError`` listing unmapped torch
-    tensors, missing Flax parameters and shape mismatches (first ones first).
+    tensors, missing Flax parameters and shape mismatches (first ones first) as ``convert.ConversionError``.
     """
     flat, unmapped, mismatched, seen = {}, [], [], set()
     for key, value in _strip(state_dict).items():
@@ -95,7 +97,7 @@ def map_state_dict(state_dict: Mapping[str, np.ndarray], module_names: Sequence[
                 ("torch tensors with no parameter", unmapped), ("parameters missing from the checkpoint", missing))
                 if items]
     if problems:
-        raise ValueError(f"checkpoint does not match the {model!r} model of this config: " + "; ".join(problems))
+        raise ConversionError(f"checkpoint does not match the {model!r} model of this config: " + "; ".join(problems))
     return flax.traverse_util.unflatten_dict(flat)
 
 

@@ -13,7 +13,7 @@ import logging
 import os
 import pathlib
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import flax
 import jax
@@ -52,13 +52,14 @@ def learning_rate_schedule(optim_cfg) -> optax.Schedule:
 
 
 def get_optimizer(optim_cfg) -> optax.GradientTransformation:
-    """Adam(W) with global-norm gradient clipping, from ``config.optim``."""
+    """Adam(W) with global-norm gradient clipping, from ``config.optim``. The optimizer state has the same
+    structure whatever the values (clipping off is a clip at +inf), so a run resumes with changed settings."""
     if optim_cfg.optimizer.lower() != "adam":
         raise ValueError(f"unknown config.optim.optimizer {optim_cfg.optimizer!r}; supported: 'adam'")
-    chain = [optax.clip_by_global_norm(optim_cfg.grad_clip)] if optim_cfg.grad_clip > 0 else []
-    chain.append(optax.adamw(learning_rate_schedule(optim_cfg), b1=optim_cfg.beta1, eps=optim_cfg.eps,
-                             weight_decay=optim_cfg.weight_decay))
-    return optax.chain(*chain)
+    clip = optim_cfg.grad_clip if optim_cfg.grad_clip > 0 else float("inf")
+    return optax.chain(optax.clip_by_global_norm(clip),
+                       optax.adamw(learning_rate_schedule(optim_cfg), b1=optim_cfg.beta1, eps=optim_cfg.eps,
+                                   weight_decay=optim_cfg.weight_decay))
 
 
 def ema_update(ema_params, params, rate: float):
@@ -67,14 +68,23 @@ def ema_update(ema_params, params, rate: float):
 
 
 def init_train_state(config, model: models.ScoreModel, optimizer, data_shape) -> TrainState:
-    key = jax.random.fold_in(jax.random.key(config.seed), -1 & 0x7FFFFFFF)
-    params = model.init(key, jnp.zeros((1,) + tuple(data_shape)))
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=jax.tree.map(jnp.copy, params),
-                      opt_state=optimizer.init(params))
+    """Step 0: parameters from ``fold_in(key(seed), 2**31 - 1)``, EMA = parameters, fresh optimizer state
+    (one jitted computation, not one compilation per initializer)."""
+
+    def init(key):
+        params = model.init(key, jnp.zeros((1,) + tuple(data_shape)))
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=jax.tree.map(jnp.copy, params),
+                          opt_state=optimizer.init(params))
+
+    return jax.jit(init)(jax.random.fold_in(jax.random.key(config.seed), -1 & 0x7FFFFFFF))
 
 
 def make_train_step(loss_fn: Callable, optimizer, ema_rate: float, seed: int) -> Callable:
-    """One optimisation step ``(state, batch) -> (state, metrics)``, pure; the batch mean is the global mean."""
+    """One optimisation step ``(state, batch) -> (state, metrics)``, pure; the batch mean is the global mean.
+
+    The step's key is ``fold_in(key(seed), step)``; the loss draws the noise of the whole global batch from it, and
+    with partitionable threefry each device computes its own rows of that draw, so devices get independent noise
+    and the result does not depend on the device count."""
     base_key = jax.random.key(seed)
 
     def objective(params, key, batch):
@@ -97,14 +107,26 @@ def make_train_step(loss_fn: Callable, optimizer, ema_rate: float, seed: int) ->
 
 # ---- sharding ------------------------------------------------------------------------------------------------
 def make_mesh() -> Mesh:
-    return Mesh(np.array(jax.devices()), ("data",))
+    """1-D ``data`` mesh of every device, process-major, so process ``p``'s rows come before those of ``p + 1``."""
+    return Mesh(np.array(sorted(jax.devices(), key=lambda d: (d.process_index, d.id))), ("data",))
 
 
-def check_batch_size(batch_size: int, what: str = "config.training.batch_size"):
+def num_data_shards(config) -> int:
+    """Data shards S the global batch is assembled from: ``config.training.data_shards`` (None: one per
+    process). Each shard is a ``datasets`` stream (process_index=shard, process_count=S); a fixed S gives the same
+    global batches on any number of processes."""
+    shards = config.training.get("data_shards", None)
+    return jax.process_count() if shards is None else int(shards)
+
+
+def check_batch_size(batch_size: int, what: str = "config.training.batch_size", shards: Optional[int] = None):
     n_dev, n_proc = jax.device_count(), jax.process_count()
     if batch_size % n_dev or batch_size % n_proc:
         raise ValueError(f"{what}={batch_size} is not divisible by the {n_dev} devices "
                          f"({n_proc} processes); the global batch is split evenly across devices")
+    if shards is not None and (shards % n_proc or batch_size % shards):
+        raise ValueError(f"config.training.data_shards={shards} must be a multiple of the {n_proc} processes and "
+                         f"divide {what}={batch_size}")
 
 
 def shard_batch(batch: dict, mesh: Mesh) -> dict:
@@ -113,10 +135,46 @@ def shard_batch(batch: dict, mesh: Mesh) -> dict:
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
 
 
+def train_batches(config, mesh: Mesh, start_step: int = 0) -> Iterator[dict]:
+    """Global training batches from step ``start_step`` on: this process loads its data shards and the rows of
+    all processes form one array sharded over ``data``. A pure function of (seed, step), so a resumed run sees the
+    batches an uninterrupted one would."""
+    shards = num_data_shards(config)
+    check_batch_size(config.training.batch_size, shards=shards)
+    per_process = shards // jax.process_count()
+    first = jax.process_index() * per_process
+    streams = [datasets.get_dataset(config, "train", infinite=True, seed=config.seed, process_index=s,
+                                    process_count=shards, start_step=start_step)
+               for s in range(first, first + per_process)]
+    try:
+        while True:
+            parts = [next(s) for s in streams]
+            yield shard_batch({k: np.concatenate([p[k] for p in parts]) for k in ("x", "label")}, mesh)
+    finally:
+        for s in streams:
+            getattr(s, "close", lambda: None)()
+
+
+def replicate(tree, mesh: Mesh):
+    """Place a host (numpy) or single-device pytree replicated on every device of ``mesh``."""
+    sharding = NamedSharding(mesh, P())
+    return jax.tree.map(lambda a: jax.make_array_from_callback(np.shape(a), sharding, lambda idx: np.asarray(a)[idx]),
+                        jax.device_get(tree))
+
+
 def jit_sharded_step(train_step, mesh: Mesh):
     replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     return jax.jit(train_step, in_shardings=(replicated, data), out_shardings=(replicated, replicated),
                    donate_argnums=0)
+
+
+def any_process(flag: bool) -> bool:
+    """True on every process when ``flag`` is True on any (a signal may reach only some processes)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.array([flag], bool))))
 
 
 def data_shape(config) -> tuple:
@@ -147,42 +205,99 @@ class Experiment:
     def loss_fn(self):
         return losses.get_loss_fn(self.config, self.sde, self.model)
 
-    def sample(self, key, params, n: int):
+    def sample(self, key, params, n: int, mesh="auto"):
+        """``(x (n, *data_shape), nfe)``; with several processes each samples alone on its local devices."""
+        if jax.process_count() > 1 and mesh == "auto":
+            mesh = Mesh(np.array(jax.local_devices()), ("data",))
+            params = jax.device_get(params)
         score_fn = self.model.score_fn(params, self.sde)
-        return samplers.sample_from_config(key, self.sde, score_fn, (n,) + self.data_shape, self.config.sampling)
+        return samplers.sample_from_config(key, self.sde, score_fn, (n,) + self.data_shape, self.config.sampling,
+                                           mesh=mesh)
+
+
+@dataclasses.dataclass
+class Run:
+    """What the training loop needs besides the state."""
+
+    exp: Experiment
+    workdir: pathlib.Path
+    ckpt: utils.CheckpointManager
+    logger: utils.MetricLogger
+    schedule: optax.Schedule
+    step_fn: Callable
+    is_main: bool
 
 
 def train(config, workdir: str) -> TrainState:
-    """Train ``config`` in ``workdir``, resuming from its latest checkpoint; returns the final state."""
+    """Train ``config`` in ``workdir``, resuming from its latest readable checkpoint; returns the final state.
+
+    SIGTERM/SIGINT save a checkpoint after the current step and return; a NaN/inf loss raises
+    ``FloatingPointError`` without saving, so the last good checkpoint stays the latest."""
     exp = Experiment.from_config(config)
-    check_batch_size(config.training.batch_size)
-    workdir = pathlib.Path(workdir)
-    utils.write_config(workdir, config)
     mesh = make_mesh()
+    check_batch_size(config.training.batch_size, shards=num_data_shards(config))
+    workdir, is_main = pathlib.Path(workdir), jax.process_index() == 0
+    if is_main:
+        utils.write_config(workdir, config)
     ckpt = utils.CheckpointManager(workdir / "checkpoints", config)
     state = ckpt.restore_or(lambda: init_train_state(config, exp.model, exp.optimizer, exp.data_shape))
     start = int(state.step)
+    print(f"training steps {start}..{config.training.n_iters} on {jax.device_count()} devices "
+          f"({jax.process_count()} processes), global batch {config.training.batch_size}, "
+          f"lr {config.optim.lr:g} (warm-up {config.optim.warmup}), EMA rate {config.model.ema_rate}", flush=True)
     step_fn = jit_sharded_step(make_train_step(exp.loss_fn(), exp.optimizer, config.model.ema_rate,
                                                config.seed), mesh)
-    state = jax.device_put(state, NamedSharding(mesh, P()))
-    data = datasets.get_dataset(config, "train", infinite=True, seed=config.seed + start)
-    logger = utils.MetricLogger(workdir, config.training.n_iters, start, config.training.log_freq)
-    for step in range(start, config.training.n_iters):
-        state, metrics = step_fn(state, shard_batch(next(data), mesh))
-        metrics = jax.device_get(jax.block_until_ready(metrics))
-        if not np.isfinite(metrics["loss"]):
-            raise FloatingPointError(f"loss became {metrics['loss']} at step {step + 1}; stopping. The last good "
-                                     f"checkpoint in {ckpt.directory} is kept")
-        logger.log(step + 1, metrics, config.training.batch_size)
-        last = step + 1 == config.training.n_iters
-        if (step + 1) % config.training.snapshot_freq == 0 or last:
-            ckpt.save(step + 1, state)
-            if config.training.snapshot_sampling:
-                samples = write_samples(exp, state.ema_params, workdir / "samples" / f"step_{step + 1}", step + 1)
-                if last:
-                    report_quality(config, samples, workdir, step + 1)
-    ckpt.wait()
+    logger = utils.MetricLogger(workdir, config.training.n_iters, start, config.training.log_freq, enabled=is_main)
+    run = Run(exp, workdir, ckpt, logger, learning_rate_schedule(config.optim), step_fn, is_main)
+    data = train_batches(config, mesh, start)
+    try:
+        with utils.StopSignal() as stop:
+            state = _train_loop(run, replicate(state, mesh), data, stop)
+    finally:
+        ckpt.wait()
+        ckpt.close()
+        logger.close()
+        data.close()
     return state
+
+
+def _train_loop(run: Run, state: TrainState, data: Iterator, stop: utils.StopSignal) -> TrainState:
+    config = run.exp.config
+    start, n_iters = int(state.step), config.training.n_iters
+    for step in range(start, n_iters):
+        state, metrics = run.step_fn(state, next(data))
+        metrics = jax.device_get(metrics)  # also blocks: CPU collectives can deadlock when steps pile up
+        if not np.isfinite(metrics["loss"]):
+            good = run.ckpt.steps()
+            raise FloatingPointError(
+                f"loss became {metrics['loss']} at step {step + 1} (lr {run.schedule(step):.3g}); training "
+                f"stopped without saving. The last good checkpoint is step {good[-1] if good else None} in "
+                f"{run.ckpt.directory}; lower config.optim.lr or check the data")
+        metrics["lr"] = float(run.schedule(step))
+        run.logger.log(step + 1, metrics, config.training.batch_size)
+        _after_step(run, state, step + 1)
+        if any_process(stop.requested):
+            run.ckpt.save(step + 1, state)
+            run.ckpt.wait()
+            print(f"stopped by signal after step {step + 1}; checkpoint saved in {run.ckpt.directory}", flush=True)
+            break
+    return state
+
+
+def _after_step(run: Run, state: TrainState, step: int):
+    """Periodic checkpoint (every ``snapshot_freq`` steps and at the end) and sample grid (every
+    ``sample_freq`` steps, default the snapshot steps, when ``snapshot_sampling``)."""
+    cfg = run.exp.config.training
+    last = step == cfg.n_iters
+    if step % cfg.snapshot_freq == 0 or last:
+        run.ckpt.save(step, state)
+    sample_freq = cfg.get("sample_freq", None) or cfg.snapshot_freq
+    if cfg.snapshot_sampling and (step % sample_freq == 0 or last):
+        outdir = run.workdir / "samples" / f"step_{step}"
+        samples = write_samples(run.exp, state.ema_params, outdir, step, write=run.is_main)
+        run.logger.image("samples", outdir / "samples.png", step)
+        if last and run.is_main:
+            report_quality(run.exp.config, samples, run.workdir, step)
 
 
 def report_quality(config, samples, workdir: pathlib.Path, step: int) -> dict:
@@ -208,22 +323,37 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 # ---- sampling and evaluation ------------------------------------------------------------------------------------
-def write_samples(exp: Experiment, params, outdir: pathlib.Path, seed_step: int) -> np.ndarray:
-    """Sample ``config.sampling.num_samples`` points, write ``samples.npz`` and ``samples.png``; return them
-    quantised to uint8 (images) or as float (vectors)."""
+def draw_samples(exp: Experiment, params, n: int, key) -> tuple:
+    """``n`` samples in batches of ``config.sampling.batch_size`` (batch ``i`` uses ``fold_in(key, i)``), as a
+    host array, with the NFE of one batch."""
+    size = int(exp.config.sampling.get("batch_size", n) or n)
+    out, nfe = [], None
+    for i in range(-(-n // size)):
+        x, nfe = exp.sample(jax.random.fold_in(key, i), params, min(size, n - i * size))
+        out.append(np.asarray(jax.device_get(x)))
+    return np.concatenate(out)[:n], nfe
+
+
+def to_output(exp: Experiment, x: np.ndarray) -> np.ndarray:
+    """Model-space samples -> uint8 images (N, H, W, C) for image data; vectors unchanged."""
+    return datasets.get_data_transform(exp.config).inverse(x) if len(exp.data_shape) == 3 else x
+
+
+def write_samples(exp: Experiment, params, outdir: pathlib.Path, seed_step: int, write: bool = True) -> np.ndarray:
+    """Sample ``config.sampling.num_samples`` points, write ``samples.npz`` and ``samples.png`` (unless
+    ``write`` is False); return them quantised to uint8 (images) or as float (vectors)."""
     cfg = exp.config
     key = jax.random.fold_in(jax.random.key(cfg.seed + 1), seed_step)
     x, nfe = exp.sample(key, params, cfg.sampling.num_samples)
-    x = np.asarray(jax.device_get(x))
-    outdir.mkdir(parents=True, exist_ok=True)
-    if len(exp.data_shape) == 3:
-        images = datasets.get_data_transform(cfg).inverse(x)
-        utils.atomic_savez(outdir / "samples.npz", samples=images, nfe=nfe)
-        utils.save_image_grid(images, outdir / "samples.png")
-        return images
-    utils.atomic_savez(outdir / "samples.npz", samples=x, nfe=nfe)
-    utils.save_scatter(x, outdir / "samples.png")
-    return x
+    out = to_output(exp, np.asarray(jax.device_get(x)))
+    if write:
+        outdir.mkdir(parents=True, exist_ok=True)
+        utils.atomic_savez(outdir / "samples.npz", samples=out, nfe=nfe)
+        if len(exp.data_shape) == 3:
+            utils.save_image_grid(out, outdir / "samples.png")
+        else:
+            utils.save_scatter(out, outdir / "samples.png")
+    return out
 
 
 @dataclasses.dataclass
@@ -235,13 +365,15 @@ class EvalState:
 
 
 def restore_eval_state(config, workdir: str, step: Optional[int] = None) -> EvalState:
-    """Model, parameters (EMA when ``config.eval.use_ema``), SDE and step of a checkpoint in ``workdir``."""
+    """Model, parameters (EMA when ``config.eval.use_ema``), SDE and step of a checkpoint in ``workdir``
+    (default: the latest readable one), on the default device whatever the devices it was trained on."""
     exp = Experiment.from_config(config)
     ckpt = utils.CheckpointManager(pathlib.Path(workdir) / "checkpoints", config)
     template = init_train_state(config, exp.model, exp.optimizer, exp.data_shape)
     state = ckpt.restore(template, step)
+    ckpt.close()
     params = state.ema_params if config.eval.use_ema else state.params
-    return EvalState(exp.model, params, exp.sde, int(state.step))
+    return EvalState(exp.model, jax.device_put(params), exp.sde, int(state.step))
 
 
 def sample(config, workdir: str) -> None:
@@ -250,27 +382,129 @@ def sample(config, workdir: str) -> None:
     exp = Experiment.from_config(config)
     outdir = pathlib.Path(workdir) / "samples" / f"sample_mode_step_{ev.step}"
     t0 = time.time()
-    write_samples(exp, ev.params, outdir, ev.step)
+    write_samples(exp, ev.params, outdir, ev.step, write=jax.process_index() == 0)
     print(f"wrote {config.sampling.num_samples} samples of step {ev.step} to {outdir} in {time.time() - t0:.1f}s")
 
 
 def evaluate(config, workdir: str) -> dict:
-    """``--mode=eval``: test loss and sample quality of a checkpoint, written to ``eval/step_<k>.json``."""
-    ev = restore_eval_state(config, workdir, config.eval.checkpoint)
+    """``--mode=eval``: for each checkpoint in ``workdir`` (or only ``config.eval.checkpoint``): test loss
+    (``eval.enable_loss``), bits/dim through ``likelihood.run`` (``eval.enable_bpd``) and sample quality
+    (``eval.enable_sampling``), written with provenance to ``eval/step_<k>.json``. Returns {step: result}."""
     exp = Experiment.from_config(config)
-    loss_fn = jax.jit(exp.loss_fn())
-    total, count = 0.0, 0
+    ckpt = utils.CheckpointManager(pathlib.Path(workdir) / "checkpoints", config)
+    steps = ckpt.steps() if config.eval.checkpoint is None else [int(config.eval.checkpoint)]
+    if not steps:
+        raise FileNotFoundError(f"no checkpoint to evaluate in {ckpt.directory}")
+    results = {}
+    for step in steps:
+        try:
+            ev = restore_eval_state(config, workdir, step)
+        except utils.IncompatibleCheckpointError:
+            raise
+        except Exception as e:  # a corrupt checkpoint among several: report it and go on
+            if config.eval.checkpoint is not None:
+                raise
+            print(f"skipping unreadable checkpoint {ckpt.directory / str(step)}: {type(e).__name__}: {e}")
+            continue
+        results[step] = evaluate_checkpoint(config, workdir, exp, ev)
+    ckpt.close()
+    return results
+
+
+def evaluate_checkpoint(config, workdir: str, exp: Experiment, ev: EvalState) -> dict:
+    """The figures of one checkpoint, written (by process 0) to ``eval/step_<k>.json`` with provenance."""
+    t0 = time.time()
+    metrics = {}
+    if config.eval.get("enable_loss", True):
+        metrics.update(compute_test_loss(config, exp, ev.params, ev.step))
+    if config.eval.get("enable_bpd", False):
+        metrics["likelihood"] = _likelihood(config, workdir, ev.step)
+    nfe = None
+    if config.eval.get("enable_sampling", True):
+        quality, nfe = sample_quality(config, workdir, exp, ev)
+        metrics.update(quality)
+    provenance = _provenance(config, workdir, ev, nfe, time.time() - t0)
+    if jax.process_index() == 0:
+        path = pathlib.Path(workdir) / "eval" / f"step_{ev.step}.json"
+        utils.atomic_write_json(path, {"metrics": metrics, "provenance": provenance})
+        print(f"step {ev.step}: " + "  ".join(f"{k} {v:.4g}" for k, v in _flatten(metrics).items()
+                                              if isinstance(v, float)) + f"  -> {path}", flush=True)
+    return {"metrics": metrics, "provenance": provenance}
+
+
+def compute_test_loss(config, exp: Experiment, params, step: int) -> dict:
+    """Mean training objective over the whole test split (padding rows masked), with a fixed key per batch."""
+    mesh = make_mesh()
+    check_batch_size(config.eval.batch_size, "config.eval.batch_size")
+    loss_fn = exp.loss_fn()
+    base = jax.random.fold_in(jax.random.key(config.seed + 2), step)
+
+    def batch_sums(params, key, batch):
+        per_example, _ = loss_fn(params, key, batch)
+        mask = batch["mask"].astype(per_example.dtype)
+        return jnp.sum(per_example * mask), jnp.sum(mask)
+
+    replicated = NamedSharding(mesh, P())
+    fn = jax.jit(batch_sums, in_shardings=(replicated, replicated, NamedSharding(mesh, P("data"))),
+                 out_shardings=replicated)
+    params = replicate(params, mesh)
+    total, count = 0.0, 0.0
     for i, batch in enumerate(datasets.get_dataset(config, "test", infinite=False, seed=config.seed)):
-        per_example, _ = loss_fn(ev.params, jax.random.fold_in(jax.random.key(config.seed), i),
-                                 {k: jnp.asarray(v) for k, v in batch.items()})
-        total, count = total + float(jnp.sum(per_example)), count + per_example.shape[0]
-    result = {"step": ev.step, "test_loss": total / max(count, 1), "num_test_examples": count,
-              "ema": bool(config.eval.use_ema)}
-    samples_out = write_samples(exp, ev.params, pathlib.Path(workdir) / "eval" / f"samples_{ev.step}", ev.step)
-    result.update(quality_figures(config, samples_out))
-    utils.atomic_write_json(pathlib.Path(workdir) / "eval" / f"step_{ev.step}.json", result)
-    print(json.dumps(result, indent=1, default=float))
-    return result
+        s, c = jax.device_get(fn(params, jax.random.fold_in(base, i), shard_batch(batch, mesh)))
+        total, count = total + float(s), count + float(c)
+    return {"test_loss": total / max(count, 1.0), "num_test_examples": int(count)}
+
+
+def _likelihood(config, workdir: str, step: int) -> dict:
+    """bits/dim of checkpoint ``step`` by ``likelihood.run`` (settings ``config.eval.likelihood``)."""
+    try:
+        import likelihood
+    except ImportError as e:
+        raise ValueError(f"config.eval.enable_bpd=True needs likelihood.py, which failed to import: {e}") from e
+    cfg = ml_collections.ConfigDict(config.to_dict())
+    cfg.eval.checkpoint = step
+    return likelihood.run(cfg, workdir)
+
+
+def sample_quality(config, workdir: str, exp: Experiment, ev: EvalState) -> tuple:
+    """``config.eval.num_samples`` samples: the built-in quality figures (digits, toy), and FID/KID/IS through
+    ``evaluation.evaluate_samples`` when its reference statistics exist. Returns (figures, nfe)."""
+    n = int(config.eval.num_samples)
+    x, nfe = draw_samples(exp, ev.params, n, jax.random.fold_in(jax.random.key(config.seed + 3), ev.step))
+    out = to_output(exp, x)
+    if jax.process_index() == 0:
+        outdir = pathlib.Path(workdir) / "eval" / f"samples_{ev.step}"
+        outdir.mkdir(parents=True, exist_ok=True)
+        utils.atomic_savez(outdir / "samples.npz", samples=out, nfe=nfe)
+    figures = dict(quality_figures(config, out))
+    if len(exp.data_shape) == 3:
+        import evaluation
+
+        names = evaluation.default_extractors(config)
+        if all(evaluation.stats_path(config, workdir, name).exists() for name in names):
+            figures["fid"] = evaluation.evaluate_samples(config, workdir, out, n)
+        else:
+            print(f"no FID reference statistics for {names} (run --mode=fid_stats); FID skipped")
+    return figures, nfe
+
+
+def _provenance(config, workdir: str, ev: EvalState, nfe, seconds: float) -> dict:
+    import hashlib
+    import subprocess
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                                cwd=pathlib.Path(__file__).parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    cfg_json = json.dumps(config.to_dict(), sort_keys=True, default=str)
+    return {"checkpoint": str(pathlib.Path(workdir).absolute() / "checkpoints" / str(ev.step)),
+            "checkpoint_step": ev.step, "ema": bool(config.eval.use_ema), "seed": int(config.seed),
+            "num_samples": int(config.eval.num_samples), "nfe": None if nfe is None else np.asarray(nfe).tolist(),
+            "sampler": config.sampling.to_dict(), "eval": {k: v for k, v in config.eval.to_dict().items()},
+            "config_sha256": hashlib.sha256(cfg_json.encode()).hexdigest(), "git_commit": commit,
+            "jax": jax.__version__, "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+            "processes": jax.process_count(), "wall_time_s": round(seconds, 2), "time": time.time()}
 
 
 def quality_figures(config, samples: np.ndarray) -> dict:

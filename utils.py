@@ -5,7 +5,9 @@ import json
 import logging
 import os
 import pathlib
+import signal
 import tempfile
+import threading
 import time
 import warnings
 from typing import Callable, Optional
@@ -85,39 +87,75 @@ def _diff(a, b, prefix=""):
     return [] if a == b else [f"{prefix[:-1]}: checkpoint {a!r} vs config {b!r}"]
 
 
-class CheckpointManager:
-    """orbax ``CheckpointManager`` storing the train state with the config's conventions.
+def hyperparameters(config) -> dict:
+    """What may change on resume and is reported when it does: the optimiser settings and the EMA rate."""
+    return json.loads(json.dumps({"optim": config.optim.to_dict(), "ema_rate": config.model.ema_rate},
+                                 default=_json_default))
 
-    Restoring refuses a checkpoint from an incompatible config, and falls back to the previous checkpoint (with a
-    warning) when the latest one is corrupt or partial.
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def hyperparameter_changes(stored: dict, config) -> list:
+    """Lines like ``config.optim.lr: 0.0002 in the checkpoint -> 0.001 now`` for every changed setting."""
+    now = _flat(hyperparameters(config))
+    old = _flat(stored or {})
+    names = {"ema_rate": "model.ema_rate"}
+    return [f"config.{names.get(k, k)}: {old[k]!r} in the checkpoint -> {now[k]!r} now"
+            for k in sorted(now) if k in old and old[k] != now[k]]
+
+
+class CheckpointManager:
+    """orbax ``CheckpointManager`` storing the train state with the config's conventions and hyperparameters.
+
+    Writes are asynchronous (``save`` returns once the state is copied to host memory); the last
+    ``config.training.keep_checkpoints`` are kept. The state is stored as host numpy arrays, so a checkpoint
+    restores onto any number of devices or processes. Restoring refuses a checkpoint from an incompatible config,
+    and falls back to the previous checkpoint (with a warning) when the latest one is corrupt or partial.
     """
 
     def __init__(self, directory: pathlib.Path, config, max_to_keep: Optional[int] = None):
         self.directory = pathlib.Path(directory).absolute()
         self.config = config
+        self.restored_meta: Optional[dict] = None
         keep = max_to_keep or config.training.get("keep_checkpoints", 3)
         self.manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=True, create=True))
 
     def save(self, step: int, state):
+        """Start writing ``state`` as checkpoint ``step`` (a no-op when that step exists)."""
+        if step in self.manager.all_steps():
+            return
+        meta = {"step": step, "conventions": conventions(self.config),
+                "hyperparameters": hyperparameters(self.config), "config": self.config.to_dict()}
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(serialization.to_state_dict(jax.device_get(state))),
-            meta=ocp.args.JsonSave({"step": step, "conventions": conventions(self.config)})))
+            meta=ocp.args.JsonSave(json.loads(json.dumps(meta, default=_json_default)))))
 
     def wait(self):
         self.manager.wait_until_finished()
+
+    def close(self):
+        self.manager.close()
 
     def steps(self):
         return sorted(self.manager.all_steps())
 
     def _restore_step(self, step: int, template):
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(serialization.to_state_dict(template)), meta=ocp.args.JsonRestore()))
-        mismatch = _diff(restored["meta"]["conventions"], conventions(self.config))
+        target = jax.device_get(serialization.to_state_dict(template))
+        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        mismatch = _diff(meta["conventions"], conventions(self.config))
         if mismatch:
             raise IncompatibleCheckpointError(
                 f"checkpoint {self.directory / str(step)} was written by an incompatible config: "
                 + "; ".join(mismatch[:5]))
+        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+        _check_shapes(restored["state"], target, self.directory / str(step))
+        self.restored_meta = meta
         return serialization.from_state_dict(template, restored["state"])
 
     def restore(self, template, step: Optional[int] = None):
@@ -135,34 +173,89 @@ class CheckpointManager:
             except IncompatibleCheckpointError:
                 raise
             except Exception as e:  # corrupt or partial write: fall back to the previous one
-                warnings.warn(f"checkpoint {self.directory / str(s)} is unreadable ({type(e).__name__}: {e}); "
-                              f"falling back to the previous checkpoint")
+                warnings.warn(f"checkpoint {self.directory / str(s)} is unreadable ({type(e).__name__}: "
+                              f"{str(e)[:300]}); falling back to the previous checkpoint")
         raise FileNotFoundError(f"no readable checkpoint in {self.directory} (tried steps {steps})")
 
     def restore_or(self, init: Callable):
+        """The latest readable checkpoint, or ``init()`` when there is none; reports changed hyperparameters."""
         template = init()
         if not self.steps():
             return template
         state = self.restore(template)
         print(f"resumed from step {int(state.step)} in {self.directory}")
+        for line in hyperparameter_changes(self.restored_meta.get("hyperparameters"), self.config):
+            print(f"resuming with a changed setting, using the new value: {line}")
         return state
+
+
+def _check_shapes(restored, target, where):
+    """Shapes must match the template exactly (orbax may pad or truncate silently on some versions)."""
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(restored)[0], jax.tree.leaves(target)):
+        if np.shape(a) != np.shape(b):
+            raise ValueError(f"checkpoint {where}: {jax.tree_util.keystr(path)} has shape {np.shape(a)}, "
+                             f"the model expects {np.shape(b)}")
 
 
 class IncompatibleCheckpointError(ValueError):
     pass
 
 
+# ---- signals ----------------------------------------------------------------------------------------------------
+class StopSignal:
+    """Context manager turning SIGTERM/SIGINT into a flag the training loop polls (it then saves and exits).
+
+    A second SIGINT while the flag is set raises ``KeyboardInterrupt`` as usual. Outside the main thread (where
+    handlers cannot be installed) it is inert.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self._previous = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def _handle(self, signum, frame):
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"received {signal.Signals(signum).name}: saving a checkpoint after this step and stopping",
+              flush=True)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        return False
+
+
 # ---- logging ----------------------------------------------------------------------------------------------------
 class MetricLogger:
-    """Metrics as JSON lines (``metrics.jsonl``) and a concise console line with steps/s and ETA."""
+    """Every ``log_freq`` steps: metrics as JSON lines (``metrics.jsonl``), TensorBoard scalars
+    (``tensorboard/``: loss, lr, grad_norm, steps_per_s, samples_per_s, ...) and a console line with ETA.
+    Inert when ``enabled`` is False (processes other than 0)."""
 
-    def __init__(self, workdir: pathlib.Path, n_iters: int, start_step: int, log_freq: int = 50):
+    def __init__(self, workdir: pathlib.Path, n_iters: int, start_step: int, log_freq: int = 50,
+                 enabled: bool = True, tensorboard: bool = True):
         self.path = pathlib.Path(workdir) / "metrics.jsonl"
-        self.n_iters, self.log_freq = n_iters, log_freq
+        self.n_iters, self.log_freq, self.enabled = n_iters, max(int(log_freq), 1), enabled
         self.t0, self.step0 = time.time(), start_step
+        self.writer = None
+        if enabled and tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self.writer = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"), flush_secs=30)
 
     def log(self, step: int, metrics: dict, batch_size: int, force: bool = False):
-        if step % self.log_freq and step != self.n_iters and not force:
+        if not self.enabled or (step % self.log_freq and step != self.n_iters and not force):
             return
         elapsed = max(time.time() - self.t0, 1e-9)
         rate = (step - self.step0) / elapsed
@@ -170,9 +263,35 @@ class MetricLogger:
                   "samples_per_s": rate * batch_size, "time": time.time()}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for k, v in record.items():
+                if k not in ("step", "time"):
+                    self.writer.add_scalar(f"train/{k}", v, step)
         eta = (self.n_iters - step) / rate if rate > 0 else float("nan")
         print(f"step {step}/{self.n_iters}  loss {record['loss']:.4f}  grad_norm {record.get('grad_norm', 0):.3f}"
-              f"  {rate:.1f} it/s  ETA {eta:.0f}s", flush=True)
+              f"  lr {record.get('lr', float('nan')):.2e}  {rate:.1f} it/s  {rate * batch_size:.0f} samples/s"
+              f"  ETA {_duration(eta)}", flush=True)
+
+    def image(self, tag: str, grid_png: pathlib.Path, step: int):
+        """Add a PNG (e.g. a sample grid) to TensorBoard."""
+        if self.writer is None or not pathlib.Path(grid_png).exists():
+            return
+        from PIL import Image
+
+        img = np.asarray(Image.open(grid_png).convert("RGB"))
+        self.writer.add_image(tag, img, step, dataformats="HWC")
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+def _duration(seconds: float) -> str:
+    if not np.isfinite(seconds):
+        return "?"
+    h, rem = divmod(int(seconds), 3600)
+    return f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s"
 
 
 # ---- pictures ---------------------------------------------------------------------------------------------------

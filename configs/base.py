@@ -24,7 +24,10 @@ def get_base_config():
     training.eval_freq = 500
     training.snapshot_freq = 10_000        # checkpoint every this many steps
     training.keep_checkpoints = 3
-    training.snapshot_sampling = True      # write a sample grid at each checkpoint
+    training.snapshot_sampling = True      # write sample grids (PNG, also to TensorBoard) while training
+    training.sample_freq = placeholder(int)  # sample grid every this many steps; None: at each checkpoint
+    training.data_shards = placeholder(int)  # global batch read as this many data streams; None: one per
+                                           # process (fix it to get the same batches on any process count)
     training.eps = placeholder(float)      # smallest training time; None: the SDE's eps
     training.single_sigma = 0.1            # noise std of loss "dsm_single" (Vincent's single-level DSM)
     training.ism_trace = "exact"           # loss "ism": exact (low dimension) | hutchinson
@@ -48,6 +51,9 @@ def get_base_config():
     evaluate.num_samples = 1000
     evaluate.checkpoint = placeholder(int)  # None: every checkpoint in the workdir
     evaluate.use_ema = True
+    evaluate.enable_loss = True            # --mode=eval: loss on the test split
+    evaluate.enable_bpd = False            # --mode=eval: bits/dim via likelihood.py (config.eval.likelihood)
+    evaluate.enable_sampling = True        # --mode=eval: eval.num_samples samples and their quality figures
     evaluate.likelihood = lik = ml_collections.ConfigDict()  # --mode=likelihood (likelihood.py)
     lik.method = "ode"                     # ode (probability-flow ODE) | ddpm_bound (DDPM variational bound)
     lik.split = "test"                     # batches of config.eval.batch_size

@@ -63,5 +63,7 @@ def get_config():
     config.sde.name = "vpsde"
     config.sde.N = 1000
     config.sampling.num_samples = 64
+    config.sampling.predictor = "euler_maruyama"
+    config.sampling.corrector = "none"  # predictor-only, as the SDE paper's VP configs
     config.eval.batch_size = 256
     return config

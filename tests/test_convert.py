@@ -233,3 +233,32 @@ def test_converted_checkpoint_restores_and_samples_through_run_lib(tmp_path, con
     exp = run_lib.Experiment.from_config(config)
     x, nfe = exp.sample(jax.random.key(0), state.params, 2)
     assert x.shape == (2, 32, 32, 3) and np.isfinite(np.asarray(x)).all()
+
+
+def _torch_name(path):
+    """Inverse of the renaming, written independently: (res1_0, conv1, kernel) -> res1.0.conv1.weight."""
+    import re
+    parts = [re.sub(r"^(.*[a-z])_(\d+)$", r"\1.\2", p) for p in path[:-1]]
+    leaf = {"kernel": "weight", "embed": "embed.weight"}.get(path[-1], path[-1])
+    return ".".join(parts + [leaf])
+
+
+@pytest.mark.parametrize("name,size", [("ncsn", 32), ("ncsnv2", 256)])
+def test_round_trip_through_torch_names(name, size):
+    """Random Flax params of NCSN (conditional norms: ``embed`` tables) and of the 6-stage NCSNv2 (res31/refine31),
+    written out under torch names with torch layouts, convert back exactly."""
+    config = small_config(image_size=size)
+    config.model.name = name
+    shapes = convert.expected_shapes(config)
+    rng = np.random.default_rng(0)
+    flax_flat = {p: rng.normal(size=s).astype(np.float32) for p, s in shapes.items()}
+    torch_sd = {"module.sigmas": np.exp(np.linspace(np.log(50.0), np.log(0.01), 232))}
+    for p, a in flax_flat.items():
+        torch_sd["module." + _torch_name(tuple(p.split("/")))] = a.transpose(3, 2, 0, 1) if a.ndim == 4 else a
+    params = convert.convert_state_dict(torch_sd, config, name)
+    flat = convert._flatten(params)
+    assert set(flat) == set(flax_flat)
+    for p in flat:
+        np.testing.assert_array_equal(flat[p], flax_flat[p])
+    if name == "ncsn":
+        assert any(k.endswith("normalize1.embed.weight") for k in torch_sd)

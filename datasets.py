@@ -690,9 +690,11 @@ def tf_resize_image(tf, image, name: str, size: int):
 
 
 def tfds_examples(config, split: str, *, shuffle: bool, seed: int, process_index: int, process_count: int):
-    """tf.data of (uint8 image (size, size, C_stored), int32 label) for this process's shard of ``split``.
+    """tf.data of (uint8 image (size, size, C_stored), int32 label) for this process's part of ``split``.
 
-    Returns (dataset, number of examples in the whole split).
+    Training (``shuffle``): ``tfds.even_splits`` gives each process a disjoint contiguous part, read with
+    shuffled files, so no host decodes another's images. Evaluation: ``ds.shard(P, i)`` of the split in its
+    stored order (examples i, i + P, ..., as for local sources). Returns (dataset, examples in the whole split).
     """
     tf = import_tensorflow()
     import tensorflow_datasets as tfds
@@ -700,11 +702,15 @@ def tfds_examples(config, split: str, *, shuffle: bool, seed: int, process_index
     name, size = config.data.dataset, config.data.image_size
     builder = tfds_builder(config)
     read_config = tfds.ReadConfig(shuffle_seed=seed + 7919 * process_index)
-    ds = builder.as_dataset(split=tfds_split(name, split), shuffle_files=shuffle, read_config=read_config)
+    split = tfds_split(name, split)
+    if shuffle and process_count > 1:
+        split = tfds.even_splits(split, n=process_count, drop_remainder=False)[process_index]
+    ds = builder.as_dataset(split=split, shuffle_files=shuffle, read_config=read_config)
     total = int(ds.cardinality().numpy())
     if total < 0:  # unknown cardinality: count once
         total = int(ds.reduce(0, lambda n, _: n + 1).numpy())
-    ds = ds.shard(process_count, process_index)
+    if not shuffle:
+        ds = ds.shard(process_count, process_index)
 
     def convert(example):
         label = tf.cast(example["label"], tf.int32) if "label" in example else tf.constant(0, tf.int32)

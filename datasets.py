@@ -100,7 +100,8 @@ class ImageTransform:
 
     @property
     def bpd_offset(self) -> float:
-        """Bits/dim added to -log2 p(x)/D of model space to get bits/dim of 8-bit data: log2(256 / width)."""
+        """Bits/dim added to -log2 p(x)/D of model space to get bits/dim of 8-bit data, log2(256 / width of the
+        model-space range): 7 centred, 8 in [0, 1]. Exact for uniformly dequantized data (bins of 1/256)."""
         return 8.0 - math.log2(2.0 if self.centered else 1.0)
 
 

@@ -4,6 +4,7 @@ Any config field can be overridden on the command line, e.g. ``--config.training
 """
 import importlib
 import logging
+import os
 import sys
 
 from absl import app, flags
@@ -22,9 +23,10 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "experiment config file (configs/...)", lock_config=True)
 flags.DEFINE_string("workdir", None, "directory for checkpoints, samples and metrics")
 flags.DEFINE_string("mode", "train", f"one of {sorted(MODES)}")
-flags.DEFINE_string("coordinator_address", None, "multi-host: host:port of process 0 (jax.distributed)")
-flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
-flags.DEFINE_integer("process_id", None, "multi-host: index of this process")
+flags.DEFINE_string("coordinator_address", None, "multi-host: host:port of process 0 (jax.distributed); "
+                    "default $JAX_COORDINATOR_ADDRESS")
+flags.DEFINE_integer("num_processes", None, "multi-host: number of processes; default $JAX_NUM_PROCESSES")
+flags.DEFINE_integer("process_id", None, "multi-host: index of this process; default $JAX_PROCESS_ID")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -42,11 +44,25 @@ def main(argv):
     import utils
 
     utils.check_workdir_writable(FLAGS.workdir)
-    if FLAGS.coordinator_address or FLAGS.num_processes:
-        import jax
-
-        jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    init_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     run(FLAGS.config, FLAGS.workdir)
+
+
+def init_distributed(address=None, num_processes=None, process_id=None):
+    """``jax.distributed.initialize`` from the flags, else from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
+    JAX_PROCESS_ID; nothing when neither names a coordinator or a process count (single process)."""
+    address = address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if num_processes is None and os.environ.get("JAX_NUM_PROCESSES"):
+        num_processes = int(os.environ["JAX_NUM_PROCESSES"])
+    if process_id is None and os.environ.get("JAX_PROCESS_ID"):
+        process_id = int(os.environ["JAX_PROCESS_ID"])
+    if not address and not num_processes:
+        return
+    import jax
+
+    jax.distributed.initialize(address, num_processes, process_id)
+    print(f"process {jax.process_index()} of {jax.process_count()}: {jax.local_device_count()} local devices, "
+          f"{jax.device_count()} in all", flush=True)
 
 
 def _run():

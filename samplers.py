@@ -15,6 +15,7 @@ import dataclasses
 import inspect
 from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
+import diffrax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -166,8 +167,10 @@ def ald(sde: SDE, score_fn: ScoreFn, snr: float, n_steps: int, sigma_L: float,
         ald_step_size: Optional[float] = None, **_) -> Corrector:
     """Annealed Langevin dynamics of NCSN (Song & Ermon 2019, Alg. 1): h_i = ε σ_i² / σ_L², σ_L the smallest
     noise level of the schedule. Default ε = 2 snr² σ_L², i.e. h_i = 2 (snr σ_i)² as score_sde's ALD corrector."""
+    if ald_step_size is None:
+        _positive("snr", snr)
     eps = 2 * snr**2 * sigma_L**2 if ald_step_size is None else ald_step_size
-    _positive("snr" if ald_step_size is None else "ald_step_size", eps)
+    _positive("ald_step_size", eps)
 
     def step_size(x, t, s, z):
         return eps * sde.alpha_sigma(t)[1] ** 2 / sigma_L**2
@@ -241,8 +244,10 @@ def pc_step_fn(sde: SDE, score_fn: ScoreFn, predictor: Predictor, corrector: Cor
 def build_pc(sde: SDE, score_fn: ScoreFn, shape, predictor: str = "euler_maruyama", corrector: str = "langevin",
              snr: float = 0.16, n_steps: int = 1, num_steps: Optional[int] = None, denoise: bool = True,
              eps: Optional[float] = None, ald_step_size: Optional[float] = None,
-             ancestral_variance: Optional[str] = None, mesh="auto") -> Tuple[SamplerFn, int]:
-    """PC sampler on the grid t_i = linspace(T, eps, num_steps) (default ``sde.N``): at each t_i run the
+             ancestral_variance: Optional[str] = None, grid: str = "uniform",
+             mesh="auto") -> Tuple[SamplerFn, int]:
+    """PC sampler on ``num_steps`` (default ``sde.N``) times t_i from T to eps (``grid``, see ``time_grid``;
+    "uniform" is t_i = linspace(T, eps, num_steps), the only one for chain predictors): at each t_i run the
     corrector, then predict to t_{i+1}; at t = eps run the corrector and (``denoise``) Tweedie's denoiser.
 
     NFE = (num_steps - 1)·P + num_steps·C·n_steps + denoise, with P, C the per-step costs (0 for "none")."""
@@ -252,14 +257,15 @@ def build_pc(sde: SDE, score_fn: ScoreFn, shape, predictor: str = "euler_maruyam
     if n_steps < 0:
         raise ValueError(f"sampling option 'n_steps' (corrector steps per level) must be >= 0, got {n_steps}")
     pred = _lookup(PREDICTORS, predictor, "predictor")(sde, score_fn, ancestral_variance=ancestral_variance)
-    if pred.chain and num_steps != sde.N:
-        raise ValueError(f"predictor {predictor!r} follows the SDE's discrete chain of sde.N={sde.N} steps but "
-                         f"num_steps={num_steps}; build the SDE with N={num_steps} or use 'euler_maruyama'")
+    if pred.chain and (num_steps != sde.N or grid != "uniform"):
+        raise ValueError(f"predictor {predictor!r} follows the SDE's discrete chain of sde.N={sde.N} uniform steps "
+                         f"but num_steps={num_steps}, grid={grid!r}; build the SDE with N={num_steps} or use "
+                         f"'euler_maruyama'")
     sigma_L = float(_alpha_sigma(sde, eps)[1])
     corr = _lookup(CORRECTORS, corrector, "corrector")(sde, score_fn, snr=snr, n_steps=n_steps, sigma_L=sigma_L,
                                                        ald_step_size=ald_step_size)
     sharding = batch_sharding(shape, mesh)
-    ts = jnp.asarray(np.linspace(sde.T, eps, num_steps), jnp.float32)
+    ts = time_grid(sde, num_steps, eps, grid)
     step = pc_step_fn(sde, score_fn, pred, corr)
     nfe = (num_steps - 1) * pred.nfe + num_steps * corr.nfe + int(denoise)
 
@@ -279,8 +285,290 @@ def build_pc(sde: SDE, score_fn: ScoreFn, shape, predictor: str = "euler_maruyam
     return _jit(run, sharding), nfe
 
 
+# ---- time grids for the fast solvers --------------------------------------------------------------------------
+def log_snr(sde: SDE, t: Array) -> Array:
+    """λ(t) = log(α(t)/σ(t)), decreasing in t (shape of t)."""
+    alpha, sigma = sde.alpha_sigma(t)
+    return jnp.log(alpha) - jnp.log(sigma)
+
+
+def t_from_log_snr(sde: SDE, lam: Array, iters: int = 60) -> Array:
+    """Inverse of λ(t) on [0, T] by bisection (λ is monotone for every SDE here); lam of shape (n,)."""
+    lam = jnp.asarray(lam, jnp.float32)
+
+    def body(_, bounds):
+        lo, hi = bounds
+        mid = 0.5 * (lo + hi)
+        above = log_snr(sde, mid) > lam           # λ(mid) > λ  <=>  mid < t(λ)
+        return jnp.where(above, mid, lo), jnp.where(above, hi, mid)
+
+    lo, hi = jax.lax.fori_loop(0, iters, body, (jnp.zeros_like(lam), jnp.full_like(lam, sde.T)))
+    return 0.5 * (lo + hi)
+
+
+def time_grid(sde: SDE, n: int, eps: float, kind: str = "uniform", rho: float = 7.0) -> Array:
+    """n times from T down to eps: ``uniform`` in t, uniform in ``log_snr`` λ, or ``karras`` (EDM, Karras et al.
+    2022 Eq. 5): σ̃_i = (σ̃_max^{1/ρ} + i/(n-1) (σ̃_min^{1/ρ} - σ̃_max^{1/ρ}))^ρ with σ̃ = σ/α = e^{-λ}."""
+    _lookup(GRIDS, kind, "time grid")
+    if n < 2:
+        raise ValueError(f"a time grid needs num_steps >= 2, got {n}")
+    if kind == "uniform":
+        return jnp.asarray(np.linspace(sde.T, eps, n), jnp.float32)
+    lam_T, lam_eps = (float(v) for v in log_snr(sde, jnp.array([sde.T, eps], jnp.float32)))
+    if kind == "log_snr":
+        lam = np.linspace(lam_T, lam_eps, n)
+    else:
+        s_max, s_min = np.exp(-lam_T), np.exp(-lam_eps)
+        lam = -rho * np.log(s_max ** (1 / rho) + np.linspace(0, 1, n) * (s_min ** (1 / rho) - s_max ** (1 / rho)))
+    ts = t_from_log_snr(sde, jnp.asarray(lam, jnp.float32))
+    return ts.at[0].set(sde.T).at[-1].set(eps)
+
+
+GRIDS = {"uniform": None, "log_snr": None, "karras": None}
+
+
+def _grid_sampler(sde, score_fn, shape, ts, step, init_state, denoise, sharding, x_init=None) -> SamplerFn:
+    """Shared loop: x ~ prior at ts[0]; ``(x, state) = step(key, x, state, i, ts[i], ts[i+1])`` over the grid;
+    then Tweedie at ts[-1] when ``denoise``. Returns ``key -> x``."""
+
+    def run(key):
+        k_prior, k_loop = jax.random.split(key)
+        x = sde.prior_sampling(k_prior, shape) if x_init is None else jnp.asarray(x_init, jnp.float32)
+        x = _shard(x, sharding)
+
+        def body(carry, i):
+            return step(jax.random.fold_in(k_loop, i), *carry, i, ts[i], ts[i + 1]), None
+
+        (x, _), _ = jax.lax.scan(body, (x, init_state(x)), jnp.arange(len(ts) - 1))
+        return tweedie(sde, score_fn, x, ts[-1]) if denoise else x
+
+    return run
+
+
+def _with_nfe(run: Callable, nfe: int, sharding) -> Tuple[SamplerFn, int]:
+    return _jit(lambda key: (run(key), jnp.asarray(nfe)), sharding), nfe
+
+
+# ---- DDIM --------------------------------------------------------------------------------------------------------
+def ddim_step(sde: SDE, score_fn: ScoreFn, eta: float) -> Callable:
+    """DDIM (Song et al. 2021, Eq. 12) for any α, σ: with x̂0 = (x + σ² s)/α and ε̂ = -σ s,
+    x' = α' x̂0 + √(σ'² - c²) ε̂ + c z, c = η σ' √(1 - (α σ' / (α' σ))²) (c = posterior std times η)."""
+
+    def step(key, x, state, i, t, t_next):
+        (a, s), (a2, s2) = _alpha_sigma(sde, t), _alpha_sigma(sde, t_next)
+        score = score_fn(x, _tb(t, x))
+        x0, eps_hat = (x + s**2 * score) / a, -s * score
+        c = eta * s2 * jnp.sqrt(jnp.maximum(1 - (a * s2 / (a2 * s)) ** 2, 0.0))
+        return a2 * x0 + jnp.sqrt(s2**2 - c**2) * eps_hat + c * _noise(key, x), state
+
+    return step
+
+
+def build_ddim(sde: SDE, score_fn: ScoreFn, shape, num_steps: int = 100, eta: float = 0.0, grid: str = "uniform",
+               denoise: bool = True, eps: Optional[float] = None, mesh="auto") -> Tuple[SamplerFn, int]:
+    """DDIM over ``num_steps`` grid times T..eps (η=0: deterministic, η=1: DDPM-like). NFE = num_steps - 1 +
+    denoise (the final Tweedie step is DDIM's last x̂0)."""
+    if eta < 0:
+        raise ValueError(f"sampling option 'eta' must be >= 0, got {eta}")
+    ts, sharding = time_grid(sde, num_steps, check_eps(sde, eps), grid), batch_sharding(shape, mesh)
+    run = _grid_sampler(sde, score_fn, shape, ts, ddim_step(sde, score_fn, eta), lambda x: (), denoise, sharding)
+    return _with_nfe(run, num_steps - 1 + int(denoise), sharding)
+
+
+# ---- DPM-Solver++ (multistep, data prediction) --------------------------------------------------------------------
+def _dpmpp_update(order: int):
+    """x_t from x_s with data predictions m0 (at s), m1, m2 (earlier) and log-SNRs (Lu et al. 2022, DPM-Solver++
+    Alg. 2 and the official third-order multistep rule); φ1 = e^{-h} - 1, φ2 = φ1/h + 1, φ3 = φ2/h - ½."""
+
+    def update(x, m, lam, lam_t, ratio, alpha_t):
+        h = lam_t - lam[0]
+        phi1 = jnp.expm1(-h)
+        out = ratio * x - alpha_t * phi1 * m[0]
+        if order == 1:
+            return out
+        r0 = (lam[0] - lam[1]) / h
+        d1_0 = (m[0] - m[1]) / r0
+        if order == 2:
+            return out - 0.5 * alpha_t * phi1 * d1_0
+        r1 = (lam[1] - lam[2]) / h
+        d1_1 = (m[1] - m[2]) / r1
+        d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
+        d2 = (d1_0 - d1_1) / (r0 + r1)
+        phi2 = phi1 / h + 1
+        return out + alpha_t * phi2 * d1 - alpha_t * (phi2 / h - 0.5) * d2
+
+    return update
+
+
+def dpmpp_step(sde: SDE, score_fn: ScoreFn, order: int, n_steps_total: int) -> Callable:
+    """One multistep DPM-Solver++ step; state = (previous data predictions (2, ...), their λ (2,)). The first
+    steps use lower orders (not enough history) and, below 10 steps, so do the last (``lower_order_final``)."""
+    updates = [_dpmpp_update(k) for k in (1, 2, 3)]
+
+    def step(key, x, state, i, t, t_next):
+        m_prev, lam_prev = state
+        (a, s), (a2, s2) = _alpha_sigma(sde, t), _alpha_sigma(sde, t_next)
+        m0 = (x + s**2 * score_fn(x, _tb(t, x))) / a
+        lam0, lam_t = jnp.log(a / s), jnp.log(a2 / s2)
+        m, lam = jnp.concatenate([m0[None], m_prev]), jnp.concatenate([lam0[None], lam_prev])
+        k = jnp.minimum(order, i + 1)
+        if n_steps_total < 10:
+            k = jnp.minimum(k, n_steps_total - i)
+        x = jax.lax.switch(k - 1, updates, x, m, lam, lam_t, s2 / s, a2)
+        return x, (m[:2], lam[:2])
+
+    return step
+
+
+def build_dpm_solver_pp(sde: SDE, score_fn: ScoreFn, shape, num_steps: int = 20, order: int = 2,
+                        grid: str = "log_snr", denoise: bool = True, eps: Optional[float] = None,
+                        mesh="auto") -> Tuple[SamplerFn, int]:
+    """DPM-Solver++(2M / 3M) over ``num_steps`` grid times (default uniform in λ). NFE = num_steps - 1 + denoise."""
+    if order not in (1, 2, 3):
+        raise ValueError(f"sampling option 'order' of dpm_solver++ must be 1, 2 or 3, got {order}")
+    ts, sharding = time_grid(sde, num_steps, check_eps(sde, eps), grid), batch_sharding(shape, mesh)
+    step = dpmpp_step(sde, score_fn, order, num_steps - 1)
+    init = lambda x: (jnp.zeros((2,) + x.shape, x.dtype), jnp.zeros((2,), jnp.float32))
+    run = _grid_sampler(sde, score_fn, shape, ts, step, init, denoise, sharding)
+    return _with_nfe(run, num_steps - 1 + int(denoise), sharding)
+
+
+# ---- Heun (EDM) ----------------------------------------------------------------------------------------------------
+def heun_step(sde: SDE, score_fn: ScoreFn) -> Callable:
+    """Heun's 2nd-order step of the probability-flow ODE in EDM form (Karras et al. 2022, Alg. 1):
+    with x̃ = x/α, σ̃ = σ/α and D = Tweedie's x̂0, dx̃/dσ̃ = (x̃ - D(x̃; σ̃)) / σ̃."""
+
+    def step(key, x, state, i, t, t_next):
+        (a, s), (a2, s2) = _alpha_sigma(sde, t), _alpha_sigma(sde, t_next)
+        sg, sg2 = s / a, s2 / a2
+        xt = x / a
+        d = (xt - tweedie(sde, score_fn, x, t)) / sg
+        xt2 = xt + (sg2 - sg) * d
+        d2 = (xt2 - tweedie(sde, score_fn, a2 * xt2, t_next)) / sg2
+        return a2 * (xt + (sg2 - sg) * 0.5 * (d + d2)), state
+
+    return step
+
+
+def build_heun(sde: SDE, score_fn: ScoreFn, shape, num_steps: int = 18, grid: str = "karras",
+               denoise: bool = True, eps: Optional[float] = None, mesh="auto") -> Tuple[SamplerFn, int]:
+    """EDM's deterministic Heun sampler on the Karras (ρ=7) grid of ``num_steps`` times T..eps; the final
+    Euler step to σ̃ = 0 is Tweedie's denoiser. NFE = 2 (num_steps - 1) + denoise (35 for the default 18)."""
+    ts, sharding = time_grid(sde, num_steps, check_eps(sde, eps), grid), batch_sharding(shape, mesh)
+    run = _grid_sampler(sde, score_fn, shape, ts, heun_step(sde, score_fn), lambda x: (), denoise, sharding)
+    return _with_nfe(run, 2 * (num_steps - 1) + int(denoise), sharding)
+
+
+# ---- probability-flow ODE (diffrax) ---------------------------------------------------------------------------------
+ODE_SOLVERS = {"tsit5": (diffrax.Tsit5, True), "dopri5": (diffrax.Dopri5, True),
+               "euler": (diffrax.Euler, False), "heun": (diffrax.Heun, False)}
+
+
+def _ode_nfe(solver: str, stats) -> Array:
+    """Vector-field evaluations of a diffrax solve: Euler 1 and Heun 2 per step; Tsit5 / Dopri5 are FSAL,
+    6 new stages per (accepted or rejected) step plus one at the start."""
+    steps = stats["num_steps"]
+    return {"euler": steps, "heun": 2 * steps}.get(solver, 6 * steps + 1)
+
+
+def solve_flow(sde: SDE, score_fn: ScoreFn, x: Array, t0: float, t1: float, solver: str = "tsit5",
+               rtol: float = 1e-5, atol: float = 1e-5, num_steps: int = 100,
+               max_steps: int = 16384) -> Tuple[Array, Array]:
+    """Integrate the probability-flow ODE dx/dt = f(x, t) - ½ g(t)² s(x, t) from t0 to t1 (either direction).
+    Tsit5/Dopri5 are adaptive (PID controller on rtol/atol, first step (t1-t0)/num_steps); Euler/Heun take
+    ``num_steps`` fixed steps. Returns (x(t1), nfe)."""
+    cls, adaptive = _lookup(ODE_SOLVERS, solver, "ODE solver")
+    _positive("num_steps", num_steps)
+    rsde = sde.reverse(score_fn, probability_flow=True)
+    term = diffrax.ODETerm(lambda t, y, args: rsde.sde(y, _tb(t, y))[0])
+    if adaptive:
+        _positive("rtol", rtol)
+        _positive("atol", atol)
+        controller = diffrax.PIDController(rtol=rtol, atol=atol)
+    else:
+        controller = diffrax.ConstantStepSize()
+    sol = diffrax.diffeqsolve(term, cls(), t0, t1, (t1 - t0) / num_steps, x, stepsize_controller=controller,
+                              max_steps=max_steps)
+    return sol.ys[-1], _ode_nfe(solver, sol.stats)
+
+
+def build_ode(sde: SDE, score_fn: ScoreFn, shape, solver: str = "tsit5", rtol: float = 1e-5, atol: float = 1e-5,
+              num_steps: int = 100, denoise: bool = True, eps: Optional[float] = None,
+              mesh="auto") -> Tuple[SamplerFn, None]:
+    """Probability-flow ODE sampler: x(T) ~ prior, solve to eps, then Tweedie's denoiser. NFE from diffrax's
+    step counts (+1 for denoising); it is only known after solving, so the returned static NFE is None."""
+    eps, sharding = check_eps(sde, eps), batch_sharding(shape, mesh)
+    _lookup(ODE_SOLVERS, solver, "ODE solver")
+
+    def run(key):
+        x = _shard(sde.prior_sampling(jax.random.split(key)[0], shape), sharding)
+        x, nfe = solve_flow(sde, score_fn, x, sde.T, eps, solver, rtol, atol, num_steps)
+        if denoise:
+            x, nfe = tweedie(sde, score_fn, x, eps), nfe + 1
+        return x, nfe
+
+    return _jit(run, sharding), None
+
+
+def ode_encode(sde: SDE, score_fn: ScoreFn, x: Array, eps: Optional[float] = None, **ode_options):
+    """Data -> latent: solve the probability-flow ODE from eps to T. Returns (z, nfe)."""
+    eps = check_eps(sde, eps)
+    z, nfe = jax.jit(lambda x: solve_flow(sde, score_fn, x, eps, sde.T, **ode_options))(x)
+    return z, int(nfe)
+
+
+def ode_decode(sde: SDE, score_fn: ScoreFn, z: Array, eps: Optional[float] = None, **ode_options):
+    """Latent -> data: solve the probability-flow ODE from T to eps (no denoising). Returns (x, nfe)."""
+    eps = check_eps(sde, eps)
+    x, nfe = jax.jit(lambda z: solve_flow(sde, score_fn, z, sde.T, eps, **ode_options))(z)
+    return x, int(nfe)
+
+
+# ---- Langevin dynamics ----------------------------------------------------------------------------------------------
+def build_langevin(sde: SDE, score_fn: ScoreFn, shape, num_steps: int = 1000, step_size: Optional[float] = None,
+                   t: Optional[float] = None, x_init: Optional[Array] = None, denoise: bool = False,
+                   mesh="auto") -> Tuple[SamplerFn, int]:
+    """Plain Langevin dynamics with the score at ONE noise level t (default eps): K = ``num_steps`` steps
+    x ← x + ε s(x, t) + √(2ε) z from ``x_init`` (default a prior sample). Default ε = 0.1 σ(t)² is stable but slow
+    when the data are much wider than σ(t): pass ``step_size`` for your data scale. NFE = K + denoise."""
+    t = check_eps(sde, t)
+    eps_step = 0.1 * float(_alpha_sigma(sde, t)[1]) ** 2 if step_size is None else step_size
+    _positive("step_size", eps_step)
+    _positive("num_steps", num_steps)
+    if x_init is not None and tuple(jnp.shape(x_init)) != tuple(shape):
+        raise ValueError(f"x_init has shape {tuple(jnp.shape(x_init))} but the sample shape is {tuple(shape)}")
+    sharding = batch_sharding(shape, mesh)
+    loop = _langevin_loop(score_fn, lambda x, tb, s, z: jnp.full_like(tb, eps_step), 1)
+    ts = jnp.full((num_steps + 1,), t, jnp.float32)
+    step = lambda key, x, state, i, t_i, t_next: (loop(key, x, t_i), state)
+    run = _grid_sampler(sde, score_fn, shape, ts, step, lambda x: (), denoise, sharding, x_init)
+    return _with_nfe(run, num_steps + int(denoise), sharding)
+
+
+def build_annealed_langevin(sde: SDE, score_fn: ScoreFn, shape, num_steps: int = 100, n_steps: int = 10,
+                            snr: float = 0.4, ald_step_size: Optional[float] = None, step_rule: str = "ncsn",
+                            grid: str = "log_snr", denoise: bool = True, eps: Optional[float] = None,
+                            mesh="auto") -> Tuple[SamplerFn, int]:
+    """Annealed Langevin dynamics (NCSN, Song & Ermon 2019, Alg. 1) over L = ``num_steps`` noise levels
+    σ_i = σ(t_i) on a geometric ladder (``grid="log_snr"``: σ/α geometric, exactly NCSN's for VE), ``n_steps`` steps of size ε σ_i²/σ_L² per level, then Tweedie's
+    denoiser (NCSNv2). ``step_rule="ncsnv2"`` picks ε by NCSNv2's rule (``ncsnv2_step_size``).
+    NFE = L·n_steps + denoise."""
+    eps = check_eps(sde, eps)
+    if step_rule not in ("ncsn", "ncsnv2"):
+        raise ValueError(f"unknown step_rule {step_rule!r}; expected one of ['ncsn', 'ncsnv2']")
+    if step_rule == "ncsnv2":
+        sigma_max, sigma_L = (float(_alpha_sigma(sde, u)[1]) for u in (sde.T, eps))
+        gamma = (sigma_max / sigma_L) ** (1.0 / max(num_steps - 1, 1))
+        ald_step_size = ncsnv2_step_size(sigma_L, gamma, n_steps)
+    return build_pc(sde, score_fn, shape, predictor="none", corrector="ald", snr=snr, n_steps=n_steps,
+                    num_steps=num_steps, denoise=denoise, eps=eps, ald_step_size=ald_step_size, grid=grid,
+                    mesh=mesh)
+
+
 # ---- entry points -------------------------------------------------------------------------------------------------
-SAMPLERS: Dict[str, Callable] = {"pc": build_pc}
+SAMPLERS: Dict[str, Callable] = {"pc": build_pc, "ode": build_ode, "ddim": build_ddim, "dpm_solver++": build_dpm_solver_pp,
+                                 "heun": build_heun, "langevin": build_langevin,
+                                 "annealed_langevin": build_annealed_langevin}
 
 
 def build_sampler(sde: SDE, score_fn: ScoreFn, shape, method: str = "pc", **options) -> Tuple[SamplerFn, object]:

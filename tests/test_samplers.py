@@ -1,0 +1,319 @@
+"""Samplers against exact answers: Gaussian-mixture targets with exact perturbed scores (analytic.py).
+
+Acceptance bounds (n = 4096 samples, sliced W1 against an independent target sample of the same size; the sampling
+floor of two independent target samples is 0.02-0.07 at n=4096 on the 2-D mixture):
+  * PC / ODE / DDIM / DPM-Solver++ / Heun: SW < 0.15, every mixture weight within 0.035 (4.5 sd) of the truth;
+  * annealed Langevin (approximate at any finite step): SW < 0.3, weights within 0.05;
+  * the same checks fail when the score is the wrong one (a mixture with shifted means and swapped weights).
+"""
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import samplers
+import sde_lib
+from analytic import GaussianMixture, sliced_wasserstein
+from configs.base import get_base_config
+
+N_SAMPLES = 4096
+# zero-mean mixture: VE's N(0, σ_max²) prior then matches p_T up to O(var_data / σ_max²)
+MIX2 = GaussianMixture(weights=[0.2, 0.3, 0.5], means=[[-3.5, 0.9], [1.5, 2.9], [0.5, -2.1]], stds=[0.5, 0.6, 0.4])
+WRONG2 = GaussianMixture(weights=[0.5, 0.3, 0.2], means=[[-4.5, 0.9], [2., 3.5], [0.5, -3.]], stds=[0.5, 0.6, 0.4])
+
+SDES = {"vp": lambda N=1000: sde_lib.VPSDE(N=N), "subvp": lambda N=1000: sde_lib.subVPSDE(N=N),
+        "ve": lambda N=1000: sde_lib.VESDE(N=N, sigma_max=20.0)}
+
+# (method, options, SW bound, weight tolerance) at the NFE the options imply; by default each method runs
+# under one SDE (rotating over VP / sub-VP / VE), the full SDE x method x dimension grid is marked slow.
+FAST_METHODS = {
+    "pc_em_langevin": ("pc", dict(num_steps=200, predictor="euler_maruyama", corrector="langevin"), 0.15, 0.035),
+    "pc_reverse_diffusion": ("pc", dict(predictor="reverse_diffusion", corrector="none"), 0.15, 0.035),
+    "ode_tsit5": ("ode", dict(rtol=1e-4, atol=1e-4), 0.15, 0.035),
+    "ddim": ("ddim", dict(num_steps=50), 0.15, 0.035),
+    "dpm_solver++2m": ("dpm_solver++", dict(num_steps=20), 0.15, 0.035),
+    "dpm_solver++3m": ("dpm_solver++", dict(num_steps=15, order=3), 0.15, 0.035),
+    "heun": ("heun", dict(), 0.15, 0.035),
+    "annealed_langevin": ("annealed_langevin", dict(), 0.3, 0.05),
+}
+FAST_SDE = {"pc_em_langevin": "subvp", "pc_reverse_diffusion": "ve", "ode_tsit5": "vp", "ddim": "ve",
+            "dpm_solver++2m": "subvp", "dpm_solver++3m": "vp", "heun": "ve", "annealed_langevin": "vp"}
+SLOW_METHODS = {
+    "pc_default": ("pc", dict(), 0.15, 0.035),
+    "pc_ancestral": ("pc", dict(predictor="ancestral_sampling", corrector="langevin"), 0.15, 0.035),
+    "pc_em_ald": ("pc", dict(corrector="ald", n_steps=2), 0.15, 0.035),
+    "ode_dopri5": ("ode", dict(solver="dopri5"), 0.15, 0.035),
+    "ode_heun": ("ode", dict(solver="heun", num_steps=100), 0.15, 0.035),
+    "ode_euler": ("ode", dict(solver="euler", num_steps=500), 0.15, 0.035),
+    "ddim_eta1": ("ddim", dict(eta=1.0, num_steps=200), 0.15, 0.035),
+    "ddim_default": ("ddim", dict(), 0.15, 0.035),
+    "dpm_solver++_default": ("dpm_solver++", dict(), 0.15, 0.035),
+    "annealed_langevin_ncsnv2": ("annealed_langevin", dict(step_rule="ncsnv2"), 0.3, 0.05),
+}
+
+
+def component_weights(gm: GaussianMixture, x) -> np.ndarray:
+    """Fraction of samples whose most likely component (under the clean mixture) is k."""
+    x = np.asarray(x, np.float64).reshape(len(x), -1)
+    logp = np.stack([-0.5 * np.sum(((x - m) / s) ** 2 + 2 * np.log(s), -1) + np.log(w)
+                     for w, m, s in zip(gm.weights, gm.means, gm.stds)], -1)
+    return np.bincount(np.argmax(logp, -1), minlength=len(gm.weights)) / len(x)
+
+
+def check_matches(gm, x, sw_bound, w_tol, key=jax.random.key(123)):
+    """Assert samples x match the mixture gm; returns (sw, weights) for messages."""
+    assert bool(jnp.all(jnp.isfinite(x))), "non-finite samples"
+    sw = float(sliced_wasserstein(jax.random.fold_in(key, 1), x, gm.sample(jax.random.fold_in(key, 2), len(x))))
+    w = component_weights(gm, x)
+    assert sw < sw_bound and np.all(np.abs(w - gm.weights) < w_tol), (sw, w)
+    return sw, w
+
+
+def _run(sde_name, method, options, score_gm=MIX2, n=N_SAMPLES, dim_shape=(2,)):
+    needs_chain = options.get("predictor") in ("reverse_diffusion", "ancestral_sampling")
+    sde = SDES[sde_name](N=200) if needs_chain else SDES[sde_name]()
+    if method == "pc" and needs_chain:
+        options = dict(options, num_steps=200)
+    return samplers.sample(jax.random.key(0), sde, score_gm.score_fn(sde), (n,) + dim_shape, method, **options)
+
+
+@pytest.mark.parametrize("name", sorted(FAST_METHODS))
+def test_method_matches_mixture(name):
+    method, options, sw_bound, w_tol = FAST_METHODS[name]
+    x, nfe = _run(FAST_SDE[name], method, options)
+    assert x.shape == (N_SAMPLES, 2)
+    check_matches(MIX2, x, sw_bound, w_tol)
+
+
+@pytest.mark.parametrize("name", ["pc_em_langevin", "dpm_solver++2m"])
+def test_wrong_score_fails(name):
+    method, options, sw_bound, w_tol = FAST_METHODS[name]
+    x, _ = _run("vp", method, options, score_gm=WRONG2)
+    with pytest.raises(AssertionError):
+        check_matches(MIX2, x, sw_bound, w_tol)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sde_name", sorted(SDES))
+@pytest.mark.parametrize("name", sorted(FAST_METHODS) + sorted(SLOW_METHODS))
+@pytest.mark.parametrize("dim", [1, 2, 16])
+def test_method_grid(sde_name, name, dim):
+    """1-D, 2-D and 16-D mixtures; the wrong score must fail the same check."""
+    method, options, sw_bound, w_tol = {**FAST_METHODS, **SLOW_METHODS}[name]
+    if options.get("predictor") == "ancestral_sampling" and sde_name == "subvp":
+        pytest.skip("sub-VP has no discrete ancestral chain")
+    means = {1: np.array([[-4.0], [0.5], [4.0]]), 2: MIX2.means,
+             16: np.random.default_rng(16).normal(size=(3, 16)) * 1.5}[dim]
+    gm = GaussianMixture(weights=[0.2, 0.3, 0.5], means=means, stds=[0.5, 0.6, 0.4])
+    wrong = GaussianMixture(weights=[0.5, 0.3, 0.2], means=means * 1.3, stds=[0.5, 0.6, 0.4])
+    x, _ = _run(sde_name, method, options, score_gm=gm, dim_shape=(dim,))
+    check_matches(gm, x, sw_bound, w_tol)
+    x_wrong, _ = _run(sde_name, method, options, score_gm=wrong, dim_shape=(dim,))
+    with pytest.raises(AssertionError):
+        check_matches(gm, x_wrong, sw_bound, w_tol)
+
+
+# ---- NFE counts ------------------------------------------------------------------------------------------
+NFE_CASES = [
+    ("pc", dict(num_steps=30, n_steps=2), 30 * 3),
+    ("pc", dict(num_steps=30, predictor="none", corrector="ald", n_steps=3), 91),
+    ("ode", dict(solver="heun", num_steps=20, denoise=False), 40),
+    ("ode", dict(rtol=1e-3, atol=1e-3), None),
+    ("ddim", dict(num_steps=25, eta=0.5), 25),
+    ("dpm_solver++", dict(num_steps=12, order=3), 12),
+    ("heun", dict(num_steps=10), 19),
+    ("langevin", dict(num_steps=17), 17),
+]
+SLOW_NFE_CASES = [
+    ("pc", dict(num_steps=30, corrector="none", denoise=False), 29),
+    ("ode", dict(solver="euler", num_steps=40), 41),
+    ("ode", dict(solver="dopri5", rtol=1e-3, atol=1e-3), None),
+    ("annealed_langevin", dict(num_steps=7, n_steps=4), 29),
+]
+
+
+@pytest.mark.parametrize("method,options,expected",
+                         NFE_CASES + [pytest.param(*c, marks=pytest.mark.slow) for c in SLOW_NFE_CASES])
+def test_nfe_is_exact(method, options, expected):
+    """Reported NFE equals the number of score calls counted on the host."""
+    sde = sde_lib.VESDE(sigma_max=20.0)
+    count = [0]
+    base = MIX2.score_fn(sde)
+
+    def counting_score(x, t):
+        jax.debug.callback(lambda: count.__setitem__(0, count[0] + 1))
+        return base(x, t)
+
+    x, nfe = samplers.sample(jax.random.key(1), sde, counting_score, (64, 2), method, **options)
+    jax.block_until_ready(x)
+    jax.effects_barrier()
+    assert nfe == count[0]
+    if expected is not None:
+        assert nfe == expected
+
+
+# ---- ODE: exact Gaussian flow, encode/decode ---------------------------------------------------------------
+GAUSS = GaussianMixture(weights=[1.0], means=[[1.5, -0.5]], stds=[[0.3, 0.7]])
+
+
+def gaussian_flow(sde, x, t0, t1):
+    """Exact probability-flow map of N(μ, s²) from t0 to t1: standardised coordinates are preserved."""
+    (a0, s0), (a1, s1) = (sde.alpha_sigma(jnp.array([t], jnp.float32)) for t in (t0, t1))
+    mu, s = jnp.asarray(GAUSS.means[0]), jnp.asarray(GAUSS.stds[0])
+    std0, std1 = jnp.sqrt(a0**2 * s**2 + s0**2), jnp.sqrt(a1**2 * s**2 + s1**2)
+    return a1 * mu + std1 / std0 * (x - a0 * mu)
+
+
+@pytest.mark.parametrize("sde_name", ["vp", pytest.param("subvp", marks=pytest.mark.slow), "ve"])
+def test_ode_encode_matches_exact_gaussian_flow_and_decodes(sde_name):
+    sde = SDES[sde_name]()
+    score = GAUSS.score_fn(sde)
+    x = GAUSS.sample(jax.random.key(3), 256)
+    z, nfe = samplers.ode_encode(sde, score, x, rtol=1e-6, atol=1e-6)
+    assert nfe > 0
+    exact = gaussian_flow(sde, x, sde.eps, sde.T)
+    np.testing.assert_allclose(z, exact, rtol=1e-3, atol=1e-3 * float(sde.alpha_sigma(jnp.ones(1))[1][0]))
+    x_rec, _ = samplers.ode_decode(sde, score, z, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(x_rec, x, atol=2e-3)
+
+
+def test_ode_encode_decode_mixture_reconstructs():
+    sde = sde_lib.VPSDE()
+    score = MIX2.score_fn(sde)
+    x = MIX2.sample(jax.random.key(4), 256)
+    z, _ = samplers.ode_encode(sde, score, x, rtol=1e-6, atol=1e-6)
+    assert abs(float(jnp.std(z)) - 1.0) < 0.15          # latents look like the N(0, I) prior
+    x_rec, _ = samplers.ode_decode(sde, score, z, rtol=1e-6, atol=1e-6)
+    assert float(jnp.max(jnp.abs(x_rec - x))) < 1e-2
+
+
+@pytest.mark.parametrize("sde_name,method,options,tol", [
+    ("vp", "ddim", dict(num_steps=100), 8e-2), ("ve", "dpm_solver++", dict(num_steps=20), 4e-2),
+    ("vp", "dpm_solver++", dict(num_steps=20, order=3), 4e-2), ("ve", "heun", dict(num_steps=40), 2e-2),
+    ("vp", "ode", dict(solver="heun", num_steps=100), 1e-2)])
+def test_deterministic_solvers_follow_exact_gaussian_flow(sde_name, method, options, tol):
+    """Deterministic samplers (denoise=False) land where the exact flow maps the same prior draws (max abs
+    error; measured convergence orders: DDIM 1, DPM-Solver++ 2M 2, Heun 2)."""
+    sde = SDES[sde_name]()
+    key = jax.random.key(5)
+    x, _ = samplers.sample(key, sde, GAUSS.score_fn(sde), (256, 2), method, denoise=False, **options)
+    z = sde.prior_sampling(jax.random.split(key)[0], (256, 2))
+    exact = gaussian_flow(sde, z, sde.T, sde.eps)
+    err = float(jnp.max(jnp.abs(x - exact)))
+    assert err < tol, err
+
+
+def test_dpm_solver_order_increases_accuracy():
+    sde = sde_lib.VPSDE()
+    key = jax.random.key(6)
+    z = sde.prior_sampling(jax.random.split(key)[0], (256, 2))
+    exact = gaussian_flow(sde, z, sde.T, sde.eps)
+    errs = {}
+    for order in (1, 2, 3):
+        x, _ = samplers.sample(key, sde, GAUSS.score_fn(sde), (256, 2), "dpm_solver++", num_steps=24,
+                               order=order, denoise=False)
+        errs[order] = float(jnp.max(jnp.abs(x - exact)))
+    assert errs[3] < errs[2] < errs[1], errs
+
+
+# ---- Langevin vs annealed Langevin -------------------------------------------------------------------------
+FAR = GaussianMixture(weights=[0.2, 0.8], means=[[-5., -5.], [5., 5.]], stds=[1.0, 1.0])
+
+
+def test_plain_langevin_gets_weights_wrong_annealing_fixes_it():
+    """Song & Ermon (2019) Sec. 3.2: Langevin with the data score mixes modes by basin, not by weight."""
+    sde = sde_lib.VESDE(sigma_max=20.0)
+    key = jax.random.key(7)
+    x_plain, nfe = samplers.sample(key, sde, FAR.score_fn(sde), (1024, 2), "langevin", step_size=0.1,
+                                   num_steps=1000)
+    w_plain = component_weights(FAR, x_plain)
+    assert nfe == 1000 and abs(w_plain[0] - 0.2) > 0.2, w_plain
+    x_ald, _ = samplers.sample(key, sde, FAR.score_fn(sde), (1024, 2), "annealed_langevin")
+    check_matches(FAR, x_ald, 0.3, 0.05)
+
+
+# ---- errors, config, sharding --------------------------------------------------------------------------------
+@pytest.mark.parametrize("options,match", [
+    (dict(predictor="leapfrog"), "unknown predictor 'leapfrog'.*euler_maruyama"),
+    (dict(corrector="hmc"), "unknown corrector 'hmc'.*langevin"),
+    (dict(snr=0.0), "'snr' must be > 0"),
+    (dict(snr=-1.0, corrector="ald"), "'snr' must be > 0"),
+    (dict(eps=0.0), r"eps=0.0 must lie in \(0, T=1.0\)"),
+    (dict(eps=1.5), r"eps=1.5 must lie in \(0, T=1.0\)"),
+    (dict(num_steps=50, predictor="ancestral_sampling"), "discrete chain of sde.N=1000"),
+    (dict(temperature=2.0), r"unknown option\(s\) \['temperature'\]"),
+])
+def test_invalid_options_raise_clear_errors(options, match):
+    sde = sde_lib.VPSDE()
+    with pytest.raises(ValueError, match=match):
+        samplers.sample(jax.random.key(0), sde, MIX2.score_fn(sde), (8, 2), "pc", **options)
+
+
+def test_invalid_method_and_solver():
+    sde = sde_lib.VPSDE()
+    with pytest.raises(ValueError, match="unknown sampling method 'magic'.*'pc'"):
+        samplers.sample(jax.random.key(0), sde, MIX2.score_fn(sde), (8, 2), "magic")
+    with pytest.raises(ValueError, match="unknown ODE solver 'rk4'"):
+        samplers.sample(jax.random.key(0), sde, MIX2.score_fn(sde), (8, 2), "ode", solver="rk4")
+    with pytest.raises(ValueError, match="unknown time grid 'cosine'"):
+        samplers.sample(jax.random.key(0), sde, MIX2.score_fn(sde), (8, 2), "ddim", grid="cosine")
+
+
+def test_sample_from_config():
+    config = get_base_config()
+    config.sampling.corrector = "none"
+    config.sampling.num_steps = 100
+    sde = sde_lib.VPSDE()
+    x, nfe = samplers.sample_from_config(jax.random.key(0), sde, MIX2.score_fn(sde), (N_SAMPLES, 2),
+                                         config.sampling)
+    assert nfe == 100
+    check_matches(MIX2, x, 0.15, 0.035)
+
+
+def test_time_grids_are_monotone_and_karras():
+    for sde in (sde_lib.VPSDE(), sde_lib.subVPSDE(), sde_lib.VESDE()):
+        for kind in samplers.GRIDS:
+            ts = np.asarray(samplers.time_grid(sde, 18, sde.eps, kind))
+            assert ts[0] == sde.T and np.isclose(ts[-1], sde.eps) and np.all(np.diff(ts) < 0), (sde, kind, ts)
+        ts = samplers.time_grid(sde, 18, sde.eps, "karras")
+        a, s = sde.alpha_sigma(ts)
+        root = np.asarray(s / a, np.float64) ** (1 / 7)
+        np.testing.assert_allclose(np.diff(root), np.diff(root)[0], rtol=2e-3)   # ρ=7: σ̃^{1/ρ} linear
+
+
+SHARDING_SCRIPT = textwrap.dedent("""
+    import jax, jax.numpy as jnp, numpy as np, pytest
+    import samplers, sde_lib
+    from analytic import GaussianMixture
+    assert jax.device_count() == 4
+    gm = GaussianMixture(weights=[0.5, 0.5], means=[[-2., 0.], [2., 0.]], stds=[0.5, 0.5])
+    sde = sde_lib.VPSDE(N=50)
+    for method, opts in [("pc", {}), ("ode", dict(rtol=1e-4, atol=1e-4)), ("dpm_solver++", {})]:
+        x, nfe = samplers.sample(jax.random.key(0), sde, gm.score_fn(sde), (16, 2), method, **opts)
+        x = jax.block_until_ready(x)
+        assert len(x.sharding.device_set) == 4, (method, x.sharding)
+        x1, nfe1 = samplers.sample(jax.random.key(0), sde, gm.score_fn(sde), (16, 2), method, mesh=None, **opts)
+        x1 = jax.block_until_ready(x1)
+        assert len(x1.sharding.device_set) == 1
+        np.testing.assert_allclose(np.asarray(x), np.asarray(x1), atol=1e-4, err_msg=method)
+        assert nfe == nfe1
+    with pytest.raises(ValueError, match="batch size 6 .* not divisible by the 4 devices"):
+        samplers.sample(jax.random.key(0), sde, gm.score_fn(sde), (6, 2))
+    print("OK")
+""")
+
+
+def test_sharding_over_forced_host_devices():
+    """With 4 CPU devices the batch is sharded, samples equal the single-device ones, bad batches error."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4 "
+                                     "--xla_cpu_collective_call_terminate_timeout_seconds=8",
+               JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(
+                   os.path.abspath(__file__))), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", SHARDING_SCRIPT], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]

@@ -28,6 +28,7 @@ from models import register_model
 ACTIVATIONS = {"elu": nn.elu, "relu": nn.relu, "lrelu": functools.partial(nn.leaky_relu, negative_slope=0.2),
                "swish": nn.swish}
 EPS = 1e-5
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def get_activation(name: str) -> Callable:
@@ -49,14 +50,15 @@ def torch_default_init(scale: float = 1.0):
     return nn.initializers.variance_scaling(scale / 3.0, "fan_in", "uniform")
 
 
-def conv3x3(features: int, dilation: int = 1, use_bias: bool = True, name: Optional[str] = None) -> nn.Conv:
+def conv3x3(features: int, dilation: int = 1, use_bias: bool = True, name: Optional[str] = None,
+            dtype: Any = jnp.float32) -> nn.Conv:
     """3×3 conv padded by ``dilation`` (resolution-preserving, as in the NCSN papers' ``dilated_conv3x3``)."""
     return nn.Conv(features, (3, 3), padding=dilation, kernel_dilation=dilation, use_bias=use_bias,
-                   kernel_init=torch_default_init(), name=name)
+                   kernel_init=torch_default_init(), dtype=dtype, name=name)
 
 
-def conv1x1(features: int, name: Optional[str] = None) -> nn.Conv:
-    return nn.Conv(features, (1, 1), padding=0, kernel_init=torch_default_init(), name=name)
+def conv1x1(features: int, name: Optional[str] = None, dtype: Any = jnp.float32) -> nn.Conv:
+    return nn.Conv(features, (1, 1), padding=0, kernel_init=torch_default_init(), dtype=dtype, name=name)
 
 
 def _ones_plus_noise(key, shape, dtype=jnp.float32):
@@ -66,6 +68,7 @@ def _ones_plus_noise(key, shape, dtype=jnp.float32):
 def _instance_stats(x: jax.Array) -> Tuple[jax.Array, jax.Array]:
     """Instance-normalised x (biased variance over H, W) and the standardised channel means (B, C): the "++" term
     (m_c - mean_c m) / sqrt(var_c m + eps), with the unbiased variance over channels as in the papers' code."""
+    x = x.astype(jnp.float32)  # statistics in float32 whatever the compute dtype
     means = jnp.mean(x, axis=(1, 2))
     h = (x - means[:, None, None, :]) / jnp.sqrt(jnp.var(x, axis=(1, 2), keepdims=True) + EPS)
     mu = jnp.mean(means, axis=-1, keepdims=True)
@@ -83,7 +86,7 @@ class InstanceNormPlus(nn.Module):
         alpha = self.param("alpha", _ones_plus_noise, (c,))
         gamma = self.param("gamma", _ones_plus_noise, (c,))
         beta = self.param("beta", nn.initializers.zeros, (c,))
-        return gamma * (h + means[:, None, None, :] * alpha) + beta
+        return (gamma * (h + means[:, None, None, :] * alpha) + beta).astype(x.dtype)
 
 
 class CondInstanceNormPlus(nn.Module):
@@ -101,7 +104,8 @@ class CondInstanceNormPlus(nn.Module):
 
         embed = self.param("embed", init, (self.num_classes, 3 * c))
         gamma, alpha, beta = jnp.split(embed[y], 3, axis=-1)
-        return gamma[:, None, None] * (h + means[:, None, None, :] * alpha[:, None, None]) + beta[:, None, None]
+        out = gamma[:, None, None] * (h + means[:, None, None, :] * alpha[:, None, None]) + beta[:, None, None]
+        return out.astype(x.dtype)
 
 
 def resize_align_corners(x: jax.Array, size: Sequence[int]) -> jax.Array:
@@ -128,12 +132,13 @@ class ConvMeanPool(nn.Module):
 
     features: int
     kernel_size: int = 3
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x):
         k = self.kernel_size
         return mean_pool2(nn.Conv(self.features, (k, k), padding=k // 2, kernel_init=torch_default_init(),
-                                  name="conv")(x))
+                                  dtype=self.dtype, name="conv")(x))
 
 
 def normalize(x, y, num_classes: Optional[int], name: str):
@@ -155,19 +160,22 @@ class ResidualBlock(nn.Module):
     dilation: int = 1
     act: Callable = nn.elu
     num_classes: Optional[int] = None
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, y=None):
-        c_in, down, d = x.shape[-1], self.resample == "down", self.dilation
+        c_in, down, d, dt = x.shape[-1], self.resample == "down", self.dilation, self.dtype
         h = self.act(normalize(x, y, self.num_classes, "normalize1"))
-        h = conv3x3(c_in if down else self.features, d, name="conv1")(h)
+        h = conv3x3(c_in if down else self.features, d, name="conv1", dtype=dt)(h)
         h = self.act(normalize(h, y, self.num_classes, "normalize2"))
         if down and d == 1:
-            return ConvMeanPool(self.features, 3, name="conv2")(h) + ConvMeanPool(self.features, 1, name="shortcut")(x)
-        h = conv3x3(self.features, d, name="conv2")(h)
+            return (ConvMeanPool(self.features, 3, dt, name="conv2")(h)
+                    + ConvMeanPool(self.features, 1, dt, name="shortcut")(x))
+        h = conv3x3(self.features, d, name="conv2", dtype=dt)(h)
         if not down and c_in == self.features:
             return x + h
-        shortcut = conv3x3(self.features, d, name="shortcut") if (down or d > 1) else conv1x1(self.features, "shortcut")
+        shortcut = (conv3x3(self.features, d, name="shortcut", dtype=dt) if (down or d > 1)
+                    else conv1x1(self.features, "shortcut", dt))
         return shortcut(x) + h
 
 
@@ -179,6 +187,7 @@ class RCUBlock(nn.Module):
     n_stages: int
     act: Callable = nn.elu
     num_classes: Optional[int] = None
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, y=None):
@@ -187,7 +196,7 @@ class RCUBlock(nn.Module):
             for j in range(1, self.n_stages + 1):
                 if self.num_classes is not None:
                     x = normalize(x, y, self.num_classes, f"{i}_{j}_norm")
-                x = conv3x3(self.features, use_bias=False, name=f"{i}_{j}_conv")(self.act(x))
+                x = conv3x3(self.features, use_bias=False, name=f"{i}_{j}_conv", dtype=self.dtype)(self.act(x))
             x = x + residual
         return x
 
@@ -200,6 +209,7 @@ class CRPBlock(nn.Module):
     n_stages: int = 2
     act: Callable = nn.elu
     num_classes: Optional[int] = None
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, y=None):
@@ -211,7 +221,7 @@ class CRPBlock(nn.Module):
             else:
                 path = normalize(path, y, self.num_classes, f"norms_{i}")
                 path = nn.avg_pool(path, (5, 5), strides=(1, 1), padding=((2, 2), (2, 2)), count_include_pad=True)
-            path = conv3x3(self.features, use_bias=False, name=f"convs_{i}")(path)
+            path = conv3x3(self.features, use_bias=False, name=f"convs_{i}", dtype=self.dtype)(path)
             x = path + x
         return x
 
@@ -221,6 +231,7 @@ class MSFBlock(nn.Module):
 
     features: int
     num_classes: Optional[int] = None
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, xs, y, shape):
@@ -228,7 +239,7 @@ class MSFBlock(nn.Module):
         for i, x in enumerate(xs):
             if self.num_classes is not None:
                 x = normalize(x, y, self.num_classes, f"norms_{i}")
-            out = out + resize_align_corners(conv3x3(self.features, name=f"convs_{i}")(x), shape)
+            out = out + resize_align_corners(conv3x3(self.features, name=f"convs_{i}", dtype=self.dtype)(x), shape)
         return out
 
 
@@ -240,12 +251,14 @@ class RefineBlock(nn.Module):
     end: bool = False
     act: Callable = nn.elu
     num_classes: Optional[int] = None
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, xs, y, shape):
-        kw = dict(act=self.act, num_classes=self.num_classes)
+        kw = dict(act=self.act, num_classes=self.num_classes, dtype=self.dtype)
         hs = [RCUBlock(x.shape[-1], 2, 2, name=f"adapt_convs_{i}", **kw)(x, y) for i, x in enumerate(xs)]
-        h = MSFBlock(self.features, self.num_classes, name="msf")(hs, y, shape) if len(hs) > 1 else hs[0]
+        h = (MSFBlock(self.features, self.num_classes, self.dtype, name="msf")(hs, y, shape) if len(hs) > 1
+             else hs[0])
         h = CRPBlock(self.features, 2, name="crp", **kw)(h, y)
         return RCUBlock(self.features, 3 if self.end else 1, 2, name="output_convs", **kw)(h, y)
 
@@ -301,14 +314,15 @@ class RefineNet(nn.Module):
     conditional: bool = False
     scale_by_sigma: bool = True
     refine_mults: Optional[Tuple[int, ...]] = None  # override of the RefineNet widths (see tests / README)
+    dtype: Any = jnp.float32  # compute dtype of the convolutions (parameters and norm statistics stay float32)
 
     @nn.compact
     def __call__(self, x, labels, train: bool = False):
         act, spec = get_activation(self.nonlinearity), ARCHITECTURES[self.arch]
         y = labels.astype(jnp.int32)
-        kw = dict(act=act, num_classes=self.num_scales if self.conditional else None)
+        kw = dict(act=act, num_classes=self.num_scales if self.conditional else None, dtype=self.dtype)
         h = x if self.centered else 2.0 * x - 1.0
-        h = conv3x3(self.nf, name="begin_conv")(h)
+        h = conv3x3(self.nf, name="begin_conv", dtype=self.dtype)(h)
         layers = []
         for name, mult, resample, dilation in spec["stages"]:
             h = ResidualBlock(mult * self.nf, resample, dilation, name=f"{name}_0", **kw)(h, y)
@@ -321,7 +335,7 @@ class RefineNet(nn.Module):
             xs = [skip] if ref is None else [skip, ref]
             ref = RefineBlock(mult * self.nf, end=j == len(mults) - 1, name=name, **kw)(xs, y, skip.shape[1:3])
         h = act(normalize(ref, y, kw["num_classes"], "normalizer"))
-        h = conv3x3(x.shape[-1], name="end_conv")(h)
+        h = conv3x3(x.shape[-1], name="end_conv", dtype=self.dtype)(h).astype(x.dtype)
         if self.scale_by_sigma:
             sigmas = jnp.asarray(geometric_sigmas(self.sigma_max, self.sigma_min, self.num_scales), h.dtype)
             h = h / sigmas[y][:, None, None, None]
@@ -335,9 +349,12 @@ def _common_fields(model_cfg, data_cfg) -> dict:
     for key in ("nf", "num_scales", "sigma_max", "sigma_min"):
         if model_cfg.get(key) is None:
             raise ValueError(f"config.model.{key} is required by config.model.name={model_cfg.name!r}")
+    dtype = model_cfg.get("dtype", None) or "float32"
+    if dtype not in DTYPES:
+        raise ValueError(f"config.model.dtype={dtype!r}; expected one of {sorted(DTYPES)}")
     return dict(nf=int(model_cfg.nf), num_scales=int(model_cfg.num_scales), sigma_max=float(model_cfg.sigma_max),
                 sigma_min=float(model_cfg.sigma_min), nonlinearity=model_cfg.get("nonlinearity", "elu"),
-                centered=bool(data_cfg.centered))
+                centered=bool(data_cfg.centered), dtype=DTYPES[dtype])
 
 
 @register_model("ncsnv2")

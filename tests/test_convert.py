@@ -262,3 +262,17 @@ def test_round_trip_through_torch_names(name, size):
         np.testing.assert_array_equal(flat[p], flax_flat[p])
     if name == "ncsn":
         assert any(k.endswith("normalize1.embed.weight") for k in torch_sd)
+
+
+@pytest.mark.slow
+def test_bfloat16_compute_stays_close(converted):
+    """config.model.dtype=bfloat16: convolutions in bfloat16 (params and norm statistics float32); the converted
+    network's output stays within a few % (relative L2) of score_sde_pytorch's float32 output (measured 3.3%)."""
+    ref = np.load(shared_data_path("interop", f"{SMALL}_reference.npz"))
+    config = small_config(dtype="bfloat16")
+    module = models.create_model(config).module
+    out = jax.jit(lambda p, x, y: module.apply({"params": p}, x, y))(converted[1], jnp.asarray(ref["x_nhwc"]),
+                                                                   jnp.asarray(ref["labels"]))
+    assert out.dtype == jnp.float32
+    r = ref["out_nhwc"]
+    assert np.linalg.norm(np.asarray(out, np.float64) - r) / np.linalg.norm(r) < 0.1

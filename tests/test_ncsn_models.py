@@ -207,5 +207,8 @@ def test_config_errors():
     config.model.normalization = "GroupNorm"
     with pytest.raises(ValueError, match="InstanceNorm"):
         models.create_model(config)
+    config.model.normalization, config.model.dtype = "InstanceNorm++", "float16"
+    with pytest.raises(ValueError, match="config.model.dtype='float16'"):
+        models.create_model(config)
     with pytest.raises(ValueError, match="nonlinearity"):
         nm.get_activation("gelu")

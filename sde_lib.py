@@ -188,8 +188,11 @@ class SDE(abc.ABC):
         raise ValueError(f"unknown time input {time_input!r}; expected one of {TIME_INPUTS}")
 
     # ---- hooks used by discrete samplers (overridden where the chain has its own rule) --------------------
-    def ancestral_step(self, x: Array, t: Array, score: Array) -> Tuple[Array, Array]:
-        """Mean and std (shape (batch,)) of the ancestral transition x_{i-1} | x_i of the discrete chain."""
+    def ancestral_step(self, x: Array, t: Array, score: Array, variance: str | None = None) -> Tuple[Array, Array]:
+        """Mean and std (shape (batch,)) of the ancestral transition x_{i-1} | x_i of the discrete chain.
+
+        ``variance``: "beta" (the forward step's variance) or "beta_tilde" (the posterior q(x_{i-1}|x_i, x_0)'s);
+        None: the chain's usual choice."""
         raise NotImplementedError(
             f"{type(self).__name__} defines no discrete ancestral chain; use another predictor")
 
@@ -313,11 +316,14 @@ class VPSDE(_LinearBetaMixin, SDE):
         beta = jnp.asarray(self.discrete_betas, x.dtype)[self.step_index(t)]
         return (batch_broadcast(jnp.sqrt(1.0 - beta), x) - 1.0) * x, jnp.sqrt(beta)
 
-    def ancestral_step(self, x, t, score):
-        """DDPM ancestral sampling: x_{i-1} = (x_i + β_i s) / √(1-β_i) + √β_i z (SDE paper Eq. 47)."""
-        beta = jnp.asarray(self.discrete_betas, x.dtype)[self.step_index(t)]
+    def ancestral_step(self, x, t, score, variance=None):
+        """DDPM ancestral sampling: x_{i-1} = (x_i + β_i s) / √(1-β_i) + σ_i z (SDE paper Eq. 47), with
+        σ_i² = β_i ("beta", default) or the posterior variance β̃_i ("beta_tilde"); DDPM Sec. 3.2."""
+        i = self.step_index(t)
+        beta = jnp.asarray(self.discrete_betas, x.dtype)[i]
+        var = _ancestral_variance(variance, "beta", beta, jnp.asarray(self.posterior_variance, x.dtype)[i])
         b = batch_broadcast(beta, x)
-        return (x + b * score) / jnp.sqrt(1.0 - b), jnp.sqrt(beta)
+        return (x + b * score) / jnp.sqrt(1.0 - b), jnp.sqrt(var)
 
     def langevin_alpha(self, t):
         return jnp.asarray(self.alphas, jnp.float32)[self.step_index(t)]
@@ -385,12 +391,22 @@ class VESDE(SDE):
         sigma, prev = self._sigma_and_previous(t, x.dtype)
         return jnp.zeros_like(x), jnp.sqrt(sigma**2 - prev**2)
 
-    def ancestral_step(self, x, t, score):
-        """SMLD ancestral sampling (SDE paper Eq. 47): mean x + (σ_i² - σ_{i-1}²) s,
-        std √(σ_{i-1}² (σ_i² - σ_{i-1}²) / σ_i²)."""
+    def ancestral_step(self, x, t, score, variance=None):
+        """SMLD ancestral sampling (SDE paper Eq. 47): mean x + (σ_i² - σ_{i-1}²) s, std
+        √(σ_{i-1}² (σ_i² - σ_{i-1}²) / σ_i²) (the posterior's, "beta_tilde", default) or √(σ_i² - σ_{i-1}²) ("beta")."""
         sigma, prev = self._sigma_and_previous(t, x.dtype)
         var_step = sigma**2 - prev**2
-        return x + batch_broadcast(var_step, x) * score, jnp.sqrt(prev**2 * var_step / sigma**2)
+        var = _ancestral_variance(variance, "beta_tilde", var_step, prev**2 * var_step / sigma**2)
+        return x + batch_broadcast(var_step, x) * score, jnp.sqrt(var)
+
+
+def _ancestral_variance(variance, default, beta, beta_tilde):
+    """Pick the ancestral step's variance by name ("beta" or "beta_tilde"; None: ``default``)."""
+    choices = {"beta": beta, "beta_tilde": beta_tilde}
+    name = default if variance is None else variance
+    if name not in choices:
+        raise ValueError(f"unknown ancestral variance {variance!r}; expected one of {sorted(choices)}")
+    return choices[name]
 
 
 def get_sde(cfg) -> SDE:

@@ -45,6 +45,18 @@ def get_base_config():
     sampling.eps = placeholder(float)      # smallest sampling time; None: the SDE's eps
     sampling.num_samples = 64
     sampling.batch_size = 64
+    # options of the other methods (samplers.SAMPLERS); a None placeholder keeps the method's own default
+    sampling.num_steps = placeholder(int)  # noise levels / time nodes (pc: sde.N, ddim 100, dpm_solver++ 20, heun 18)
+    sampling.grid = placeholder(str)       # time grid: uniform | log_snr | karras (EDM ρ=7)
+    sampling.solver = "tsit5"              # ode: tsit5 | dopri5 (adaptive, rtol/atol) | euler | heun (num_steps)
+    sampling.rtol = 1e-5
+    sampling.atol = 1e-5
+    sampling.eta = 0.0                     # ddim: 0 deterministic, 1 DDPM-like
+    sampling.order = 2                     # dpm_solver++: 2 (2M) or 3 (3M)
+    sampling.ancestral_variance = placeholder(str)  # ancestral_sampling: beta | beta_tilde; None: the chain's usual
+    sampling.ald_step_size = placeholder(float)     # ald / annealed_langevin ε; None: 2 snr² σ_min²
+    sampling.step_rule = "ncsn"            # annealed_langevin: ncsn (fixed ε) | ncsnv2 (ε from NCSNv2's rule)
+    sampling.step_size = placeholder(float)  # plain langevin ε; None: 0.1 σ(eps)²
 
     config.eval = evaluate = ml_collections.ConfigDict()
     evaluate.batch_size = 128

@@ -39,13 +39,18 @@ FAST_METHODS = {
     "dpm_solver++2m": ("dpm_solver++", dict(num_steps=20), 0.15, 0.035),
     "dpm_solver++3m": ("dpm_solver++", dict(num_steps=15, order=3), 0.15, 0.035),
     "heun": ("heun", dict(), 0.15, 0.035),
+    "pc_ancestral_beta_tilde": ("pc", dict(predictor="ancestral_sampling", corrector="none",
+                                           ancestral_variance="beta_tilde"), 0.15, 0.035),
     "annealed_langevin": ("annealed_langevin", dict(), 0.3, 0.05),
 }
 FAST_SDE = {"pc_em_langevin": "subvp", "pc_reverse_diffusion": "ve", "ode_tsit5": "vp", "ddim": "ve",
-            "dpm_solver++2m": "subvp", "dpm_solver++3m": "vp", "heun": "ve", "annealed_langevin": "vp"}
+            "dpm_solver++2m": "subvp", "dpm_solver++3m": "vp", "heun": "ve", "annealed_langevin": "vp",
+            "pc_ancestral_beta_tilde": "vp"}
 SLOW_METHODS = {
     "pc_default": ("pc", dict(), 0.15, 0.035),
     "pc_ancestral": ("pc", dict(predictor="ancestral_sampling", corrector="langevin"), 0.15, 0.035),
+    "pc_ancestral_beta": ("pc", dict(predictor="ancestral_sampling", corrector="none", ancestral_variance="beta"),
+                          0.15, 0.035),
     "pc_em_ald": ("pc", dict(corrector="ald", n_steps=2), 0.15, 0.035),
     "ode_dopri5": ("ode", dict(solver="dopri5"), 0.15, 0.035),
     "ode_heun": ("ode", dict(solver="heun", num_steps=100), 0.15, 0.035),

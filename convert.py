@@ -243,27 +243,52 @@ def convert_state_dict(state: Mapping[str, np.ndarray], config, source: str = "c
     return params
 
 
-def convert_loaded(ckpt: Mapping, config, source: str = "checkpoint") -> Tuple[Params, Params, int]:
-    """``(params, ema_params, step)`` from an unpickled score_sde_pytorch checkpoint dict."""
-    if not isinstance(ckpt, Mapping):
-        raise ConversionError(f"{source}: expected a dict checkpoint, got {type(ckpt).__name__}")
-    if "model" not in ckpt:
-        if ckpt and all(isinstance(v, np.ndarray) for v in ckpt.values()):
-            ckpt = {"model": ckpt}  # a bare state dict: no EMA, no step
-        else:
-            raise ConversionError(f"{source}: no 'model' entry (keys: {sorted(map(str, ckpt))}); expected a "
-                                  f"score_sde_pytorch checkpoint {{'optimizer', 'model', 'ema', 'step'}}")
+def _is_state_dict(obj) -> bool:
+    return isinstance(obj, Mapping) and bool(obj) and all(isinstance(v, np.ndarray) for v in obj.values())
+
+
+def normalise_checkpoint(ckpt: Any, source: str) -> dict:
+    """``{"model", "ema", "step"}`` from the checkpoint layouts we read:
+
+    * score_sde_pytorch: ``{"optimizer", "model", "ema": {"shadow_params": [...]}, "step"}``;
+    * ermongroup/ncsn(v2): ``[model, optimizer, epoch, step(, ema)]`` with a *named* EMA state dict;
+    * a bare state dict (no EMA: the raw weights serve as EMA; step 0).
+    """
+    if isinstance(ckpt, (list, tuple)) and ckpt and _is_state_dict(ckpt[0]):
+        ema = ckpt[4] if len(ckpt) > 4 and _is_state_dict(ckpt[4]) else None
+        return {"model": ckpt[0], "ema": ema, "step": int(ckpt[3]) if len(ckpt) > 3 else 0}
+    if _is_state_dict(ckpt) and "model" not in ckpt:
+        return {"model": ckpt, "ema": None, "step": 0}
+    if not isinstance(ckpt, Mapping) or "model" not in ckpt:
+        what = sorted(map(str, ckpt)) if isinstance(ckpt, Mapping) else type(ckpt).__name__
+        raise ConversionError(f"{source}: not a score_sde_pytorch checkpoint {{'optimizer', 'model', 'ema', "
+                              f"'step'}}, an ermongroup [model, optimizer, epoch, step, ema] list or a state dict "
+                              f"(got {what})")
+    return {"model": ckpt["model"], "ema": ckpt.get("ema"), "step": int(ckpt.get("step", 0))}
+
+
+def ema_values(model_sd: Dict[str, np.ndarray], ema: Any, config, source: str) -> Dict[str, np.ndarray]:
+    """The state dict with EMA values, from score_sde's ordered ``shadow_params`` list or a named EMA dict."""
+    if isinstance(ema, Mapping) and "shadow_params" in ema:
+        names = non_trainable_names(config.model.name, config.model)
+        return ema_state_dict(model_sd, ema["shadow_params"], names, source)
+    named = strip_prefix(ema)
+    unknown = [k for k in named if k not in model_sd]
+    if unknown:
+        raise ConversionError(f"{source}: EMA tensors with no counterpart in the model: {_listed(unknown)}")
+    return {**model_sd, **named}
+
+
+def convert_loaded(ckpt: Any, config, source: str = "checkpoint") -> Tuple[Params, Params, int]:
+    """``(params, ema_params, step)`` from an unpickled checkpoint (see ``normalise_checkpoint``)."""
+    ckpt = normalise_checkpoint(ckpt, source)
     expected = expected_shapes(config)
     model_sd = strip_prefix(ckpt["model"])
     params = convert_state_dict(model_sd, config, f"{source}['model']", expected)
-    ema = ckpt.get("ema")
-    if ema is None:
-        ema_params = jax.tree.map(np.copy, params)
-    else:
-        names = non_trainable_names(config.model.name, config.model)
-        ema_sd = ema_state_dict(model_sd, ema["shadow_params"], names, f"{source}['ema']")
-        ema_params = convert_state_dict(ema_sd, config, f"{source}['ema']", expected)
-    return params, ema_params, int(ckpt.get("step", 0))
+    if ckpt["ema"] is None:
+        return params, jax.tree.map(np.copy, params), ckpt["step"]
+    ema_sd = ema_values(model_sd, ckpt["ema"], config, f"{source}['ema']")
+    return params, convert_state_dict(ema_sd, config, f"{source}['ema']", expected), ckpt["step"]
 
 
 def convert_checkpoint(pth_path: Union[str, pathlib.Path], config) -> Tuple[Params, Params, int]:

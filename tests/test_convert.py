@@ -276,3 +276,20 @@ def test_bfloat16_compute_stays_close(converted):
     assert out.dtype == jnp.float32
     r = ref["out_nhwc"]
     assert np.linalg.norm(np.asarray(out, np.float64) - r) / np.linalg.norm(r) < 0.1
+
+
+def test_ermongroup_list_layout_with_named_ema(checkpoint, converted):
+    """ermongroup/ncsnv2 saves [model, optimizer, epoch, step, ema_helper.state_dict()] with a named EMA dict."""
+    model = checkpoint["model"]
+    trainable = [k for k in model if k != "module.sigmas"]
+    named_ema = dict(zip(trainable, checkpoint["ema"]["shadow_params"]))
+    legacy = [model, checkpoint["optimizer"], 7, 3, named_ema]
+    params, ema_params, step = convert.convert_loaded(legacy, small_config(), "ermongroup")
+    assert step == 3
+    for a, b in zip(jax.tree.leaves((params, ema_params)), jax.tree.leaves(converted[:2])):
+        np.testing.assert_array_equal(a, b)
+    legacy[4] = dict(named_ema, **{"module.bogus": np.zeros(1)})
+    with pytest.raises(convert.ConversionError, match="EMA tensors with no counterpart in the model: bogus"):
+        convert.convert_loaded(legacy, small_config(), "ermongroup")
+    with pytest.raises(convert.ConversionError, match="not a score_sde_pytorch checkpoint"):
+        convert.convert_loaded({"foo": 1}, small_config(), "odd")

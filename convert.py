@@ -213,7 +213,9 @@ def check_mapping(params: Params, expected: Mapping[str, Tuple[int, ...]], sd: S
     flat = _flatten(params)
     named = lambda path: f"{sd.origin[id(flat[path])]} -> {path}" if id(flat[path]) in sd.origin else path
     problems = []
-    mismatched = [f"{named(p)}: checkpoint {tuple(np.shape(flat[p]))} vs model {expected[p]}"
+    torch_shape = lambda p: (f" (torch {tuple(np.shape(sd._tensors[sd.origin[id(flat[p])]]))})"
+                             if id(flat[p]) in sd.origin and np.ndim(flat[p]) > 1 else "")
+    mismatched = [f"{named(p)}: checkpoint {tuple(np.shape(flat[p]))}{torch_shape(p)} vs model {expected[p]}"
                   for p in flat if p in expected and tuple(np.shape(flat[p])) != expected[p]]
     if mismatched:
         problems.append(f"shape mismatches (first {min(len(mismatched), MAX_LISTED)} of {len(mismatched)}): "

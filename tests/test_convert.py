@@ -106,7 +106,7 @@ def test_wrong_width_names_first_mismatching_tensors(checkpoint):
         convert.convert_loaded(checkpoint, small_config(nf=32), SMALL)
     msg = str(info.value)
     assert "shape mismatches" in msg and "begin_conv.weight -> begin_conv/kernel" in msg
-    assert "checkpoint (3, 3, 3, 16) vs model (3, 3, 3, 32)" in msg and SMALL in msg
+    assert "checkpoint (3, 3, 3, 16) (torch (16, 3, 3, 3)) vs model (3, 3, 3, 32)" in msg and SMALL in msg
 
 
 def test_wrong_depth_lists_missing_parameters(checkpoint):

@@ -427,9 +427,16 @@ def evaluate_checkpoint(config, workdir: str, exp: Experiment, ev: EvalState) ->
     if jax.process_index() == 0:
         path = pathlib.Path(workdir) / "eval" / f"step_{ev.step}.json"
         utils.atomic_write_json(path, {"metrics": metrics, "provenance": provenance})
-        print(f"step {ev.step}: " + "  ".join(f"{k} {v:.4g}" for k, v in _flatten(metrics).items()
-                                              if isinstance(v, float)) + f"  -> {path}", flush=True)
+        print(f"step {ev.step}: " + "  ".join(f"{k} {v:.4g}" for k, v in _headline(metrics).items())
+              + f"  -> {path}", flush=True)
     return {"metrics": metrics, "provenance": provenance}
+
+
+def _headline(metrics: dict) -> dict:
+    """The figures worth a console line: losses, bits/dim, FID/KID/IS, distances, confidences."""
+    words = ("loss", "bpd", "fid", "kid", "inception_score", "wasserstein", "confidence", "entropy")
+    return {k: v for k, v in _flatten(metrics).items()
+            if isinstance(v, float) and any(w in k for w in words) and not k.endswith(("stderr", "_std"))}
 
 
 def compute_test_loss(config, exp: Experiment, params, step: int) -> dict:

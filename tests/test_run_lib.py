@@ -322,3 +322,25 @@ def test_eval_mode_evaluates_every_checkpoint_with_provenance(tmp_path):
         assert np.isfinite(saved["metrics"]["test_loss"]) and "sliced_wasserstein_samples" in saved["metrics"]
         assert {"config_sha256", "git_commit", "nfe", "seed", "ema"} <= set(saved["provenance"])
     assert results[2]["metrics"]["test_loss"] != results[4]["metrics"]["test_loss"]
+
+
+@pytest.mark.slow
+def test_eval_mode_adds_bits_per_dim_through_likelihood(tmp_path):
+    config = tiny_config(2, **{"eval.enable_bpd": True, "eval.likelihood.num_examples": 16,
+                               "eval.likelihood.divergence": "exact", "eval.enable_sampling": False})
+    run_lib.train(config, str(tmp_path))
+    result = run_lib.evaluate(config, str(tmp_path))[2]["metrics"]
+    assert result["likelihood"]["num_examples"] == 16 and np.isfinite(result["likelihood"]["bpd"])
+    assert (tmp_path / "likelihood" / "step_2_ode_test.json").exists()
+
+
+def test_stop_signal_sets_a_flag_and_a_second_sigint_interrupts():
+    with utils.StopSignal() as stop:
+        assert not stop.requested
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        assert stop.requested and stop.signum == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -519,27 +519,32 @@ def array_batches(images: np.ndarray, batch_size: int):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Domain classifier (Flax CNN) for small grayscale datasets: features for a domain FID, logits for IS
+# Domain classifier (Flax MLP or CNN) for small grayscale datasets: features for a domain FID, logits for IS
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _domain_module(num_classes: int, width: int = 32, feature_dim: int = 128):
-    """CNN uint8 (N, H, W, C) -> (penultimate ReLU features (N, feature_dim), logits (N, num_classes)).
+def _domain_module(num_classes: int, arch: str = "mlp", feature_dim: int = 128):
+    """Classifier uint8 (N, H, W, C) -> (penultimate ReLU features (N, feature_dim), logits (N, num_classes)).
 
-    Stages of conv3×3 + ReLU + avg-pool 2 until the map is at most 7×7 (8×8: 1 stage, 28×28: 2), then a dense
-    ReLU feature layer and a linear classifier.
+    arch "mlp": pixels -> Dense 256 -> ReLU -> Dense feature_dim -> ReLU -> Dense num_classes (fast on CPU).
+    arch "cnn": stride-2 conv3×3 + ReLU stages until the map is at most 7×7, then the same two dense layers
+    (about 25× slower to train on CPU: XLA's conv gradients are slow there).
     """
     import flax.linen as nn
     import jax.numpy as jnp
+
+    if arch not in ("mlp", "cnn"):
+        raise ValueError(f"unknown domain classifier arch {arch!r}; valid: 'mlp', 'cnn'")
 
     class DomainClassifier(nn.Module):
         @nn.compact
         def __call__(self, images):
             x = images.astype(jnp.float32) / 127.5 - 1.0
-            stages = max(1, int(np.ceil(np.log2(images.shape[1] / 7.0))))
-            for i in range(stages):
-                x = nn.relu(nn.Conv(width * 2 ** i, (3, 3))(x))
-                x = nn.avg_pool(x, (2, 2), (2, 2), "SAME")
+            if arch == "cnn":
+                for i in range(max(1, int(np.ceil(np.log2(images.shape[1] / 7.0))))):
+                    x = nn.relu(nn.Conv(32 * 2 ** i, (3, 3), strides=2)(x))
+            else:
+                x = nn.relu(nn.Dense(256)(x.reshape(x.shape[0], -1)))
             h = nn.relu(nn.Dense(feature_dim)(x.reshape(x.shape[0], -1)))
             return h, nn.Dense(num_classes)(h)
 
@@ -547,43 +552,45 @@ def _domain_module(num_classes: int, width: int = 32, feature_dim: int = 128):
 
 
 def train_domain_classifier(images_uint8, labels, key, num_steps: int = 1500, batch_size: int = 128,
-                            learning_rate: float = 1e-3):
+                            learning_rate: float = 1e-3, arch: str = "mlp"):
     """Adam on cross-entropy over random minibatches (indices from ``fold_in(key, step)``); returns params."""
     import jax
     import jax.numpy as jnp
     import optax
 
     images, labels = jnp.asarray(images_uint8), jnp.asarray(labels, jnp.int32)
-    module = _domain_module(int(labels.max()) + 1)
+    module = _domain_module(int(labels.max()) + 1, arch)
     params = module.init(jax.random.fold_in(key, -1 & 0x7FFFFFFF), images[:1])["params"]
     opt = optax.adam(learning_rate)
 
-    def loss_fn(p, idx):
-        _, logits = module.apply({"params": p}, images[idx])
-        return optax.softmax_cross_entropy_with_integer_labels(logits, labels[idx]).mean()
+    def loss_fn(p, x, y):
+        _, logits = module.apply({"params": p}, x)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-    @jax.jit
-    def step(carry, i):
-        p, s = carry
-        idx = jax.random.randint(jax.random.fold_in(key, i), (batch_size,), 0, images.shape[0])
-        grads = jax.grad(loss_fn)(p, idx)
-        updates, s = opt.update(grads, s, p)
-        return (optax.apply_updates(p, updates), s), None
+    @jax.jit  # the data are arguments, not closed-over constants (XLA would fold them into the program)
+    def train(p, images, labels):
+        def step(carry, i):
+            p, s = carry
+            idx = jax.random.randint(jax.random.fold_in(key, i), (batch_size,), 0, images.shape[0])
+            grads = jax.grad(loss_fn)(p, images[idx], labels[idx])
+            updates, s = opt.update(grads, s, p)
+            return (optax.apply_updates(p, updates), s), None
 
-    (params, _), _ = jax.lax.scan(step, (params, opt.init(params)), jnp.arange(num_steps))
-    return jax.device_get(params)
+        return jax.lax.scan(step, (p, opt.init(p)), jnp.arange(num_steps))[0][0]
+
+    return jax.device_get(train(params, images, labels))
 
 
 class DomainExtractor:
-    """A trained ``DomainClassifier``: uint8 images -> (features (N, 128), logits (N, K)), jitted once per shape."""
+    """A trained domain classifier: uint8 images -> (features (N, 128), logits (N, K)), jitted once per shape."""
 
-    name = "domain_cnn"
+    name = "domain"
     dim = 128
 
-    def __init__(self, params, num_classes: int, meta: Optional[Dict[str, Any]] = None):
+    def __init__(self, params, num_classes: int, arch: str = "mlp", meta: Optional[Dict[str, Any]] = None):
         import jax
 
-        self.module = _domain_module(num_classes)
+        self.module = _domain_module(num_classes, arch)
         self.params = jax.device_put(params)
         self.meta = dict(meta or {})
         self._apply = jax.jit(lambda p, x: self.module.apply({"params": p}, x))
@@ -614,12 +621,13 @@ def dataset_uint8(config, split: str) -> Tuple[np.ndarray, np.ndarray]:
     return np.concatenate(images), np.concatenate(labels)
 
 
-DOMAIN_STEPS = 1500
+DOMAIN_STEPS = 3000
+DOMAIN_ARCH = "mlp"
 
 
 def domain_classifier_path(config, cache_dir) -> pathlib.Path:
     d = config.data
-    return pathlib.Path(cache_dir) / f"domain_cnn_{d.dataset}_{d.image_size}x{d.image_size}x{d.num_channels}.npz"
+    return pathlib.Path(cache_dir) / f"domain_{DOMAIN_ARCH}_{d.dataset}_{d.image_size}x{d.image_size}x{d.num_channels}.npz"
 
 
 def save_domain_classifier(path, params, meta: Dict[str, Any]) -> None:
@@ -645,7 +653,7 @@ def load_domain_classifier(path) -> DomainExtractor:
     with np.load(path) as f:
         meta = json.loads(str(f["__meta__"]))
         params = traverse_util.unflatten_dict({tuple(k.split("/")): f[k] for k in f.files if k != "__meta__"})
-    return DomainExtractor(params, int(meta["num_classes"]), meta)
+    return DomainExtractor(params, int(meta["num_classes"]), meta["arch"], meta)
 
 
 def get_domain_classifier(config, cache_dir, key=None, num_steps: int = DOMAIN_STEPS) -> DomainExtractor:
@@ -657,12 +665,12 @@ def get_domain_classifier(config, cache_dir, key=None, num_steps: int = DOMAIN_S
         return load_domain_classifier(path)
     images, labels = dataset_uint8(config, "train")
     key = jax.random.key(int(config.seed)) if key is None else key
-    params = train_domain_classifier(images, labels, key, num_steps=num_steps)
+    params = train_domain_classifier(images, labels, key, num_steps=num_steps, arch=DOMAIN_ARCH)
     num_classes = int(labels.max()) + 1
     test_images, test_labels = dataset_uint8(config, "test")
-    extractor = DomainExtractor(params, num_classes)
+    extractor = DomainExtractor(params, num_classes, DOMAIN_ARCH)
     _, logits = extract_features(extractor, array_batches(test_images, 500), 500)
-    meta = {"num_classes": num_classes, "dataset": config.data.dataset, "image_size": int(config.data.image_size),
+    meta = {"num_classes": num_classes, "arch": DOMAIN_ARCH, "dataset": config.data.dataset, "image_size": int(config.data.image_size),
             "num_channels": int(config.data.num_channels), "num_train": len(images), "num_steps": num_steps,
             "test_accuracy": float((logits.argmax(1) == test_labels).mean())}
     save_domain_classifier(path, params, meta)
@@ -732,11 +740,11 @@ def default_extractors(config) -> Tuple[str, ...]:
     if names:
         return tuple(names)
     small_gray = int(config.data.num_channels) == 1 and int(config.data.image_size) <= 32
-    return ("inception", "domain_cnn") if small_gray else ("inception",)
+    return ("inception", "domain") if small_gray else ("inception",)
 
 
 def get_extractor(name: str, config, workdir):
-    """The feature extractor ``name`` (registry ``EXTRACTORS``): 'inception' or 'domain_cnn'."""
+    """The feature extractor ``name`` (registry ``EXTRACTORS``): 'inception' or 'domain'."""
     if name not in EXTRACTORS:
         raise ValueError(f"unknown feature extractor {name!r} (config.eval.fid_extractors); valid: {sorted(EXTRACTORS)}")
     return EXTRACTORS[name](config, workdir)
@@ -748,7 +756,7 @@ def _classifier_dir(config, workdir) -> pathlib.Path:
 
 EXTRACTORS = {
     "inception": lambda config, workdir: InceptionExtractor(config.eval.get("inception_weights", None)),
-    "domain_cnn": lambda config, workdir: get_domain_classifier(config, _classifier_dir(config, workdir)),
+    "domain": lambda config, workdir: get_domain_classifier(config, _classifier_dir(config, workdir)),
 }
 
 

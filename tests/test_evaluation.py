@@ -266,3 +266,25 @@ def test_write_result_json_requires_provenance(digits_config, tmp_path):
     del prov["seed"]
     with pytest.raises(ValueError, match="seed"):
         ev.write_result_json(tmp_path / "r2.json", {}, prov)
+
+
+# ------------------------------------------------------------------------------------------------ domain classifier
+
+
+def test_domain_classifier_trains_saves_loads_and_gives_domain_fid(digits_config, tmp_path):
+    digits_config.eval.fid_extractors = ("domain",)
+    digits_config.eval.classifier_dir = str(tmp_path / "cls")
+    trained = ev.get_domain_classifier(digits_config, tmp_path / "cls", num_steps=400)
+    assert trained.meta["test_accuracy"] > 0.9 and trained.meta["num_train"] == 1500
+    path = ev.domain_classifier_path(digits_config, tmp_path / "cls")
+    loaded = ev.load_domain_classifier(path)
+    test, _ = ev.digits_uint8("test")
+    np.testing.assert_array_equal(np.asarray(trained(test)[0]), np.asarray(loaded(test)[0]))
+    ev.run_fid_stats(digits_config, str(tmp_path))  # uses the cached classifier
+    res_real = ev.evaluate_samples(digits_config, tmp_path, test[:200], num_samples=200)["domain"]
+    noise = np.random.default_rng(0).integers(0, 256, (200, 8, 8, 1), dtype=np.uint8)
+    res_noise = ev.evaluate_samples(digits_config, tmp_path, noise, num_samples=200)["domain"]
+    assert res_noise["fid"] > 5 * res_real["fid"] and res_noise["kid"] > 5 * abs(res_real["kid"])
+    assert res_real["inception_score"] > 6 and res_noise["inception_score"] < res_real["inception_score"]
+    with pytest.raises(FileNotFoundError, match="train_domain_classifier"):
+        ev.load_domain_classifier(tmp_path / "nothing.npz")

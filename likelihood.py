@@ -450,9 +450,13 @@ def likelihood_settings(config, sde) -> dict:
            "ema": bool(config.eval.use_ema), "sde": type(sde).__name__, "seed": int(config.seed),
            "batch_size": int(config.eval.batch_size)}
     if lik.method == "ddpm_bound":
+        import losses
+
         check_ddpm_bound_inputs(sde, space, lik.ddpm_num_steps)
+        chain = losses.resolve_loss_name(config, sde) in ("ddpm", "ddpm_vlb")  # trained on the chain's labels
         return {**out, "ddpm_variance": lik.ddpm_variance, "ddpm_num_steps": lik.ddpm_num_steps or sde.N,
-                "ddpm_exact_sum": lik.ddpm_num_steps is None, "is_bound": True}
+                "ddpm_exact_sum": lik.ddpm_num_steps is None, "is_bound": True,
+                "ddpm_eps": "network at step labels" if chain else "score at t with alpha(t) = sqrt(abar_i)"}
     dequantization = "none" if space.bits is None else lik.dequantization
     if int(lik.num_draws) < 1 or int(lik.num_probes) < 1:
         raise ValueError("config.eval.likelihood.num_draws and .num_probes must be >= 1")
@@ -467,10 +471,8 @@ def _batch_evaluator(config, ev, settings: dict, space: DataSpace, mesh: Optiona
     """``evaluate(key, x) -> (bpd (b,), nfe (b,))`` for one batch of model-space data as loaded."""
     score_fn_of = functools.partial(_model_score_fn, ev.model, ev.sde)
     if settings["method"] == "ddpm_bound":
-        import losses
-
         eps_fn_of = None
-        if losses.resolve_loss_name(config, ev.sde) in ("ddpm", "ddpm_vlb"):  # trained on the chain's labels
+        if settings["ddpm_eps"].startswith("network"):
             eps_fn_of, score_fn_of = functools.partial(_model_eps_fn, ev.model, ev.sde), None
         fn = ddpm_bound_fn(ev.sde, eps_fn_of=eps_fn_of, score_fn_of=score_fn_of, space=space, mesh=mesh,
                            variance=settings["ddpm_variance"], num_steps=config.eval.likelihood.ddpm_num_steps)

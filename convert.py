@@ -14,6 +14,7 @@ init is one error listing the names. Layout helpers: ``conv_kernel`` (OIHW -> HW
 """
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -30,6 +31,7 @@ TORCH_CONVERTERS: Dict[str, ConverterFn] = {}
 # model name -> names of non-trainable state-dict entries (absent from the EMA list), or fn(model_cfg) -> names.
 NON_TRAINABLE: Dict[str, Union[Sequence[str], Callable[[Any], Sequence[str]]]] = {}
 DEFAULT_NON_TRAINABLE = ("sigmas",)
+BUFFERS = ("sigmas",)  # state-dict entries that are buffers, not parameters, in score_sde_pytorch models
 MAX_LISTED = 8
 
 
@@ -258,15 +260,17 @@ def normalise_checkpoint(ckpt: Any, source: str) -> dict:
     """
     if isinstance(ckpt, (list, tuple)) and ckpt and _is_state_dict(ckpt[0]):
         ema = ckpt[4] if len(ckpt) > 4 and _is_state_dict(ckpt[4]) else None
-        return {"model": ckpt[0], "ema": ema, "step": int(ckpt[3]) if len(ckpt) > 3 else 0}
+        return {"model": ckpt[0], "ema": ema, "step": int(ckpt[3]) if len(ckpt) > 3 else 0,
+                "optimizer": ckpt[1] if len(ckpt) > 1 else None}
     if _is_state_dict(ckpt) and "model" not in ckpt:
-        return {"model": ckpt, "ema": None, "step": 0}
+        return {"model": ckpt, "ema": None, "step": 0, "optimizer": None}
     if not isinstance(ckpt, Mapping) or "model" not in ckpt:
         what = sorted(map(str, ckpt)) if isinstance(ckpt, Mapping) else type(ckpt).__name__
         raise ConversionError(f"{source}: not a score_sde_pytorch checkpoint {{'optimizer', 'model', 'ema', "
                               f"'step'}}, an ermongroup [model, optimizer, epoch, step, ema] list or a state dict "
                               f"(got {what})")
-    return {"model": ckpt["model"], "ema": ckpt.get("ema"), "step": int(ckpt.get("step", 0))}
+    return {"model": ckpt["model"], "ema": ckpt.get("ema"), "step": int(ckpt.get("step", 0)),
+            "optimizer": ckpt.get("optimizer")}
 
 
 def ema_values(model_sd: Dict[str, np.ndarray], ema: Any, config, source: str) -> Dict[str, np.ndarray]:
@@ -291,6 +295,61 @@ def convert_loaded(ckpt: Any, config, source: str = "checkpoint") -> Tuple[Param
         return params, jax.tree.map(np.copy, params), ckpt["step"]
     ema_sd = ema_values(model_sd, ckpt["ema"], config, f"{source}['ema']")
     return params, convert_state_dict(ema_sd, config, f"{source}['ema']", expected), ckpt["step"]
+
+
+@dataclasses.dataclass(frozen=True)
+class AdamMoments:
+    """torch.optim.Adam's first/second moments as Flax param trees, and its step count."""
+
+    mu: Params
+    nu: Params
+    count: int
+
+
+def adam_moments(ckpt: Any, config, source: str = "checkpoint") -> Optional[AdamMoments]:
+    """The checkpoint's Adam state mapped like the weights (None when it has none). torch keys the state by the
+    index of the parameter in ``model.parameters()`` order, i.e. state-dict order without the buffers
+    (``sigmas``); parameters that never had a gradient (NCSN++'s Fourier W) get zero moments."""
+    ckpt = normalise_checkpoint(ckpt, source)
+    opt = ckpt.get("optimizer")
+    if not isinstance(opt, Mapping) or not opt.get("state"):
+        return None
+    model_sd = strip_prefix(ckpt["model"])
+    indices = [i for group in opt["param_groups"] for i in group["params"]]
+    names = [k for k in model_sd if k not in BUFFERS]
+    if len(names) != len(indices):
+        raise ConversionError(f"{source}: the optimizer holds {len(indices)} parameters but the state dict has "
+                              f"{len(names)} non-buffer entries")
+    by_name = {name: opt["state"].get(i) for name, i in zip(names, indices)}
+    counts = {int(np.asarray(s["step"])) for s in by_name.values() if s}
+    if len(counts) != 1 or any(s and "exp_avg" not in s for s in by_name.values()):
+        raise ConversionError(f"{source}: optimizer state is not torch.optim.Adam's (steps {sorted(counts)})")
+    expected = expected_shapes(config)
+    trees = []
+    for moment in ("exp_avg", "exp_avg_sq"):
+        sd = {k: (by_name[k][moment] if by_name[k] else np.zeros_like(v)) if k in by_name else v
+              for k, v in model_sd.items()}
+        trees.append(convert_state_dict(sd, config, f"{source}['optimizer'].{moment}", expected))
+    return AdamMoments(trees[0], trees[1], counts.pop())
+
+
+def with_adam_moments(opt_state: Any, moments: AdamMoments, step: int) -> Any:
+    """``opt_state`` (an optax chain's state) with its Adam moments/count and schedule count replaced."""
+    import optax
+
+    def visit(node):
+        if isinstance(node, optax.ScaleByAdamState):
+            as_tree = lambda t: jax.tree.map(jnp.asarray, t)
+            return node._replace(count=jnp.asarray(moments.count, node.count.dtype), mu=as_tree(moments.mu),
+                                 nu=as_tree(moments.nu))
+        if isinstance(node, optax.ScaleByScheduleState):
+            return node._replace(count=jnp.asarray(step, node.count.dtype))
+        if isinstance(node, tuple):
+            children = [visit(c) for c in node]
+            return type(node)(*children) if hasattr(node, "_fields") else tuple(children)
+        return node
+
+    return visit(opt_state)
 
 
 def convert_checkpoint(pth_path: Union[str, pathlib.Path], config) -> Tuple[Params, Params, int]:
@@ -318,9 +377,11 @@ def checkpoint_path(config) -> pathlib.Path:
     return path
 
 
-def save_converted(config, workdir, params: Params, ema_params: Params, step: int, source: str) -> pathlib.Path:
-    """Write a train state (fresh optimizer state) at ``step`` in ``workdir/checkpoints``, with the config, so that
-    sample/eval/likelihood and training resume from it. Returns the checkpoint directory."""
+def save_converted(config, workdir, params: Params, ema_params: Params, step: int, source: str,
+                   moments: Optional[AdamMoments] = None) -> pathlib.Path:
+    """Write a train state at ``step`` in ``workdir/checkpoints``, with the config, so that sample/eval/likelihood
+    run on it and training resumes from it (with the converted Adam moments when given, else a fresh optimizer
+    state). Returns the checkpoint directory."""
     import run_lib
     import utils
 
@@ -328,8 +389,11 @@ def save_converted(config, workdir, params: Params, ema_params: Params, step: in
     utils.check_workdir_writable(str(workdir))
     optimizer = run_lib.get_optimizer(config.optim)
     params, ema_params = (jax.tree.map(jnp.asarray, p) for p in (params, ema_params))
+    opt_state = optimizer.init(params)
+    if moments is not None:
+        opt_state = with_adam_moments(opt_state, moments, step)
     state = run_lib.TrainState(step=jnp.asarray(step, jnp.int32), params=params, ema_params=ema_params,
-                               opt_state=optimizer.init(params))
+                               opt_state=opt_state)
     ckpt = utils.CheckpointManager(workdir / "checkpoints", config)
     if step in ckpt.steps():
         raise FileExistsError(f"{ckpt.directory} already has a checkpoint for step {step}; use an empty workdir")
@@ -337,14 +401,17 @@ def save_converted(config, workdir, params: Params, ema_params: Params, step: in
     ckpt.save(step, state)
     ckpt.wait()
     utils.atomic_write_json(workdir / "converted_from.json", {"source": source, "step": step,
-                                                              "model": config.model.name})
+                                                              "model": config.model.name,
+                                                              "adam_moments": moments is not None})
     return ckpt.directory / str(step)
 
 
 def run(config, workdir: str) -> None:
     """``main.py --mode=convert --config=<matching config> --config.convert.checkpoint=<file.pth> --workdir=W``."""
     source = checkpoint_path(config)
-    params, ema_params, step = convert_checkpoint(source, config)
+    ckpt = torch_io.load(source)
+    params, ema_params, step = convert_loaded(ckpt, config, str(source))
+    moments = adam_moments(ckpt, config, str(source))
     n = sum(int(np.size(v)) for v in jax.tree.leaves(params))
-    out = save_converted(config, workdir, params, ema_params, step, str(source))
+    out = save_converted(config, workdir, params, ema_params, step, str(source), moments)
     print(f"converted {source} ({config.model.name}, {n / 1e6:.2f}M parameters, step {step}) -> {out}")

@@ -197,8 +197,8 @@ def test_run_requires_a_source(tmp_path):
         convert.run(config, str(tmp_path))
 
 
-def test_run_writes_a_train_state_checkpoint(tmp_path, converted):
-    """The orbax checkpoint holds step 3, raw and EMA params and a fresh optimizer state (restored here into a
+def test_run_writes_a_train_state_checkpoint(tmp_path, checkpoint, converted):
+    """The orbax checkpoint holds step 3, raw and EMA params and torch's Adam moments (restored here into a
     template built from the converted params, without initialising the network)."""
     run_lib, utils = pytest.importorskip("run_lib"), pytest.importorskip("utils")
     config = small_config()
@@ -214,6 +214,12 @@ def test_run_writes_a_train_state_checkpoint(tmp_path, converted):
     for got, expected in ((state.params, params), (state.ema_params, ema_params)):
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
             np.testing.assert_array_equal(a, b)
+    adam = [n for n in jax.tree.leaves(state.opt_state, is_leaf=lambda n: hasattr(n, "mu")) if hasattr(n, "mu")]
+    torch_state = checkpoint["optimizer"]["state"][0]  # parameter 0 = begin_conv.weight
+    assert len(adam) == 1 and int(adam[0].count) == 3 == int(torch_state["step"])
+    np.testing.assert_array_equal(adam[0].mu["begin_conv"]["kernel"], torch_state["exp_avg"].transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(adam[0].nu["begin_conv"]["kernel"],
+                                  torch_state["exp_avg_sq"].transpose(2, 3, 1, 0))
     with pytest.raises(FileExistsError, match="already has a checkpoint for step 3"):
         convert.run(config, str(tmp_path))
 

@@ -10,6 +10,13 @@ CRP) from the deepest feature map back to full resolution.
   Depth follows the image size as in the paper: 4 stages up to 64 px, 5 up to 128 px, 6 up to 256 px.
 * ``ncsn``: every normalisation is conditional instance norm++ (per-σ γ, α, β) and the output is the score itself.
 
+Parameter count (CIFAR-10, nf 128): 29,694,083 = 29.69M, the figure of score_sde_pytorch, whose layers have the
+shapes of the paper's code (ermongroup/ncsnv2: RefineBlock widths 2nf, 2nf, nf, nf). score_sde's JAX NCSNv2 gives
+33.97M because its third RefineBlock is 2nf wide (and the fourth then adapts a 2nf input); ``refine_mults=(2, 2, 2,
+1)`` reproduces that count exactly (tests/test_ncsn_models.py). score_sde_pytorch's forward fails at 32 px because
+its dilated convs are padded by 1 instead of by the dilation; here they are padded as in the paper's code. The "++"
+standardisation of channel means uses torch's unbiased variance over channels, as the papers' code does.
+
 Module names mirror score_sde_pytorch (``res1_0``, ``refine2/adapt_convs_1/1_2_conv``...) so that checkpoints map
 by renaming (``torch_params`` below, registered in ``convert.TORCH_CONVERTERS``).
 """

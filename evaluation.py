@@ -146,11 +146,13 @@ def train_digits_classifier(seed: int = 0) -> Dict[str, np.ndarray]:
     Returns numpy weights {"W0", "b0", "W1", "b1", "W2", "b2", "test_accuracy"}.
     """
     from sklearn.neural_network import MLPClassifier
+    from threadpoolctl import threadpool_limits
 
     x, y = digits_uint8("train")
     xt, yt = digits_uint8("test")
     clf = MLPClassifier(hidden_layer_sizes=(128, 64), alpha=1e-2, max_iter=1000, random_state=seed)
-    clf.fit(x.reshape(len(x), -1) / 255.0, y)
+    with threadpool_limits(1):  # small matrices: multi-threaded BLAS is ~10x slower on a busy machine
+        clf.fit(x.reshape(len(x), -1) / 255.0, y)
     params = {f"W{i}": w.astype(np.float32) for i, w in enumerate(clf.coefs_)}
     params.update({f"b{i}": b.astype(np.float32) for i, b in enumerate(clf.intercepts_)})
     params["test_accuracy"] = np.float64(clf.score(xt.reshape(len(xt), -1) / 255.0, yt))
@@ -209,7 +211,13 @@ def digits_quality(samples_uint8, cache_dir: Optional[str] = None) -> Dict[str, 
     1 split) and the domain FID to the training split, in the classifier's penultimate (64-d) feature space.
     The held-out set has min(N, 297) images (its count is recorded).
     """
-    samples = np.asarray(samples_uint8)
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1):
+        return _digits_quality(np.asarray(samples_uint8), cache_dir)
+
+
+def _digits_quality(samples: np.ndarray, cache_dir) -> Dict[str, Any]:
     params = load_digits_classifier(str(cache_dir) if cache_dir else None)
     train, _ = digits_uint8("train")
     ref_mu, ref_sigma = feature_statistics(digits_features_logits(params, train)[0])

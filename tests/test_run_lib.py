@@ -180,6 +180,11 @@ def test_corrupt_latest_checkpoint_falls_back_with_warning(tmp_path, capsys):
     assert_states_equal(at3, state)
 
 
+def test_periodic_saves_keep_the_last_k(tmp_path):
+    run_lib.train(tiny_config(8, **{"training.snapshot_freq": 2, "training.keep_checkpoints": 2}), str(tmp_path))
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [6, 8]
+
+
 def test_incompatible_checkpoint_is_refused_with_the_differing_key(tmp_path):
     run_lib.train(tiny_config(2), str(tmp_path))
     with pytest.raises(utils.IncompatibleCheckpointError, match=r"model\.hidden: checkpoint 32 vs config 64"):

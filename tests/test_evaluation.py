@@ -288,3 +288,39 @@ def test_domain_classifier_trains_saves_loads_and_gives_domain_fid(digits_config
     assert res_real["inception_score"] > 6 and res_noise["inception_score"] < res_real["inception_score"]
     with pytest.raises(FileNotFoundError, match="train_domain_classifier"):
         ev.load_domain_classifier(tmp_path / "nothing.npz")
+
+
+_SHARDED_SCRIPT = r"""
+import sys
+import jax, jax.numpy as jnp, numpy as np
+sys.path.insert(0, sys.argv[1])
+import evaluation as ev
+assert jax.local_device_count() == 2
+seen = []
+@jax.jit
+def fn(x):
+    return x.reshape(x.shape[0], -1).astype(jnp.float32) * 2.0, x[:, 0, 0, :].astype(jnp.float32)
+def extractor(x):
+    seen.append((x.shape, len(x.sharding.device_set)))
+    return fn(x)
+images = np.random.default_rng(0).integers(0, 256, (11, 4, 4, 1), dtype=np.uint8)
+feats, logits = ev.extract_features(extractor, ev.array_batches(images, 5), batch_size=5)
+np.testing.assert_array_equal(feats, images.reshape(11, -1) * 2.0)
+np.testing.assert_array_equal(logits, images[:, 0, 0, :])
+assert all(shape[0] == 6 and n == 2 for shape, n in seen), seen
+print("ok", seen)
+"""
+
+
+def test_extract_features_sharded_over_two_devices_matches(tmp_path):
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    script = tmp_path / "sharded.py"
+    script.write_text(_SHARDED_SCRIPT)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    repo = str(pathlib.Path(__file__).resolve().parents[1])
+    proc = subprocess.run([sys.executable, str(script), repo], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]

@@ -124,4 +124,7 @@ def get_base_config():
     optim.weight_decay = 0.0
     optim.warmup = 5000
     optim.grad_clip = 1.0
+
+    config.convert = convert = ml_collections.ConfigDict()
+    convert.checkpoint = ""                # --mode=convert: score_sde_pytorch .pth converted into workdir/checkpoints
     return config

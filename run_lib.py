@@ -267,12 +267,7 @@ def _train_loop(run: Run, state: TrainState, data: Iterator, stop: utils.StopSig
     for step in range(start, n_iters):
         state, metrics = run.step_fn(state, next(data))
         metrics = jax.device_get(metrics)  # also blocks: CPU collectives can deadlock when steps pile up
-        if not np.isfinite(metrics["loss"]):
-            good = run.ckpt.steps()
-            raise FloatingPointError(
-                f"loss became {metrics['loss']} at step {step + 1} (lr {run.schedule(step):.3g}); training "
-                f"stopped without saving. The last good checkpoint is step {good[-1] if good else None} in "
-                f"{run.ckpt.directory}; lower config.optim.lr or check the data")
+        _check_finite(run, metrics, step)
         metrics["lr"] = float(run.schedule(step))
         run.logger.log(step + 1, metrics, config.training.batch_size)
         _after_step(run, state, step + 1)
@@ -282,6 +277,17 @@ def _train_loop(run: Run, state: TrainState, data: Iterator, stop: utils.StopSig
             print(f"stopped by signal after step {step + 1}; checkpoint saved in {run.ckpt.directory}", flush=True)
             break
     return state
+
+
+def _check_finite(run: Run, metrics: dict, step: int):
+    """Stop (FloatingPointError) before a non-finite loss or gradient norm can reach a checkpoint."""
+    for name in ("loss", "grad_norm"):
+        if not np.isfinite(metrics[name]):
+            good = run.ckpt.steps()
+            raise FloatingPointError(
+                f"{name.replace('_', ' ')} became {metrics[name]} at step {step + 1} (lr {run.schedule(step):.3g});"
+                f" training stopped without saving. The last good checkpoint is step {good[-1] if good else None}"
+                f" in {run.ckpt.directory}; lower config.optim.lr or check the data")
 
 
 def _after_step(run: Run, state: TrainState, step: int):

@@ -11,7 +11,6 @@ and ``annealed_langevin`` (NCSN). ``nfe`` counts score evaluations of the whole 
 """
 from __future__ import annotations
 
-import dataclasses
 import inspect
 from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
@@ -50,11 +49,12 @@ def _noise(key: Array, x: Array) -> Array:
     return jax.random.normal(key, x.shape, x.dtype)
 
 
-def check_eps(sde: SDE, eps: Optional[float]) -> float:
+def check_eps(sde: SDE, eps: Optional[float], name: str = "eps") -> float:
     """The smallest sampling time: ``eps`` or the SDE's own; must lie in (0, T)."""
     eps = sde.eps if eps is None else float(eps)
     if not 0.0 < eps < sde.T:
-        raise ValueError(f"sampling eps={eps} must lie in (0, T={sde.T}) (option 'eps' / config.sampling.eps)")
+        raise ValueError(f"sampling {name}={eps} must lie in (0, T={sde.T}) (option {name!r} / "
+                         f"config.sampling.{name})")
     return eps
 
 
@@ -245,12 +245,14 @@ def build_pc(sde: SDE, score_fn: ScoreFn, shape, predictor: str = "euler_maruyam
              snr: float = 0.16, n_steps: int = 1, num_steps: Optional[int] = None, denoise: bool = True,
              eps: Optional[float] = None, ald_step_size: Optional[float] = None,
              ancestral_variance: Optional[str] = None, grid: str = "uniform",
-             mesh="auto") -> Tuple[SamplerFn, int]:
+             mesh="auto", project: Optional[Callable] = None) -> Tuple[SamplerFn, int]:
     """PC sampler on ``num_steps`` (default ``sde.N``) times t_i from T to eps (``grid``, see ``time_grid``;
     "uniform" is t_i = linspace(T, eps, num_steps), the only one for chain predictors): at each t_i run the
     corrector, then predict to t_{i+1}; at t = eps run the corrector and (``denoise``) Tweedie's denoiser.
 
-    NFE = (num_steps - 1)·P + num_steps·C·n_steps + denoise, with P, C the per-step costs (0 for "none")."""
+    NFE = (num_steps - 1)·P + num_steps·C·n_steps + denoise, with P, C the per-step costs (0 for "none").
+    ``project(key, x, t) -> x`` (optional) runs on the prior sample and after every corrector and predictor step,
+    at the time that step ends at (e.g. inpainting's replacement of the known pixels); not after denoising."""
     eps = check_eps(sde, eps)
     num_steps = sde.N if num_steps is None else int(num_steps)
     _positive("num_steps", num_steps)
@@ -264,6 +266,8 @@ def build_pc(sde: SDE, score_fn: ScoreFn, shape, predictor: str = "euler_maruyam
     sigma_L = float(_alpha_sigma(sde, eps)[1])
     corr = _lookup(CORRECTORS, corrector, "corrector")(sde, score_fn, snr=snr, n_steps=n_steps, sigma_L=sigma_L,
                                                        ald_step_size=ald_step_size)
+    if project is not None:
+        pred, corr = _projected(pred, corr, project)
     sharding = batch_sharding(shape, mesh)
     ts = time_grid(sde, num_steps, eps, grid)
     step = pc_step_fn(sde, score_fn, pred, corr)
@@ -272,6 +276,8 @@ def build_pc(sde: SDE, score_fn: ScoreFn, shape, predictor: str = "euler_maruyam
     def run(key):
         k_prior, k_loop = jax.random.split(key)
         x = _shard(sde.prior_sampling(k_prior, shape), sharding)
+        if project is not None:
+            x = project(jax.random.fold_in(k_prior, 1), x, ts[0])
 
         def body(x, i):
             return step(jax.random.fold_in(k_loop, i), x, ts[i], ts[i + 1]), None
@@ -283,6 +289,14 @@ def build_pc(sde: SDE, score_fn: ScoreFn, shape, predictor: str = "euler_maruyam
         return x, jnp.asarray(nfe)
 
     return _jit(run, sharding), nfe
+
+
+def _projected(pred: Predictor, corr: Corrector, project: Callable) -> Tuple[Predictor, Corrector]:
+    """The predictor and corrector, each followed by ``project(key, x, t)`` at the time its step ends at."""
+    sub = lambda key: jax.random.fold_in(key, 0x5EED)
+    p_step = lambda key, x, t, t_next: project(sub(key), pred.step(key, x, t, t_next), t_next)
+    c_step = lambda key, x, t: project(sub(key), corr.step(key, x, t), t)
+    return pred._replace(step=p_step), corr._replace(step=c_step)
 
 
 # ---- time grids for the fast solvers --------------------------------------------------------------------------
@@ -324,7 +338,7 @@ def time_grid(sde: SDE, n: int, eps: float, kind: str = "uniform", rho: float = 
     return ts.at[0].set(sde.T).at[-1].set(eps)
 
 
-GRIDS = {"uniform": None, "log_snr": None, "karras": None}
+GRIDS = {"uniform": "uniform in t", "log_snr": "uniform in λ = log(α/σ)", "karras": "EDM, ρ=7 in σ/α"}
 
 
 def _grid_sampler(sde, score_fn, shape, ts, step, init_state, denoise, sharding, x_init=None) -> SamplerFn:
@@ -531,7 +545,7 @@ def build_langevin(sde: SDE, score_fn: ScoreFn, shape, num_steps: int = 1000, st
     """Plain Langevin dynamics with the score at ONE noise level t (default eps): K = ``num_steps`` steps
     x ← x + ε s(x, t) + √(2ε) z from ``x_init`` (default a prior sample). Default ε = 0.1 σ(t)² is stable but slow
     when the data are much wider than σ(t): pass ``step_size`` for your data scale. NFE = K + denoise."""
-    t = check_eps(sde, t)
+    t = check_eps(sde, t, "t")
     eps_step = 0.1 * float(_alpha_sigma(sde, t)[1]) ** 2 if step_size is None else step_size
     _positive("step_size", eps_step)
     _positive("num_steps", num_steps)
@@ -550,8 +564,8 @@ def build_annealed_langevin(sde: SDE, score_fn: ScoreFn, shape, num_steps: int =
                             grid: str = "log_snr", denoise: bool = True, eps: Optional[float] = None,
                             mesh="auto") -> Tuple[SamplerFn, int]:
     """Annealed Langevin dynamics (NCSN, Song & Ermon 2019, Alg. 1) over L = ``num_steps`` noise levels
-    σ_i = σ(t_i) on a geometric ladder (``grid="log_snr"``: σ/α geometric, exactly NCSN's for VE), ``n_steps`` steps of size ε σ_i²/σ_L² per level, then Tweedie's
-    denoiser (NCSNv2). ``step_rule="ncsnv2"`` picks ε by NCSNv2's rule (``ncsnv2_step_size``).
+    σ_i = σ(t_i) on a geometric ladder (``grid="log_snr"``: σ/α geometric, exactly NCSN's for VE), ``n_steps``
+    steps of size ε σ_i²/σ_L² per level, then Tweedie's denoiser (NCSNv2). ``step_rule="ncsnv2"`` picks ε by NCSNv2's rule (``ncsnv2_step_size``).
     NFE = L·n_steps + denoise."""
     eps = check_eps(sde, eps)
     if step_rule not in ("ncsn", "ncsnv2"):
@@ -566,9 +580,9 @@ def build_annealed_langevin(sde: SDE, score_fn: ScoreFn, shape, num_steps: int =
 
 
 # ---- entry points -------------------------------------------------------------------------------------------------
-SAMPLERS: Dict[str, Callable] = {"pc": build_pc, "ode": build_ode, "ddim": build_ddim, "dpm_solver++": build_dpm_solver_pp,
-                                 "heun": build_heun, "langevin": build_langevin,
-                                 "annealed_langevin": build_annealed_langevin}
+SAMPLERS: Dict[str, Callable] = {"pc": build_pc, "ode": build_ode, "ddim": build_ddim,
+                                 "dpm_solver++": build_dpm_solver_pp, "heun": build_heun,
+                                 "langevin": build_langevin, "annealed_langevin": build_annealed_langevin}
 
 
 def build_sampler(sde: SDE, score_fn: ScoreFn, shape, method: str = "pc", **options) -> Tuple[SamplerFn, object]:

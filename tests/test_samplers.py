@@ -103,12 +103,17 @@ def test_wrong_score_fails(name):
         check_matches(MIX2, x, sw_bound, w_tol)
 
 
+GRID_CASES = ([(name, 2) for name in sorted(FAST_METHODS) + sorted(SLOW_METHODS)]
+              + [(name, dim) for dim in (1, 16) for name in ("pc_em_langevin", "pc_reverse_diffusion", "ode_tsit5",
+                                                              "ddim", "dpm_solver++2m", "heun", "annealed_langevin")])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sde_name", sorted(SDES))
-@pytest.mark.parametrize("name", sorted(FAST_METHODS) + sorted(SLOW_METHODS))
-@pytest.mark.parametrize("dim", [1, 2, 16])
+@pytest.mark.parametrize("name,dim", GRID_CASES)
 def test_method_grid(sde_name, name, dim):
-    """1-D, 2-D and 16-D mixtures; the wrong score must fail the same check."""
+    """Every method under every SDE on the 2-D mixture, main methods also on 1-D and 16-D mixtures; the wrong
+    score must fail the same check."""
     method, options, sw_bound, w_tol = {**FAST_METHODS, **SLOW_METHODS}[name]
     if options.get("predictor") == "ancestral_sampling" and sde_name == "subvp":
         pytest.skip("sub-VP has no discrete ancestral chain")

@@ -15,6 +15,9 @@ import os
 import pathlib
 from typing import Any, Dict, Optional, Tuple
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 # --------------------------------------------------------------------------------------------------------------
@@ -123,6 +126,7 @@ def kernel_inception_distance(feats1, feats2, key_seed: int = 0, num_subsets: in
 # --------------------------------------------------------------------------------------------------------------
 # Digits (sklearn 8x8): data, a small classifier, and quality numbers
 # --------------------------------------------------------------------------------------------------------------
+
 
 def digits_uint8(split: str = "train") -> Tuple[np.ndarray, np.ndarray]:
     """sklearn digits as stored by ``datasets`` (source "digits"): (N, 8, 8, 1) uint8 and labels (N,) int32.
@@ -261,7 +265,6 @@ def inception_preprocess(images_uint8):
     Values in [0, 255] are resized (TF1 legacy bilinear, not rounded) unless already 299×299, then mapped by
     x/255·1.9921875 - 1 (= u/128 - 1), as FidHelper does.
     """
-    import jax.numpy as jnp
 
     x = jnp.asarray(images_uint8).astype(jnp.float32)
     if x.ndim != 4 or x.shape[-1] not in (1, 3):
@@ -276,125 +279,127 @@ def inception_preprocess(images_uint8):
     return x / 255.0 * 1.9921875 - 1.0
 
 
-def _inception_modules():
-    """Flax modules of the FID Inception-v3 (imported lazily so the statistics above need no JAX)."""
-    import flax.linen as nn
-    import jax
-    import jax.numpy as jnp
+class ConvBN(nn.Module):
+    """relu((conv(x) - mean) / sqrt(var + 0.001) + beta): bias-free conv, BN without gamma (TF 2015 FID)."""
+    features: int
+    kernel: Tuple[int, int]
+    stride: int = 1
+    padding: Tuple[int, int] = (0, 0)
 
-    class ConvBN(nn.Module):
-        """relu((conv(x) - mean) / sqrt(var + 0.001) + beta): bias-free conv, BN without gamma (TF 2015 FID)."""
-        features: int
-        kernel: Tuple[int, int]
-        stride: int = 1
-        padding: Tuple[int, int] = (0, 0)
+    @nn.compact
+    def __call__(self, x):
+        k = self.param("kernel", nn.initializers.lecun_normal(), (*self.kernel, x.shape[-1], self.features))
+        beta, mean, var = (self.param(n, nn.initializers.zeros, (self.features,)) for n in ("beta", "mean", "var"))
+        (ph, pw) = self.padding
+        y = jax.lax.conv_general_dilated(x, k, (self.stride, self.stride), ((ph, ph), (pw, pw)),
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                         precision=jax.lax.Precision.HIGHEST)
+        return nn.relu((y - mean) * jax.lax.rsqrt(var + 1e-3) + beta)
 
-        @nn.compact
-        def __call__(self, x):
-            k = self.param("kernel", nn.initializers.lecun_normal(), (*self.kernel, x.shape[-1], self.features))
-            beta, mean, var = (self.param(n, nn.initializers.zeros, (self.features,)) for n in ("beta", "mean", "var"))
-            (ph, pw) = self.padding
-            y = jax.lax.conv_general_dilated(x, k, (self.stride, self.stride), ((ph, ph), (pw, pw)),
-                                             dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                             precision=jax.lax.Precision.HIGHEST)
-            return nn.relu((y - mean) * jax.lax.rsqrt(var + 1e-3) + beta)
 
-    def avg3(x):
-        return nn.avg_pool(x, (3, 3), (1, 1), ((1, 1), (1, 1)), count_include_pad=False)
+def avg3(x):
+    """Avg-pool 3×3/s1/p1 with count_include_pad=False (A/C blocks, mixed_9)."""
+    return nn.avg_pool(x, (3, 3), (1, 1), ((1, 1), (1, 1)), count_include_pad=False)
 
-    def max3(x, stride=2, pad=0):
-        return nn.max_pool(x, (3, 3), (stride, stride), ((pad, pad), (pad, pad)))
 
-    class BlockA(nn.Module):
-        pool_features: int
+def max3(x, stride=2, pad=0):
+    """Max-pool 3×3 (reductions: s2 p0; mixed_10: s1 p1)."""
+    return nn.max_pool(x, (3, 3), (stride, stride), ((pad, pad), (pad, pad)))
 
-        @nn.compact
-        def __call__(self, x):
-            b1 = ConvBN(64, (1, 1), name="conv")(x)
-            b5 = ConvBN(48, (1, 1), name="tower_conv")(x)
-            b5 = ConvBN(64, (5, 5), padding=(2, 2), name="tower_conv_1")(b5)
-            b3 = ConvBN(64, (1, 1), name="tower_1_conv")(x)
-            b3 = ConvBN(96, (3, 3), padding=(1, 1), name="tower_1_conv_1")(b3)
-            b3 = ConvBN(96, (3, 3), padding=(1, 1), name="tower_1_conv_2")(b3)
-            bp = ConvBN(self.pool_features, (1, 1), name="tower_2_conv")(avg3(x))
-            return jnp.concatenate([b1, b5, b3, bp], axis=-1)
 
-    class BlockB(nn.Module):
-        @nn.compact
-        def __call__(self, x):
-            b3 = ConvBN(384, (3, 3), stride=2, name="conv")(x)
-            bd = ConvBN(64, (1, 1), name="tower_conv")(x)
-            bd = ConvBN(96, (3, 3), padding=(1, 1), name="tower_conv_1")(bd)
-            bd = ConvBN(96, (3, 3), stride=2, name="tower_conv_2")(bd)
-            return jnp.concatenate([b3, bd, max3(x)], axis=-1)
+class BlockA(nn.Module):
+    pool_features: int
 
-    class BlockC(nn.Module):
-        c7: int
+    @nn.compact
+    def __call__(self, x):
+        b1 = ConvBN(64, (1, 1), name="conv")(x)
+        b5 = ConvBN(48, (1, 1), name="tower_conv")(x)
+        b5 = ConvBN(64, (5, 5), padding=(2, 2), name="tower_conv_1")(b5)
+        b3 = ConvBN(64, (1, 1), name="tower_1_conv")(x)
+        b3 = ConvBN(96, (3, 3), padding=(1, 1), name="tower_1_conv_1")(b3)
+        b3 = ConvBN(96, (3, 3), padding=(1, 1), name="tower_1_conv_2")(b3)
+        bp = ConvBN(self.pool_features, (1, 1), name="tower_2_conv")(avg3(x))
+        return jnp.concatenate([b1, b5, b3, bp], axis=-1)
 
-        @nn.compact
-        def __call__(self, x):
-            c7 = self.c7
-            b1 = ConvBN(192, (1, 1), name="conv")(x)
-            b7 = ConvBN(c7, (1, 1), name="tower_conv")(x)
-            b7 = ConvBN(c7, (1, 7), padding=(0, 3), name="tower_conv_1")(b7)
-            b7 = ConvBN(192, (7, 1), padding=(3, 0), name="tower_conv_2")(b7)
-            bd = ConvBN(c7, (1, 1), name="tower_1_conv")(x)
-            bd = ConvBN(c7, (7, 1), padding=(3, 0), name="tower_1_conv_1")(bd)
-            bd = ConvBN(c7, (1, 7), padding=(0, 3), name="tower_1_conv_2")(bd)
-            bd = ConvBN(c7, (7, 1), padding=(3, 0), name="tower_1_conv_3")(bd)
-            bd = ConvBN(192, (1, 7), padding=(0, 3), name="tower_1_conv_4")(bd)
-            bp = ConvBN(192, (1, 1), name="tower_2_conv")(avg3(x))
-            return jnp.concatenate([b1, b7, bd, bp], axis=-1)
 
-    class BlockD(nn.Module):
-        @nn.compact
-        def __call__(self, x):
-            b3 = ConvBN(192, (1, 1), name="tower_conv")(x)
-            b3 = ConvBN(320, (3, 3), stride=2, name="tower_conv_1")(b3)
-            b7 = ConvBN(192, (1, 1), name="tower_1_conv")(x)
-            b7 = ConvBN(192, (1, 7), padding=(0, 3), name="tower_1_conv_1")(b7)
-            b7 = ConvBN(192, (7, 1), padding=(3, 0), name="tower_1_conv_2")(b7)
-            b7 = ConvBN(192, (3, 3), stride=2, name="tower_1_conv_3")(b7)
-            return jnp.concatenate([b3, b7, max3(x)], axis=-1)
+class BlockB(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        b3 = ConvBN(384, (3, 3), stride=2, name="conv")(x)
+        bd = ConvBN(64, (1, 1), name="tower_conv")(x)
+        bd = ConvBN(96, (3, 3), padding=(1, 1), name="tower_conv_1")(bd)
+        bd = ConvBN(96, (3, 3), stride=2, name="tower_conv_2")(bd)
+        return jnp.concatenate([b3, bd, max3(x)], axis=-1)
 
-    class BlockE(nn.Module):
-        max_pool: bool  # mixed_10 pools with max 3×3/s1/p1, mixed_9 with avg (count_include_pad=False)
 
-        @nn.compact
-        def __call__(self, x):
-            b1 = ConvBN(320, (1, 1), name="conv")(x)
-            b3 = ConvBN(384, (1, 1), name="tower_conv")(x)
-            b3a = ConvBN(384, (1, 3), padding=(0, 1), name="tower_mixed_conv")(b3)
-            b3b = ConvBN(384, (3, 1), padding=(1, 0), name="tower_mixed_conv_1")(b3)
-            bd = ConvBN(448, (1, 1), name="tower_1_conv")(x)
-            bd = ConvBN(384, (3, 3), padding=(1, 1), name="tower_1_conv_1")(bd)
-            bda = ConvBN(384, (1, 3), padding=(0, 1), name="tower_1_mixed_conv")(bd)
-            bdb = ConvBN(384, (3, 1), padding=(1, 0), name="tower_1_mixed_conv_1")(bd)
-            pooled = max3(x, stride=1, pad=1) if self.max_pool else avg3(x)
-            bp = ConvBN(192, (1, 1), name="tower_2_conv")(pooled)
-            return jnp.concatenate([b1, b3a, b3b, bda, bdb, bp], axis=-1)
+class BlockC(nn.Module):
+    c7: int
 
-    class InceptionV3FID(nn.Module):
-        """FID Inception-v3: network input (N, 299, 299, 3) in [-1, 1) -> pool3 features (N, 2048)."""
+    @nn.compact
+    def __call__(self, x):
+        c7 = self.c7
+        b1 = ConvBN(192, (1, 1), name="conv")(x)
+        b7 = ConvBN(c7, (1, 1), name="tower_conv")(x)
+        b7 = ConvBN(c7, (1, 7), padding=(0, 3), name="tower_conv_1")(b7)
+        b7 = ConvBN(192, (7, 1), padding=(3, 0), name="tower_conv_2")(b7)
+        bd = ConvBN(c7, (1, 1), name="tower_1_conv")(x)
+        bd = ConvBN(c7, (7, 1), padding=(3, 0), name="tower_1_conv_1")(bd)
+        bd = ConvBN(c7, (1, 7), padding=(0, 3), name="tower_1_conv_2")(bd)
+        bd = ConvBN(c7, (7, 1), padding=(3, 0), name="tower_1_conv_3")(bd)
+        bd = ConvBN(192, (1, 7), padding=(0, 3), name="tower_1_conv_4")(bd)
+        bp = ConvBN(192, (1, 1), name="tower_2_conv")(avg3(x))
+        return jnp.concatenate([b1, b7, bd, bp], axis=-1)
 
-        @nn.compact
-        def __call__(self, x):
-            x = ConvBN(32, (3, 3), stride=2, name="conv")(x)
-            x = ConvBN(32, (3, 3), name="conv_1")(x)
-            x = ConvBN(64, (3, 3), padding=(1, 1), name="conv_2")(x)
-            x = ConvBN(80, (1, 1), name="conv_3")(max3(x))
-            x = max3(ConvBN(192, (3, 3), name="conv_4")(x))
-            for i, pool_features in enumerate((32, 64, 64)):
-                x = BlockA(pool_features, name="mixed" + (f"_{i}" if i else ""))(x)
-            x = BlockB(name="mixed_3")(x)
-            for i, c7 in zip(range(4, 8), (128, 160, 160, 192)):
-                x = BlockC(c7, name=f"mixed_{i}")(x)
-            x = BlockD(name="mixed_8")(x)
-            x = BlockE(False, name="mixed_9")(x)
-            x = BlockE(True, name="mixed_10")(x)
-            return jnp.mean(x, axis=(1, 2))  # avg 8×8/s8 on the 8×8 map, reshaped to (N, 2048)
 
-    return InceptionV3FID
+class BlockD(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        b3 = ConvBN(192, (1, 1), name="tower_conv")(x)
+        b3 = ConvBN(320, (3, 3), stride=2, name="tower_conv_1")(b3)
+        b7 = ConvBN(192, (1, 1), name="tower_1_conv")(x)
+        b7 = ConvBN(192, (1, 7), padding=(0, 3), name="tower_1_conv_1")(b7)
+        b7 = ConvBN(192, (7, 1), padding=(3, 0), name="tower_1_conv_2")(b7)
+        b7 = ConvBN(192, (3, 3), stride=2, name="tower_1_conv_3")(b7)
+        return jnp.concatenate([b3, b7, max3(x)], axis=-1)
+
+
+class BlockE(nn.Module):
+    max_pool: bool  # mixed_10 pools with max 3×3/s1/p1, mixed_9 with avg (count_include_pad=False)
+
+    @nn.compact
+    def __call__(self, x):
+        b1 = ConvBN(320, (1, 1), name="conv")(x)
+        b3 = ConvBN(384, (1, 1), name="tower_conv")(x)
+        b3a = ConvBN(384, (1, 3), padding=(0, 1), name="tower_mixed_conv")(b3)
+        b3b = ConvBN(384, (3, 1), padding=(1, 0), name="tower_mixed_conv_1")(b3)
+        bd = ConvBN(448, (1, 1), name="tower_1_conv")(x)
+        bd = ConvBN(384, (3, 3), padding=(1, 1), name="tower_1_conv_1")(bd)
+        bda = ConvBN(384, (1, 3), padding=(0, 1), name="tower_1_mixed_conv")(bd)
+        bdb = ConvBN(384, (3, 1), padding=(1, 0), name="tower_1_mixed_conv_1")(bd)
+        pooled = max3(x, stride=1, pad=1) if self.max_pool else avg3(x)
+        bp = ConvBN(192, (1, 1), name="tower_2_conv")(pooled)
+        return jnp.concatenate([b1, b3a, b3b, bda, bdb, bp], axis=-1)
+
+
+class InceptionV3FID(nn.Module):
+    """FID Inception-v3: network input (N, 299, 299, 3) in [-1, 1) -> pool3 features (N, 2048)."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = ConvBN(32, (3, 3), stride=2, name="conv")(x)
+        x = ConvBN(32, (3, 3), name="conv_1")(x)
+        x = ConvBN(64, (3, 3), padding=(1, 1), name="conv_2")(x)
+        x = ConvBN(80, (1, 1), name="conv_3")(max3(x))
+        x = max3(ConvBN(192, (3, 3), name="conv_4")(x))
+        for i, pool_features in enumerate((32, 64, 64)):
+            x = BlockA(pool_features, name="mixed" + (f"_{i}" if i else ""))(x)
+        x = BlockB(name="mixed_3")(x)
+        for i, c7 in zip(range(4, 8), (128, 160, 160, 192)):
+            x = BlockC(c7, name=f"mixed_{i}")(x)
+        x = BlockD(name="mixed_8")(x)
+        x = BlockE(False, name="mixed_9")(x)
+        x = BlockE(True, name="mixed_10")(x)
+        return jnp.mean(x, axis=(1, 2))  # avg 8×8/s8 on the 8×8 map, reshaped to (N, 2048)
 
 
 def _inception_param_tree(arrays: Dict[str, np.ndarray]) -> Dict[str, Any]:
@@ -443,17 +448,15 @@ class InceptionExtractor:
     """uint8 NHWC images (any size, 1 or 3 channels) -> (pool3 features (N, 2048), None); jitted once per shape.
 
     The batch is sharded over a ``data`` mesh axis when several devices exist (its size must divide by their
-    number; ``compute_features`` pads batches to a fixed size for that).
+    number; ``extract_features`` pads batches to a fixed size for that).
     """
 
     name = "inception_v3_fid"
     dim = 2048
 
     def __init__(self, weights_path: Optional[str] = None):
-        import jax
-
         self.weights_path = str(inception_weights_path(weights_path))
-        self.module = _inception_modules()()
+        self.module = InceptionV3FID()
         self.params = jax.device_put(load_inception_params(self.weights_path))
         self._apply = jax.jit(lambda params, x: self.module.apply({"params": params}, inception_preprocess(x)))
 
@@ -468,7 +471,6 @@ class InceptionExtractor:
 
 def _data_sharding():
     """NamedSharding splitting the batch axis over all local devices, or None on one device."""
-    import jax
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
     if jax.local_device_count() == 1:
@@ -490,7 +492,6 @@ def extract_features(extractor, batches, batch_size: int, limit: Optional[int] =
     ``mask`` marks the real rows. Every batch is padded to one fixed size (a multiple of the device count), so the
     jitted extractor compiles once; padding rows are dropped. Stops after ``limit`` images when given.
     """
-    import jax
 
     sharding = _data_sharding()
     n_dev = jax.local_device_count()
@@ -531,39 +532,41 @@ def array_batches(images: np.ndarray, batch_size: int):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _domain_module(num_classes: int, arch: str = "mlp", feature_dim: int = 128):
+class DomainClassifier(nn.Module):
     """Classifier uint8 (N, H, W, C) -> (penultimate ReLU features (N, feature_dim), logits (N, num_classes)).
 
     arch "mlp": pixels -> Dense 256 -> ReLU -> Dense feature_dim -> ReLU -> Dense num_classes (fast on CPU).
     arch "cnn": stride-2 conv3×3 + ReLU stages until the map is at most 7×7, then the same two dense layers
     (about 25× slower to train on CPU: XLA's conv gradients are slow there).
     """
-    import flax.linen as nn
-    import jax.numpy as jnp
+    num_classes: int
+    arch: str = "mlp"
+    feature_dim: int = 128
 
-    if arch not in ("mlp", "cnn"):
-        raise ValueError(f"unknown domain classifier arch {arch!r}; valid: 'mlp', 'cnn'")
+    @nn.compact
+    def __call__(self, images):
+        x = images.astype(jnp.float32) / 127.5 - 1.0
+        if self.arch == "cnn":
+            for i in range(max(1, int(np.ceil(np.log2(images.shape[1] / 7.0))))):
+                x = nn.relu(nn.Conv(32 * 2 ** i, (3, 3), strides=2)(x))
+        else:
+            x = nn.relu(nn.Dense(256)(x.reshape(x.shape[0], -1)))
+        h = nn.relu(nn.Dense(self.feature_dim)(x.reshape(x.shape[0], -1)))
+        return h, nn.Dense(self.num_classes)(h)
 
-    class DomainClassifier(nn.Module):
-        @nn.compact
-        def __call__(self, images):
-            x = images.astype(jnp.float32) / 127.5 - 1.0
-            if arch == "cnn":
-                for i in range(max(1, int(np.ceil(np.log2(images.shape[1] / 7.0))))):
-                    x = nn.relu(nn.Conv(32 * 2 ** i, (3, 3), strides=2)(x))
-            else:
-                x = nn.relu(nn.Dense(256)(x.reshape(x.shape[0], -1)))
-            h = nn.relu(nn.Dense(feature_dim)(x.reshape(x.shape[0], -1)))
-            return h, nn.Dense(num_classes)(h)
 
-    return DomainClassifier()
+DOMAIN_ARCHS = ("mlp", "cnn")
+
+
+def _domain_module(num_classes: int, arch: str = "mlp") -> DomainClassifier:
+    if arch not in DOMAIN_ARCHS:
+        raise ValueError(f"unknown domain classifier arch {arch!r}; valid: {list(DOMAIN_ARCHS)}")
+    return DomainClassifier(num_classes, arch)
 
 
 def train_domain_classifier(images_uint8, labels, key, num_steps: int = 1500, batch_size: int = 128,
                             learning_rate: float = 1e-3, arch: str = "mlp"):
     """Adam on cross-entropy over random minibatches (indices from ``fold_in(key, step)``); returns params."""
-    import jax
-    import jax.numpy as jnp
     import optax
 
     images, labels = jnp.asarray(images_uint8), jnp.asarray(labels, jnp.int32)
@@ -596,8 +599,6 @@ class DomainExtractor:
     dim = 128
 
     def __init__(self, params, num_classes: int, arch: str = "mlp", meta: Optional[Dict[str, Any]] = None):
-        import jax
-
         self.module = _domain_module(num_classes, arch)
         self.params = jax.device_put(params)
         self.meta = dict(meta or {})
@@ -666,7 +667,6 @@ def load_domain_classifier(path) -> DomainExtractor:
 
 def get_domain_classifier(config, cache_dir, key=None, num_steps: int = DOMAIN_STEPS) -> DomainExtractor:
     """Load the domain classifier of ``config.data`` from ``cache_dir``, or train it on the train split and save it."""
-    import jax
 
     path = domain_classifier_path(config, cache_dir)
     if path.is_file():
@@ -771,7 +771,6 @@ EXTRACTORS = {
 def run_fid_stats(config, workdir: str) -> None:
     """``--mode=fid_stats``: statistics of every image of ``config.eval.fid_split`` (default "train"), as stored
     (uint8), for each extractor of ``default_extractors``; written by process 0 to ``stats_path``."""
-    import jax
 
     split = config.eval.get("fid_split", "train")
     for name in default_extractors(config):

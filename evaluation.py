@@ -110,16 +110,20 @@ def _mmd2_unbiased_poly(x: np.ndarray, y: np.ndarray) -> float:
     return float(sxx + syy - 2.0 * kxy.mean())
 
 
-def kernel_inception_distance(feats1, feats2, key_seed: int = 0, num_subsets: int = 100,
+def kernel_inception_distance(feats1, feats2, key=None, num_subsets: int = 100,
                               subset_size: int = 1000) -> Tuple[float, float]:
-    """KID: unbiased polynomial MMD² averaged over random subsets (without replacement); returns (mean, std)."""
+    """KID: unbiased polynomial MMD² averaged over random subsets (each drawn without replacement with
+    ``fold_in(key, i)``; default key ``jax.random.key(0)``); returns (mean, std) over subsets."""
     x, y = np.asarray(feats1, np.float64), np.asarray(feats2, np.float64)
     m = min(subset_size, x.shape[0], y.shape[0])
     if m < 2:
         raise ValueError(f"KID needs at least 2 samples per set, got {x.shape[0]} and {y.shape[0]}")
-    rng = np.random.default_rng(key_seed)
-    vals = [_mmd2_unbiased_poly(x[rng.choice(x.shape[0], m, replace=False)],
-                                y[rng.choice(y.shape[0], m, replace=False)]) for _ in range(num_subsets)]
+    key = jax.random.key(0) if key is None else key
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(num_subsets))
+    draw = jax.vmap(lambda k: (jax.random.permutation(jax.random.fold_in(k, 0), x.shape[0])[:m],
+                               jax.random.permutation(jax.random.fold_in(k, 1), y.shape[0])[:m]))
+    idx_x, idx_y = map(np.asarray, draw(keys))
+    vals = [_mmd2_unbiased_poly(x[i], y[j]) for i, j in zip(idx_x, idx_y)]
     return float(np.mean(vals)), float(np.std(vals))
 
 
@@ -716,8 +720,9 @@ def save_stats(path, feats: np.ndarray, *, dataset: str, split: str, resolution:
     return path
 
 
-def load_stats(path, *, resolution: Optional[int] = None, extractor: Optional[str] = None) -> Dict[str, Any]:
-    """Read a statistics npz, checking that it was made at ``resolution`` with ``extractor`` when given."""
+def load_stats(path, *, resolution: Optional[int] = None, extractor: Optional[str] = None,
+               num_channels: Optional[int] = None) -> Dict[str, Any]:
+    """Read a statistics npz, checking its resolution, extractor and channel count when given."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"reference statistics {path} do not exist; write them with "
@@ -728,6 +733,9 @@ def load_stats(path, *, resolution: Optional[int] = None, extractor: Optional[st
     if resolution is not None and int(stats["resolution"]) != int(resolution):
         raise ValueError(f"reference statistics {path} were made at resolution {stats['resolution']}, but the "
                          f"samples have resolution {resolution}; recompute them with --mode=fid_stats")
+    if num_channels is not None and int(stats["num_channels"]) != int(num_channels):
+        raise ValueError(f"reference statistics {path} were made from {stats['num_channels']}-channel images, "
+                         f"but the samples have {num_channels} channels")
     if extractor is not None and str(stats["extractor"]) != extractor:
         raise ValueError(f"reference statistics {path} use features {stats['extractor']!r}, expected {extractor!r}")
     stats["path"], stats["sha256"] = str(path), sha256_file(path)
@@ -814,7 +822,8 @@ def evaluate_samples(config, workdir, samples_uint8, num_samples: Optional[int] 
     samples = samples[:wanted]
     out: Dict[str, Any] = {"num_samples": int(len(samples))}
     for name in default_extractors(config):
-        stats = load_stats(stats_path(config, workdir, name), resolution=samples.shape[1], extractor=name)
+        stats = load_stats(stats_path(config, workdir, name), resolution=samples.shape[1], extractor=name,
+                           num_channels=samples.shape[-1])
         extractor = get_extractor(name, config, workdir)
         feats, logits = extract_features(extractor, array_batches(samples, config.eval.batch_size),
                                          config.eval.batch_size)

@@ -1,4 +1,5 @@
 """Tests of evaluation.py: FID/IS/KID closed forms, the digits classifier, the Inception extractor."""
+import jax
 import numpy as np
 import pytest
 import scipy.linalg
@@ -73,13 +74,15 @@ def test_kid_is_unbiased_for_one_distribution_and_positive_for_two():
     d = 8
     # Mean over many independent pairs of small sets: the unbiased estimator averages to ~0 (a biased one,
     # e.g. including the diagonal, would average to a clearly positive value at this set size).
-    vals = [ev.kernel_inception_distance(rng.normal(size=(20, d)), rng.normal(size=(20, d)), num_subsets=1,
-                                         subset_size=20)[0] for _ in range(400)]
+    vals = [ev._mmd2_unbiased_poly(rng.normal(size=(20, d)), rng.normal(size=(20, d))) for _ in range(400)]
     sem = np.std(vals) / np.sqrt(len(vals))
     assert abs(np.mean(vals)) < 4 * sem
-    shifted = ev.kernel_inception_distance(rng.normal(size=(200, d)), rng.normal(size=(200, d)) + 0.5,
-                                           num_subsets=10, subset_size=100)[0]
-    assert shifted > 20 * sem
+    x, y = rng.normal(size=(200, d)), rng.normal(size=(200, d))
+    same = ev.kernel_inception_distance(x, y, jax.random.key(1), num_subsets=50, subset_size=100)
+    shifted = ev.kernel_inception_distance(x, y + 0.5, jax.random.key(1), num_subsets=50, subset_size=100)
+    assert shifted[0] > 20 * sem and abs(same[0]) < 4 * sem and same[1] > 0  # subsets differ: a spread
+    assert ev.kernel_inception_distance(x, y, jax.random.key(1), 5, 100) == \
+        ev.kernel_inception_distance(x, y, jax.random.key(1), 5, 100)
 
 
 # ------------------------------------------------------------------------------------------------ digits
@@ -245,6 +248,8 @@ def test_evaluate_samples_errors_and_self_fid(digits_config, tmp_path):
         ev.evaluate_samples(digits_config, tmp_path, real[:50], num_samples=60)
     with pytest.raises(ValueError, match="resolution 8.*resolution 16"):
         ev.evaluate_samples(digits_config, tmp_path, np.zeros((50, 16, 16, 1), np.uint8))
+    with pytest.raises(ValueError, match="3 channels"):
+        ev.evaluate_samples(digits_config, tmp_path, np.zeros((50, 8, 8, 3), np.uint8))
     with pytest.raises(ValueError, match="uint8"):
         ev.evaluate_samples(digits_config, tmp_path, real[:50].astype(np.float32))
     with pytest.raises(FileNotFoundError, match="fid_stats"):

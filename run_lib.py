@@ -271,12 +271,24 @@ def _train_loop(run: Run, state: TrainState, data: Iterator, stop: utils.StopSig
         metrics["lr"] = float(run.schedule(step))
         run.logger.log(step + 1, metrics, config.training.batch_size)
         _after_step(run, state, step + 1)
-        if any_process(stop.requested):
+        if _stop_requested(stop, step + 1, n_iters):
             run.ckpt.save(step + 1, state)
             run.ckpt.wait()
             print(f"stopped by signal after step {step + 1}; checkpoint saved in {run.ckpt.directory}", flush=True)
             break
     return state
+
+
+SIGNAL_SYNC_EVERY = 10  # multi-process: steps between agreeing on a stop signal (one all-gather each time)
+
+
+def _stop_requested(stop: utils.StopSignal, step: int, n_iters: int) -> bool:
+    """Whether to save and stop after ``step``; every process gets the same answer at the same step."""
+    if jax.process_count() == 1:
+        return stop.requested
+    if step % SIGNAL_SYNC_EVERY and step != n_iters:
+        return False
+    return any_process(stop.requested)
 
 
 def _check_finite(run: Run, metrics: dict, step: int):

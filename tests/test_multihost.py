@@ -1,8 +1,11 @@
 """Multi-host training: two jax.distributed CPU processes on this machine (gloo collectives), each loading its own
 data shard through main.py's --coordinator_address/--num_processes/--process_id, end with the parameters of a
 1-process run over the same global batches (config.training.data_shards fixes the batch composition)."""
+import json
 import os
+import signal
 import socket
+import time
 import subprocess
 import sys
 
@@ -24,14 +27,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(workdir, n_iters: int, num_processes: int, devices_per_process: int, use_env: bool = False):
-    """Start ``num_processes`` main.py processes (coordinator via flags, or via JAX_* environment variables)."""
+def launch(workdir, n_iters: int, num_processes: int, devices_per_process: int, use_env: bool = False,
+           log_freq=None, on_start=None):
+    """Run ``num_processes`` main.py processes (coordinator via flags, or via JAX_* environment variables) to the
+    end; ``on_start(procs)`` is called once they are started."""
     port = free_port()
     procs = []
     for i in range(num_processes):
         args = [sys.executable, "main.py", *MAIN_ARGS, f"--workdir={workdir}",
                 f"--config.training.n_iters={n_iters}", f"--config.training.snapshot_freq={n_iters}",
-                f"--config.training.log_freq={n_iters}"]
+                f"--config.training.log_freq={log_freq or n_iters}"]
         env = subprocess_env(devices_per_process)
         if use_env:
             env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(num_processes),
@@ -41,6 +46,8 @@ def launch(workdir, n_iters: int, num_processes: int, devices_per_process: int, 
                      f"--process_id={i}"]
         procs.append(subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True))
+    if on_start is not None:
+        on_start(procs)
     outs = []
     for p in procs:
         try:
@@ -84,3 +91,24 @@ def test_data_shards_must_divide_over_processes():
     with pytest.raises(ValueError, match="data_shards=3 must be a multiple of the 1 processes and divide "
                                          "config.training.batch_size=16"):
         run_lib.check_batch_size(16, shards=3)
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_all_at_the_same_step(tmp_path):
+    workdir = tmp_path / "multi"
+
+    def terminate_process_0(procs):
+        metrics = workdir / "metrics.jsonl"
+        deadline = time.time() + 240
+        while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+            time.sleep(0.2)
+        procs[0].send_signal(signal.SIGTERM)
+
+    outs = launch(workdir, n_iters=100000, num_processes=2, devices_per_process=1, log_freq=1,
+                  on_start=terminate_process_0)
+    assert "received SIGTERM" in outs[0][0] and "received SIGTERM" not in outs[1][0]
+    stopped = [int(out.split("stopped by signal after step ")[1].split(";")[0]) for out, _ in outs]
+    assert stopped[0] == stopped[1] and stopped[0] % 10 == 0
+    steps = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
+    assert steps == [stopped[0]]
+    assert json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1])["step"] == stopped[0]

@@ -754,7 +754,7 @@ def default_extractors(config) -> Tuple[str, ...]:
     """``config.eval.fid_extractors``, else Inception, plus the domain classifier for small grayscale data."""
     names = config.eval.get("fid_extractors", None)
     if names:
-        return tuple(names)
+        return tuple(n.strip() for n in names.split(",")) if isinstance(names, str) else tuple(names)
     small_gray = int(config.data.num_channels) == 1 and int(config.data.image_size) <= 32
     return ("inception", "domain") if small_gray else ("inception",)
 

@@ -66,6 +66,11 @@ def get_base_config():
     evaluate.enable_loss = True            # --mode=eval: loss on the test split
     evaluate.enable_bpd = False            # --mode=eval: bits/dim via likelihood.py (config.eval.likelihood)
     evaluate.enable_sampling = True        # --mode=eval: eval.num_samples samples and their quality figures
+    evaluate.fid_extractors = placeholder(str)     # comma list of evaluation.FEATURE_EXTRACTORS; None: by dataset
+    evaluate.fid_split = "train"                   # reference split of the dataset statistics
+    evaluate.fid_stats_dir = placeholder(str)      # None: <workdir>/fid_stats
+    evaluate.classifier_dir = placeholder(str)     # None: <workdir>/classifiers (domain classifiers)
+    evaluate.inception_weights = placeholder(str)  # None: $SCORE_INCEPTION_WEIGHTS, cache, ../shared/data
     evaluate.likelihood = lik = ml_collections.ConfigDict()  # --mode=likelihood (likelihood.py)
     lik.method = "ode"                     # ode (probability-flow ODE) | ddpm_bound (DDPM variational bound)
     lik.split = "test"                     # batches of config.eval.batch_size

@@ -122,6 +122,7 @@ class CheckpointManager:
         self.directory = pathlib.Path(directory).absolute()
         self.config = config
         self.restored_meta: Optional[dict] = None
+        self.unreadable: set = set()
         keep = max_to_keep or config.training.get("keep_checkpoints", 3)
         self.manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=True, create=True))
@@ -129,7 +130,9 @@ class CheckpointManager:
     def save(self, step: int, state):
         """Start writing ``state`` as checkpoint ``step`` (a no-op when that step exists)."""
         if step in self.manager.all_steps():
-            return
+            if step not in self.unreadable:
+                return
+            self.manager.delete(step)  # replace the corrupt checkpoint restore fell back from
         meta = {"step": step, "conventions": conventions(self.config),
                 "hyperparameters": hyperparameters(self.config), "config": self.config.to_dict()}
         self.manager.save(step, args=ocp.args.Composite(
@@ -173,6 +176,7 @@ class CheckpointManager:
             except IncompatibleCheckpointError:
                 raise
             except Exception as e:  # corrupt or partial write: fall back to the previous one
+                self.unreadable.add(s)
                 warnings.warn(f"checkpoint {self.directory / str(s)} is unreadable ({type(e).__name__}: "
                               f"{str(e)[:300]}); falling back to the previous checkpoint")
         raise FileNotFoundError(f"no readable checkpoint in {self.directory} (tried steps {steps})")

@@ -178,6 +178,9 @@ def test_corrupt_latest_checkpoint_falls_back_with_warning(tmp_path, capsys):
         state = restore(config, tmp_path)
     assert int(state.step) == 3
     assert_states_equal(at3, state)
+    with pytest.warns(UserWarning, match="falling back"):
+        again = run_lib.train(config, str(tmp_path))  # resumes at 3 and rewrites the corrupt step 6
+    assert_states_equal(again, restore(config, tmp_path, 6))
 
 
 def test_periodic_saves_keep_the_last_k(tmp_path):

@@ -557,3 +557,16 @@ def test_image_folder_reads_jpeg_rgba_and_gray(tmp_path):
     x, _ = datasets.load_image_folder(config, "train")
     assert x.shape == (3, 6, 6, 3)
     np.testing.assert_allclose(x.reshape(3, -1).mean(1), [200, 100, 50], atol=2)
+
+
+@pytest.mark.parametrize("source_kwargs", [dict(random_flip=True, uniform_dequantization=True),
+                                           dict(source="toy", dataset="swiss_roll")])
+def test_start_step_resumes_the_stream_exactly(source_kwargs):
+    """Batches 150..159 of a fresh stream == the first 10 of a stream started at 150 (crosses epochs of 1500)."""
+    config = make_config(**source_kwargs)
+    kwargs = dict(infinite=True, seed=5, process_index=0, process_count=1)
+    full = take(datasets.get_dataset(config, "train", **kwargs), 160)[150:]
+    resumed = take(datasets.get_dataset(config, "train", start_step=150, **kwargs), 10)
+    for a, b in zip(full, resumed):
+        np.testing.assert_array_equal(a["x"], b["x"])
+        np.testing.assert_array_equal(a["label"], b["label"])

@@ -280,3 +280,233 @@ def colorize(key: Array, sde: SDE, score_fn: ScoreFn, gray: Array, method: str =
     known = jnp.concatenate([u0, jnp.zeros_like(u0), jnp.zeros_like(u0)], axis=-1)
     mask = jnp.broadcast_to(jnp.array([1.0, 0.0, 0.0]), known.shape[1:])
     return impute(key, sde, score_fn, known, mask, color_decoupling(), method, **options)
+
+
+# ---- guidance -----------------------------------------------------------------------------------------------------
+def check_labels(y, num_classes: int, batch: int) -> Array:
+    """Class indices (batch,) from an int or an array; every label must lie in [0, num_classes)."""
+    y = np.broadcast_to(np.asarray(y), (batch,)) if np.ndim(y) == 0 else np.asarray(y)
+    if y.shape != (batch,) or not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"labels must be an int or {batch} ints, got {y!r}")
+    if np.any(y < 0) or np.any(y >= num_classes):
+        raise ValueError(f"label(s) {sorted(set(y[(y < 0) | (y >= num_classes)].tolist()))} out of range "
+                         f"[0, {num_classes}) (config.sampling.label / config.data.num_classes)")
+    return jnp.asarray(y, jnp.int32)
+
+
+def classifier_guided_score_fn(score_fn: ScoreFn, logits_fn: Callable, y: Array, scale: float = 1.0) -> ScoreFn:
+    """s(x, t) + w ∇x log p_t(y | x), with ``logits_fn(x, t) -> (batch, K)`` the noise-conditional classifier's
+    logits; w = 1 samples p_t(x | y) exactly when both the score and the classifier are exact."""
+
+    def log_py(x, t):
+        return jnp.sum(jnp.take_along_axis(jax.nn.log_softmax(logits_fn(x, t), axis=-1), y[:, None], axis=1))
+
+    return lambda x, t: score_fn(x, t) + scale * jax.grad(log_py)(x, t)
+
+
+def cfg_score_fn(cond_score_fn: Callable, y: Array, null_label: int, guidance_scale: float) -> ScoreFn:
+    """Classifier-free guidance (Ho & Salimans 2022): (1 + w) s(x, t, y) - w s(x, t, ∅), one batched call of
+    ``cond_score_fn(x, t, y)`` on [x; x] with labels [y; ∅]. w = 0: conditional; w = -1: unconditional."""
+    w = guidance_scale
+
+    def score(x, t):
+        both = cond_score_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]),
+                             jnp.concatenate([y, jnp.full_like(y, null_label)]))
+        s_cond, s_uncond = both[: x.shape[0]], both[x.shape[0]:]
+        return (1.0 + w) * s_cond - w * s_uncond
+
+    return score
+
+
+def is_class_conditional(model) -> bool:
+    """Whether a ``ScoreModel``'s network takes class labels ``y`` (classifier-free guidance needs it)."""
+    return hasattr(model.module, "num_classes") and "y" in _call_params(model.module)
+
+
+def _call_params(module) -> tuple:
+    import inspect
+
+    return tuple(inspect.signature(type(module).__call__).parameters)
+
+
+def model_cfg_score_fn(model, params, sde: SDE, y: Array, guidance_scale: float) -> ScoreFn:
+    """The guided score of a class-conditional ``ScoreModel`` (``models.classifier.ClassConditional``)."""
+    if not is_class_conditional(model):
+        raise ValueError(f"classifier-free guidance needs a class-conditional score model (config.model.name="
+                         f"'class_conditional' trained with loss 'dsm_cfg'); {type(model.module).__name__} "
+                         f"takes no class label")
+    num_classes = int(model.module.num_classes)
+    check_labels(np.asarray(y), num_classes, y.shape[0])
+    cond = lambda x, t, labels: model.score(params, sde, x, t, y=labels)
+    return cfg_score_fn(cond, y, num_classes, guidance_scale)
+
+
+# ---- training objectives --------------------------------------------------------------------------------------
+@losses.register_loss("classifier")
+def get_classifier_loss(config, sde: SDE, model) -> losses.LossFn:
+    """Noise-conditional classifier: cross-entropy -log p_θ(y | x_t, t) on x_t ~ p_t(x_t | x_0), t ~ U[eps, T]
+    (``batch["label"]`` the class). Metrics: accuracy and t."""
+    eps = losses.training_eps(config, sde)
+
+    def loss_fn(params, key, batch):
+        x, y = batch["x"], batch["label"].astype(jnp.int32)
+        k_t, k_z, k_drop = jax.random.split(key, 3)
+        t = eps + jax.random.uniform(k_t, (x.shape[0],)) * (sde.T - eps)
+        x_t, _, _ = sde.perturb(k_z, x, t)
+        logits = model.output(params, sde, x_t, t, train=True, key=k_drop)
+        log_p = jax.nn.log_softmax(logits, axis=-1)
+        nll = -jnp.take_along_axis(log_p, y[:, None], axis=1)[:, 0]
+        return nll, {"accuracy": (jnp.argmax(logits, -1) == y).astype(jnp.float32), "t": t}
+
+    return loss_fn
+
+
+@losses.register_loss("dsm_cfg", continuous_time=True)
+def get_cfg_dsm_loss(config, sde: SDE, model) -> losses.LossFn:
+    """DSM of a class-conditional model s_θ(x, t, y) with label dropout: y replaced by the null label ∅ =
+    ``config.data.num_classes`` with probability ``config.training.label_dropout`` (Ho & Salimans 2022)."""
+    tc = config.training
+    p_drop, null = float(tc.get("label_dropout", 0.1)), int(config.data.num_classes)
+    sampler = losses.TimeSampler(sde, losses.training_eps(config, sde), tc.likelihood_weighting,
+                                 tc.importance_sampling)
+
+    def loss_fn(params, key, batch):
+        x = batch["x"]
+        k_t, k_z, k_drop, k_y = jax.random.split(key, 4)
+        y = jnp.where(jax.random.uniform(k_y, (x.shape[0],)) < p_drop, null, batch["label"].astype(jnp.int32))
+        t, weight = sampler(k_t, x.shape[0])
+        x_t, z, sigma = sde.perturb(k_z, x, t)
+        score = model.score(params, sde, x_t, t, train=True, key=k_drop, y=y)
+        return losses.dsm_at(score, z, sigma, weight, tc.reduce_mean), {"t": t}
+
+    return loss_fn
+
+
+# ---- --mode=sample with config.sampling.task ----------------------------------------------------------------------
+def _test_data(config, n: int) -> Tuple[np.ndarray, np.ndarray]:
+    """The first n test examples (model space) and their labels."""
+    import datasets
+
+    xs, ys, got = [], [], 0
+    for batch in datasets.get_dataset(config, "test", infinite=True, seed=config.seed):
+        keep = np.asarray(batch.get("mask", np.ones(len(batch["x"])))).astype(bool)
+        xs.append(np.asarray(batch["x"])[keep])
+        ys.append(np.asarray(batch["label"])[keep])
+        got += int(keep.sum())
+        if got >= n:
+            break
+    return np.concatenate(xs)[:n], np.concatenate(ys)[:n]
+
+
+def imputation_options(sampling_cfg, method: str) -> dict:
+    """Options of an imputation ``method`` (pc, ode, smc) from ``config.sampling``."""
+    if method not in IMPUTATION_METHODS:
+        raise ValueError(f"config.sampling.method={method!r} cannot impute; expected one of {IMPUTATION_METHODS}")
+    if method == "smc":
+        names = ("num_particles", "num_steps", "eps", "denoise")
+        return {k: sampling_cfg[k] for k in names if sampling_cfg.get(k, None) is not None}
+    return samplers.options_from_config(sampling_cfg, method)
+
+
+def _labels_for(config, n: int, num_classes: int) -> Array:
+    label = config.sampling.get("label", None)
+    y = np.arange(n) % num_classes if label is None else np.full((n,), int(label))
+    return check_labels(y, num_classes, n)
+
+
+def _classifier_logits_fn(config) -> Callable:
+    """``logits_fn(x, t)`` of the classifier trained in ``config.sampling.classifier_workdir``."""
+    import json
+
+    import ml_collections
+
+    import run_lib
+
+    wd = config.sampling.get("classifier_workdir", None)
+    if not wd or not (pathlib.Path(wd) / "config.json").is_file():
+        raise ValueError(f"config.sampling.classifier_workdir={wd!r} must be the workdir of a classifier trained "
+                         f"with --mode=train (e.g. configs/digits_classifier.py); no config.json there")
+    clf_cfg = ml_collections.ConfigDict(json.loads((pathlib.Path(wd) / "config.json").read_text()))
+    ev = run_lib.restore_eval_state(clf_cfg, wd)
+    return lambda x, t: ev.model.output(ev.params, ev.sde, x, t)
+
+
+def guided_score_fn(config, model, params, sde: SDE, n: int) -> Tuple[ScoreFn, Array]:
+    """Score and labels (n,) of ``task`` class_conditional (classifier guidance) or cfg."""
+    task, w = config.sampling.task, float(config.sampling.get("guidance_scale", 1.0))
+    if task == "cfg":
+        if not is_class_conditional(model):
+            raise ValueError("config.sampling.task='cfg' (classifier-free guidance) needs a class-conditional score "
+                             "model (config.model.name='class_conditional', loss 'dsm_cfg'), not "
+                             f"{config.model.name!r}")
+        y = _labels_for(config, n, int(model.module.num_classes))
+        return model_cfg_score_fn(model, params, sde, y, w), y
+    y = _labels_for(config, n, int(config.data.num_classes))
+    return classifier_guided_score_fn(model.score_fn(params, sde), _classifier_logits_fn(config), y, w), y
+
+
+def run(config, workdir: str) -> dict:
+    """``--mode=sample`` for ``config.sampling.task`` in inpaint | colorize | class_conditional | cfg: writes
+    ``samples/<task>_step_<k>/samples.{npz,png}`` (and ``inputs.png`` for imputation); returns the arrays."""
+    import run_lib
+    import utils
+
+    task = config.sampling.get("task", "unconditional")
+    if task not in TASKS:
+        raise ValueError(f"unknown config.sampling.task {task!r}; expected one of {list(TASKS)}")
+    ev = run_lib.restore_eval_state(config, workdir, config.eval.checkpoint)
+    exp = run_lib.Experiment.from_config(config)
+    n, score_fn = int(config.sampling.num_samples), ev.model.score_fn(ev.params, ev.sde)
+    key = jax.random.fold_in(jax.random.key(config.seed + 1), ev.step)
+    out = {}
+    if task in ("inpaint", "colorize"):
+        out.update(_run_imputation(config, ev, exp, score_fn, key, n, task))
+    elif task == "unconditional":
+        x, _ = exp.sample(key, ev.params, n)
+        out["samples"] = np.asarray(x)
+    else:
+        score, y = guided_score_fn(config, ev.model, ev.params, ev.sde, n)
+        x, _ = samplers.sample_from_config(key, ev.sde, score, (n,) + exp.data_shape, config.sampling)
+        out.update(samples=np.asarray(x), labels=np.asarray(y))
+    outdir = pathlib.Path(workdir) / "samples" / f"{task}_step_{ev.step}"
+    images = {k: run_lib.to_output(exp, v) for k, v in out.items() if k in ("samples", "inputs")}
+    if jax.process_index() == 0:
+        outdir.mkdir(parents=True, exist_ok=True)
+        utils.atomic_savez(outdir / "samples.npz", **{**out, **{f"{k}_uint8": v for k, v in images.items()}})
+        for k, v in images.items():
+            utils.save_image_grid(v, outdir / f"{k}.png") if v.ndim == 4 else utils.save_scatter(v, outdir / f"{k}.png")
+    _report(config, out, images)
+    print(f"wrote {n} {task} samples of step {ev.step} to {outdir}", flush=True)
+    return {**out, **{f"{k}_uint8": v for k, v in images.items()}, "outdir": outdir}
+
+
+def _run_imputation(config, ev, exp, score_fn, key, n, task) -> dict:
+    data, _ = _test_data(config, n)
+    method = config.sampling.method
+    opts = imputation_options(config.sampling, method)
+    if task == "colorize":
+        if data.ndim != 4 or data.shape[-1] != 3:
+            raise ValueError(f"task 'colorize' needs RGB images (config.data.num_channels=3), got data of shape "
+                             f"{data.shape[1:]}")
+        x, _ = colorize(key, ev.sde, score_fn, data, method, **opts)
+        gray = jnp.mean(jnp.asarray(data), -1, keepdims=True)
+        return {"samples": np.asarray(x), "inputs": np.asarray(jnp.broadcast_to(gray, data.shape)), "data": data}
+    mask = load_mask(config.sampling.get("mask", None) or "left", data.shape[1:])
+    x, _ = inpaint(key, ev.sde, score_fn, data, mask, method, **opts)
+    lo = -1.0 if config.data.get("centered", True) else 0.0
+    return {"samples": np.asarray(x), "inputs": np.where(mask > 0, data, lo), "data": data, "mask": mask}
+
+
+def _report(config, out: dict, images: dict) -> None:
+    """Print the error on the known part (imputation) or the digits classifier's accuracy (class tasks)."""
+    if "mask" in out:
+        reps = len(out["samples"]) // len(out["data"])
+        err = np.abs(np.repeat(out["data"], reps, 0) - out["samples"]) * out["mask"]
+        print(f"max |x - data| on the known pixels: {err.max():.3g}")
+    if "labels" in out and config.data.source == "digits":
+        import evaluation
+
+        _, logits = evaluation.digits_features_logits(evaluation.load_digits_classifier(), images["samples"])
+        acc = float(np.mean(np.argmax(logits, -1) == out["labels"]))
+        print(f"digits classifier agrees with the requested label on {acc:.1%} of samples (chance 10%)")
+        out["label_accuracy"] = acc

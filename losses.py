@@ -471,10 +471,22 @@ def get_ssm_vr_loss(config, sde: SDE, model) -> LossFn:
 
 
 # ---- config-time checks and selection -------------------------------------------------------------------------
+LOSS_PLUGINS = ("controllable_generation",)  # modules registering more losses (classifier, dsm_cfg), imported lazily
+
+
+def _import_loss_plugins() -> None:
+    import importlib
+
+    for module in LOSS_PLUGINS:
+        importlib.import_module(module)
+
+
 def resolve_loss_name(config, sde: SDE) -> str:
     """The registered loss ``config.training`` selects: ``loss``, except that ``dsm`` with ``continuous=False``
     is the discrete objective of the SDE's own chain (``ddpm`` for a DDPM chain, ``smld`` for a σ ladder)."""
     name = config.training.loss
+    if name not in LOSSES:
+        _import_loss_plugins()
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r} in config.training.loss; registered losses: {sorted(LOSSES)}")
     if config.training.get("continuous", True) or name not in CONTINUOUS_TIME:

@@ -395,7 +395,13 @@ def restore_eval_state(config, workdir: str, step: Optional[int] = None) -> Eval
 
 
 def sample(config, workdir: str) -> None:
-    """``--mode=sample``: write samples of the latest (or ``config.eval.checkpoint``) checkpoint."""
+    """``--mode=sample``: write samples of the latest (or ``config.eval.checkpoint``) checkpoint; a
+    ``config.sampling.task`` other than "unconditional" is run by ``controllable_generation.run``."""
+    if config.sampling.get("task", "unconditional") != "unconditional":
+        import controllable_generation
+
+        controllable_generation.run(config, workdir)
+        return
     ev = restore_eval_state(config, workdir, config.eval.checkpoint)
     exp = Experiment.from_config(config)
     outdir = pathlib.Path(workdir) / "samples" / f"sample_mode_step_{ev.step}"

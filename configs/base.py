@@ -57,6 +57,13 @@ def get_base_config():
     sampling.ald_step_size = placeholder(float)     # ald / annealed_langevin ε; None: 2 snr² σ_min²
     sampling.step_rule = "ncsn"            # annealed_langevin: ncsn (fixed ε) | ncsnv2 (ε from NCSNv2's rule)
     sampling.step_size = placeholder(float)  # plain langevin ε; None: 0.1 σ(eps)²
+    # controllable generation (controllable_generation.py), --mode=sample
+    sampling.task = "unconditional"        # unconditional | inpaint | colorize | class_conditional | cfg
+    sampling.mask = placeholder(str)       # inpaint: image file (white = known) or left|right|top|bottom|center|checkerboard
+    sampling.num_particles = 16            # inpaint/colorize with method "smc" (SMCDiff particles per image)
+    sampling.label = placeholder(int)      # class_conditional / cfg: the class; None: 0, 1, ..., K-1 cyclically
+    sampling.guidance_scale = 1.0          # classifier scale w in s + w ∇log p_t(y|x); cfg: w in (1+w) s_y - w s_∅
+    sampling.classifier_workdir = placeholder(str)  # class_conditional: workdir of a --mode=train classifier
 
     config.eval = evaluate = ml_collections.ConfigDict()
     evaluate.batch_size = 128

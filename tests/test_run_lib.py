@@ -228,30 +228,58 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 
 # ---- devices --------------------------------------------------------------------------------------------------------
-def test_batch_size_not_divisible_by_devices_is_a_clear_error():
-    code = WORKER + """
+SHARDED_WORKER = WORKER + """
+import numpy as np, jax, jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+assert jax.device_count() == int(sys.argv[3])
 try:
     run_lib.check_batch_size(6)
 except ValueError as e:
-    print("ERROR:", e)
+    print("BATCH ERROR:", e)
+mesh = run_lib.make_mesh()  # noise drawn under the data sharding: shards differ, the whole equals the 1-device draw
+data = NamedSharding(mesh, P("data"))
+z = jax.jit(lambda key, x: jax.random.normal(key, x.shape), out_shardings=data)(
+    jax.random.key(0), jax.device_put(jnp.zeros((8, 3)), data))
+shards = [np.asarray(s.data) for s in z.addressable_shards]
+distinct = all(not np.allclose(shards[0], s) for s in shards[1:])
+same = np.array_equal(np.asarray(z), np.asarray(jax.random.normal(jax.random.key(0), (8, 3))))
+print("NOISE", len(shards), distinct, same)
+state = run_lib.train(config, sys.argv[2])
+np.savez(sys.argv[2] + "/params.npz", *[np.asarray(x) for x in jax.tree.leaves(jax.device_get(state))])
 """
-    out = run_python(code, "{}", devices=4)
-    assert "ERROR: config.training.batch_size=6 is not divisible by the 4 devices" in out.stdout, out.stderr
+
+
+def run_sharded(workdir: pathlib.Path, devices: int) -> str:
+    """4 training steps (and the checks above) on ``devices`` forced host devices; returns stdout."""
+    proc = run_python(SHARDED_WORKER, json.dumps({"n_iters": 4}), str(workdir), str(devices), devices=devices)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def four_devices(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("four_devices") / "run"
+    return workdir, run_sharded(workdir, 4)
+
+
+def test_batch_size_not_divisible_by_devices_is_a_clear_error(four_devices):
+    assert ("BATCH ERROR: config.training.batch_size=6 is not divisible by the 4 devices (1 processes)"
+            in four_devices[1])
+
+
+def test_noise_differs_across_devices(four_devices):
+    """The step key draws one global noise array; its 4 device shards are not copies of each other, and together
+    they equal the 1-device draw."""
+    assert "NOISE 4 True True" in four_devices[1]
 
 
 @pytest.mark.parametrize("devices", [4, pytest.param(8, marks=pytest.mark.slow)])
-def test_sharded_training_matches_one_device_and_restores_onto_one(tmp_path, devices):
+def test_sharded_training_matches_one_device_and_restores_onto_one(tmp_path, devices, four_devices):
     """N steps on 4 (8) forced host devices == N steps on 1 device (to float tolerance); that checkpoint resumed
     on 1 device for N more steps == 2N steps on 1 device."""
-    code = WORKER + """
-import numpy as np, jax
-state = run_lib.train(config, sys.argv[2])
-assert jax.device_count() == int(sys.argv[3])
-np.savez(sys.argv[2] + "/params.npz", *[np.asarray(x) for x in jax.tree.leaves(jax.device_get(state))])
-"""
-    workdir = tmp_path / "multi"
-    proc = run_python(code, json.dumps({"n_iters": 4}), str(workdir), str(devices), devices=devices)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    workdir = four_devices[0] if devices == 4 else tmp_path / "multi"
+    if devices != 4:
+        run_sharded(workdir, devices)
     multi = np.load(workdir / "params.npz")
     one4 = run_lib.train(tiny_config(4), str(tmp_path / "one"))
     for i, x in enumerate(leaves(one4)):
@@ -259,26 +287,6 @@ np.savez(sys.argv[2] + "/params.npz", *[np.asarray(x) for x in jax.tree.leaves(j
     resumed = run_lib.train(tiny_config(8), str(workdir))
     one8 = run_lib.train(tiny_config(8), str(tmp_path / "one"))
     assert_states_equal(one8, resumed, rtol=1e-4, atol=1e-5)
-
-
-def test_noise_differs_across_devices():
-    """The per-step key draws one global noise array; its device shards are not copies of each other."""
-    code = """
-import jax, jax.numpy as jnp, numpy as np
-import run_lib
-mesh = run_lib.make_mesh()
-from jax.sharding import NamedSharding, PartitionSpec as P
-f = jax.jit(lambda key, x: jax.random.normal(key, x.shape), in_shardings=(None, NamedSharding(mesh, P("data"))),
-            out_shardings=NamedSharding(mesh, P("data")))
-x = jax.device_put(jnp.zeros((8, 3)), NamedSharding(mesh, P("data")))
-z = f(jax.random.key(0), x)
-shards = [np.asarray(s.data) for s in z.addressable_shards]
-assert len(shards) == 4 and all(not np.allclose(shards[0], s) for s in shards[1:])
-np.testing.assert_array_equal(np.asarray(z), np.asarray(jax.random.normal(jax.random.key(0), (8, 3))))
-print("OK")
-"""
-    out = run_python(code, devices=4)
-    assert "OK" in out.stdout, out.stderr[-2000:]
 
 
 # ---- logging and eval ------------------------------------------------------------------------------------------------

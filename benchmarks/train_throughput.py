@@ -149,7 +149,12 @@ def print_table(results: list):
         eff = speedup / r["devices"]
         print(f"{r['config']:16s} {r['dtype']:9s} {r['devices']:3d} {r['batch']:5d} {r['compile_s']:9.1f} "
               f"{r['steps_per_s']:8.2f} {r['images_per_s']:9.1f} {speedup:8.2f} {eff:7.2f} "
-              f"{r.get('peak_memory_gib', float('nan')):8.2f} {r.get('mfu', float('nan')):6.1%}")
+              f"{_fmt(r.get('peak_memory_gib'), '8.2f')} {_fmt(r.get('mfu'), '6.1%')}")
+
+
+def _fmt(value, spec: str) -> str:
+    width = int(spec.split(".")[0])
+    return format(value, spec) if value is not None else "-".rjust(width)
 
 
 def main():

@@ -559,6 +559,9 @@ def build_langevin(sde: SDE, score_fn: ScoreFn, shape, num_steps: int = 1000, st
     return _with_nfe(run, num_steps + int(denoise), sharding)
 
 
+ALD_SIGMA_MIN = 0.01   # NCSN's smallest noise level σ_L (data in [0, 1] or [-1, 1])
+
+
 def build_annealed_langevin(sde: SDE, score_fn: ScoreFn, shape, num_steps: int = 100, n_steps: int = 10,
                             snr: float = 0.4, ald_step_size: Optional[float] = None, step_rule: str = "ncsn",
                             grid: str = "log_snr", denoise: bool = True, eps: Optional[float] = None,
@@ -566,7 +569,10 @@ def build_annealed_langevin(sde: SDE, score_fn: ScoreFn, shape, num_steps: int =
     """Annealed Langevin dynamics (NCSN, Song & Ermon 2019, Alg. 1) over L = ``num_steps`` noise levels
     σ_i = σ(t_i) on a geometric ladder (``grid="log_snr"``: σ/α geometric, exactly NCSN's for VE), ``n_steps``
     steps of size ε σ_i²/σ_L² per level, then Tweedie's denoiser (NCSNv2). ``step_rule="ncsnv2"`` picks ε by NCSNv2's rule (``ncsnv2_step_size``).
-    NFE = L·n_steps + denoise."""
+    NFE = L·n_steps + denoise. Default ``eps``: the SDE's, raised where needed so that the smallest level is
+    σ/α ≥ 0.01 (NCSN's σ_L; sub-VP's σ(1e-3) ≈ 1e-4 would spend a third of the ladder below any data scale)."""
+    if eps is None:
+        eps = max(sde.eps, float(t_from_log_snr(sde, jnp.array([-np.log(ALD_SIGMA_MIN)]))[0]))
     eps = check_eps(sde, eps)
     if step_rule not in ("ncsn", "ncsnv2"):
         raise ValueError(f"unknown step_rule {step_rule!r}; expected one of ['ncsn', 'ncsnv2']")

@@ -103,6 +103,9 @@ def test_wrong_score_fails(name):
         check_matches(MIX2, x, sw_bound, w_tol)
 
 
+# In 1-D the sliced W1 is the plain W1 (no averaging over directions): its floor (two target samples) is
+# 0.11 median / 0.17 max over 20 seeds, against 0.06 / 0.09 in 2-D and 0.03 / 0.04 in 16-D.
+SW_SCALE = {1: 1.7, 2: 1.0, 16: 1.0}
 GRID_CASES = ([(name, 2) for name in sorted(FAST_METHODS) + sorted(SLOW_METHODS)]
               + [(name, dim) for dim in (1, 16) for name in ("pc_em_langevin", "pc_reverse_diffusion", "ode_tsit5",
                                                               "ddim", "dpm_solver++2m", "heun", "annealed_langevin")])
@@ -119,8 +122,10 @@ def test_method_grid(sde_name, name, dim):
         pytest.skip("sub-VP has no discrete ancestral chain")
     means = {1: np.array([[-4.0], [0.5], [4.0]]), 2: MIX2.means,
              16: np.random.default_rng(16).normal(size=(3, 16)) * 1.5}[dim]
+    means = means - np.array([0.2, 0.3, 0.5]) @ means          # zero mean (see MIX2)
     gm = GaussianMixture(weights=[0.2, 0.3, 0.5], means=means, stds=[0.5, 0.6, 0.4])
     wrong = GaussianMixture(weights=[0.5, 0.3, 0.2], means=means * 1.3, stds=[0.5, 0.6, 0.4])
+    sw_bound *= SW_SCALE[dim]
     x, _ = _run(sde_name, method, options, score_gm=gm, dim_shape=(dim,))
     check_matches(gm, x, sw_bound, w_tol)
     x_wrong, _ = _run(sde_name, method, options, score_gm=wrong, dim_shape=(dim,))

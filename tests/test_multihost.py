@@ -37,7 +37,7 @@ def launch(workdir, n_iters: int, num_processes: int, devices_per_process: int, 
         args = [sys.executable, "main.py", *MAIN_ARGS, f"--workdir={workdir}",
                 f"--config.training.n_iters={n_iters}", f"--config.training.snapshot_freq={n_iters}",
                 f"--config.training.log_freq={log_freq or n_iters}"]
-        env = subprocess_env(devices_per_process)
+        env = subprocess_env(devices_per_process, collective_timeout_s=90)  # processes may lag while compiling
         if use_env:
             env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(num_processes),
                        JAX_PROCESS_ID=str(i))

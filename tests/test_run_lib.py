@@ -18,7 +18,7 @@ import utils
 from configs import toy
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-COLLECTIVE_TIMEOUT = "--xla_cpu_collective_call_terminate_timeout_seconds=20"
+COLLECTIVE_TIMEOUT = "--xla_cpu_collective_call_terminate_timeout_seconds={}"  # a hang fails instead of waiting
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -43,9 +43,10 @@ def compilation_cache(tmp_path_factory):
 CACHE_ENV: dict = {}
 
 
-def subprocess_env(devices: int = 1) -> dict:
+def subprocess_env(devices: int = 1, collective_timeout_s: int = 20) -> dict:
     return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), **CACHE_ENV,
-                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {COLLECTIVE_TIMEOUT}")
+                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
+                          f"{COLLECTIVE_TIMEOUT.format(collective_timeout_s)}")
 
 
 def tiny_config(n_iters: int = 6, **overrides):

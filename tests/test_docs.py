@@ -168,13 +168,12 @@ def test_film_mlp_contract():
     model = models.create_model(config)
     assert model.module.width == config.model.width
     x = jax.random.normal(jax.random.key(0), (5, 2))
-    params = model.init(jax.random.key(1), x)
+    params = jax.jit(model.init)(jax.random.key(1), x)
     labels = jnp.linspace(0.0, 999.0, 5)
     apply = jax.jit(lambda p, lab: model.module.apply({"params": p}, x, lab))
     np.testing.assert_array_equal(apply(params, labels), 0.0)  # zero-initialised output layer
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(2), len(leaves))
-    noisy = tree.unflatten([p + 0.1 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+    wiggle = lambda p: np.asarray(p) + 0.1 * np.cos(0.7 * np.arange(p.size) + 1.0).reshape(p.shape)
+    noisy = jax.tree.map(lambda p: wiggle(p).astype(np.float32), params)  # host-side: nothing to compile
     out = apply(noisy, labels)
     assert out.shape == x.shape and float(jnp.abs(out).min()) > 0
     assert float(jnp.max(jnp.abs(out - apply(noisy, labels[::-1])))) > 1e-3  # the label conditions the output
@@ -288,9 +287,10 @@ def test_one_file_sde_matches_its_forward_simulation():
 
 
 # ---- slow: each example reaches a quality bound ---------------------------------------------------------------
-QUALITY = {  # example -> (training steps, bound)
-    "lognormal_dsm": (1500, 0.15), "midpoint_sampler": (1500, 0.15), "film_mlp": (1500, 0.15),
-    "bars_dataset": (1500, 0.5),
+QUALITY = {  # example -> (training steps, bound); measured after 1500 steps: sliced W1 0.063 (lognormal_dsm),
+    # 0.062 (midpoint_sampler), 0.052 (film_mlp), two held-out sets ≈ 0.05-0.07 apart; bars 100% valid images
+    "lognormal_dsm": (1500, 0.12), "midpoint_sampler": (1500, 0.12), "film_mlp": (1500, 0.12),
+    "bars_dataset": (1500, 0.8),
 }
 
 

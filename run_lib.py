@@ -269,6 +269,8 @@ def _train_loop(run: Run, state: TrainState, data: Iterator, stop: utils.StopSig
         _check_finite(run, metrics, step)
         metrics["lr"] = float(run.schedule(step))
         run.logger.log(step + 1, metrics, config.training.batch_size)
+        if step == start:
+            run.logger.mark(step + 1)  # rates and ETA without the compilation of the first step
         _after_step(run, state, step + 1)
         if _stop_requested(stop, step + 1, n_iters):
             run.ckpt.save(step + 1, state)

@@ -276,6 +276,10 @@ class MetricLogger:
               f"  lr {record.get('lr', float('nan')):.2e}  {rate:.1f} it/s  {rate * batch_size:.0f} samples/s"
               f"  ETA {_duration(eta)}", flush=True)
 
+    def mark(self, step: int):
+        """Measure rates from now and ``step`` on (call after the first step, so compiling is not counted)."""
+        self.t0, self.step0 = time.time(), step
+
     def image(self, tag: str, grid_png: pathlib.Path, step: int):
         """Add a PNG (e.g. a sample grid) to TensorBoard."""
         if self.writer is None or not pathlib.Path(grid_png).exists():

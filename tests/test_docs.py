@@ -27,6 +27,26 @@ ANY_LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")       # [text](target) and !
 EXAMPLES = sorted(p.stem for p in (REPO / "examples").glob("*.py") if p.stem != "__init__")
 
 
+REGISTRIES = (sde_lib.SDES, losses.LOSSES, samplers.SAMPLERS, models.MODELS, datasets.SOURCES)
+DOCS_SDE_MODULE = "docs_my_sde"  # module name of the docs' one-file SDE when executed in this process
+
+
+@pytest.fixture(autouse=True, scope="module")
+def forget_example_registrations():
+    """The examples register into the global registries. Afterwards remove what they added and forget the example
+    modules (a later import registers them again), so later test files see the registries they expect, e.g. the
+    exact list of losses usable with an SDE in tests/test_losses.py."""
+    before = set(sys.modules)
+    yield
+    new = {m for m in set(sys.modules) - before if m.startswith("examples.")} | {DOCS_SDE_MODULE}
+    for registry in REGISTRIES:
+        for name in [n for n, obj in registry.items() if getattr(obj, "__module__", None) in new]:
+            del registry[name]
+            losses.CONTINUOUS_TIME.discard(name)
+    for m in new:
+        sys.modules.pop(m, None)
+
+
 # ---- links -------------------------------------------------------------------------------------------------
 def code_links():
     return [(doc, name, target) for doc in DOCS for name, target in CODE_LINK.findall(doc.read_text())]
@@ -272,7 +292,7 @@ def test_one_file_sde_from_the_docs_runs_through_main(tmp_path):
 
 def test_one_file_sde_matches_its_forward_simulation():
     """The docs' linear VE SDE: g² = dσ²/dt, checked by simulating dx = g dw from x(0) = 1."""
-    namespace = {}
+    namespace = {"__name__": DOCS_SDE_MODULE}
     exec(compile(one_file_sde_source().replace('register_sde("linear_ve")', 'register_sde("linear_ve_check")'),
                  "my_sde.py", "exec"), namespace)
     sde = namespace["LinearVESDE"](sigma_max=3.0)

@@ -10,6 +10,7 @@ import time
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 import datasets
@@ -361,3 +362,21 @@ def test_stop_signal_sets_a_flag_and_a_second_sigint_interrupts():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.05)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_paper_optimizer_defaults_warmup_and_clipping():
+    """Base config: Adam lr 2e-4 reached linearly over 5000 steps; gradients clipped to global norm 1 before Adam
+    (the first moment after one step is (1 - β1) times the clipped gradient)."""
+    from configs.base import get_base_config
+
+    optim = get_base_config().optim
+    assert (optim.lr, optim.warmup, optim.grad_clip) == (2e-4, 5000, 1.0)
+    schedule = run_lib.learning_rate_schedule(optim)
+    np.testing.assert_allclose([schedule(0), schedule(2500), schedule(5000), schedule(10 ** 6)],
+                               [0.0, 1e-4, 2e-4, 2e-4], rtol=1e-6)
+    params = {"w": np.zeros(4, np.float32)}
+    grads = {"w": np.array([60.0, 80.0, 0.0, 0.0], np.float32)}  # global norm 100
+    optimizer = run_lib.get_optimizer(optim)
+    _, state = optimizer.update(grads, optimizer.init(params), params)
+    mu = optax.tree_utils.tree_get(state, "mu")["w"]  # Adam's first moment
+    np.testing.assert_allclose(mu, (1 - optim.beta1) * np.array([0.6, 0.8, 0, 0]), rtol=1e-5)

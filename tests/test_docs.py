@@ -45,6 +45,9 @@ def forget_example_registrations():
             losses.CONTINUOUS_TIME.discard(name)
     for m in new:
         sys.modules.pop(m, None)
+        package, _, child = m.rpartition(".")
+        if package in sys.modules and hasattr(sys.modules[package], child):
+            delattr(sys.modules[package], child)  # else `from examples import x` returns the old module
 
 
 # ---- links -------------------------------------------------------------------------------------------------

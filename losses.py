@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sde_lib import SDE, batch_broadcast
+from sde_lib import SDE, _qualified, batch_broadcast
 
 Array = jax.Array
 LossFn = Callable[[dict, Array, dict], Tuple[Array, Dict[str, Array]]]
@@ -43,8 +43,9 @@ def register_loss(name: str, needs: Tuple[str, ...] = (), continuous_time: bool 
     """
 
     def wrap(fn):
-        if name in LOSSES and LOSSES[name] is not fn:
-            raise ValueError(f"loss name {name!r} is already registered")
+        old = LOSSES.get(name)
+        if old is not None and _qualified(old) != _qualified(fn):
+            raise ValueError(f"loss name {name!r} is already registered to {_qualified(old)}")
         LOSSES[name] = fn
         fn.needs = tuple(needs)
         if continuous_time:

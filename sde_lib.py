@@ -38,13 +38,20 @@ def register_sde(name: str):
     """Class decorator adding an SDE to the ``SDES`` registry under ``name`` (used by ``config.sde.name``)."""
 
     def wrap(cls):
-        if name in SDES and SDES[name] is not cls:
-            raise ValueError(f"SDE name {name!r} is already registered to {SDES[name].__name__}")
+        old = SDES.get(name)
+        if old is not None and _qualified(old) != _qualified(cls):
+            raise ValueError(f"SDE name {name!r} is already registered to {_qualified(old)}")
         SDES[name] = cls
         cls.registered_name = name
         return cls
 
     return wrap
+
+
+def _qualified(obj) -> str:
+    """module.qualname, so that re-executing a module (a notebook reload, a config file that is also imported)
+    re-registers its classes instead of clashing with the previous copies."""
+    return f"{obj.__module__}.{obj.__qualname__}"
 
 
 def batch_broadcast(a: Array, x: Array) -> Array:

@@ -16,7 +16,7 @@ from typing import Callable, Dict, Optional, Type
 import flax.linen as nn
 import jax
 
-from sde_lib import PREDICTIONS, SDE, TIME_INPUTS
+from sde_lib import PREDICTIONS, SDE, TIME_INPUTS, _qualified
 
 MODELS: Dict[str, Type[nn.Module]] = {}
 
@@ -25,8 +25,9 @@ def register_model(name: str):
     """Class decorator adding a model class to ``MODELS`` under ``name``."""
 
     def wrap(cls):
-        if name in MODELS and MODELS[name] is not cls:
-            raise ValueError(f"model name {name!r} is already registered to {MODELS[name].__name__}")
+        old = MODELS.get(name)
+        if old is not None and _qualified(old) != _qualified(cls):
+            raise ValueError(f"model name {name!r} is already registered to {_qualified(old)}")
         MODELS[name] = cls
         return cls
 

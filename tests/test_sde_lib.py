@@ -151,8 +151,8 @@ def test_model_time_labels():
 
 
 def test_ancestral_steps_are_the_chains_posteriors():
-    """DDPM ancestral mean/std with the exact score of a point mass at x0 equals the β-variance reverse rule,
-    and the SMLD rule equals the Gaussian posterior of the SMLD chain."""
+    """The SMLD ancestral rule with the exact score of N(x0, σ_i²) equals the Gaussian posterior of the SMLD chain
+    q(x_{i-1} | x_i, x0) computed by Bayes' rule."""
     ve = sde_lib.VESDE(N=10)
     x0, xi = 0.3, 2.0
     i = 6
@@ -207,3 +207,25 @@ def test_new_sde_is_one_subclass():
     mean, std = sde.marginal_prob(x0, jnp.full((n,), t_end))
     assert abs(float(xt.mean()) - float(mean[0, 0])) < 0.02
     assert abs(float(xt.std()) - float(std[0])) < 0.02
+
+
+@pytest.mark.parametrize("sde", ALL_SDES, ids=IDS)
+def test_mixture_score_is_the_gradient_of_its_log_density(sde):
+    """analytic.GaussianMixture.score_t, which the sampler/likelihood tests rely on, is ∇x log_prob_t."""
+    gmm = GaussianMixture([0.2, 0.5, 0.3], [[-2.0, 0.0, 1.0], [1.0, 1.0, 0.0], [0.0, -1.0, 2.0]], [0.3, 0.5, 1.0])
+    x = gmm.sample(jax.random.key(7), 8)
+    t = jnp.linspace(0.05, 0.95, 8)
+    grad = jax.vmap(jax.grad(lambda xi, ti: gmm.log_prob_t(sde, xi[None], ti[None])[0]))(x, t)
+    np.testing.assert_allclose(gmm.score_t(sde, x, t), grad, rtol=1e-4, atol=1e-5)
+
+
+def test_registering_the_same_class_twice_is_allowed_a_different_one_is_not():
+    sde_lib.register_sde("vpsde")(sde_lib.VPSDE)  # re-executing the defining module is fine
+    assert sde_lib.SDES["vpsde"] is sde_lib.VPSDE
+
+    class Impostor(sde_lib.VPSDE):
+        pass
+
+    with pytest.raises(ValueError, match="'vpsde' is already registered to sde_lib.VPSDE"):
+        sde_lib.register_sde("vpsde")(Impostor)
+    assert sde_lib.SDES["vpsde"] is sde_lib.VPSDE

@@ -85,7 +85,8 @@ def test_scores_and_labels_match_reference(converted):
             std = np.sqrt(1.0 - sde.alphas_cumprod[np.round(ref["labels"]).astype(int)])
             np.testing.assert_allclose(std, ref["score_divisor_std"], rtol=1e-4)  # torch: float32 cumprod
             std = ref["score_divisor_std"]
-            score = lambda p: -model.module.apply({"params": p}, ref["x_nhwc"], ref["labels"]) / std[:, None, None, None]
+            std = std[:, None, None, None]
+            score = lambda p: -model.module.apply({"params": p}, ref["x_nhwc"], ref["labels"]) / std
         else:
             score = lambda p: model.score(p, sde, ref["x_nhwc"], t)
         score_ema, score_raw = score(ema_params), score(params)

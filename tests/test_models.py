@@ -4,7 +4,6 @@ import importlib
 import flax
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from scipy import signal
@@ -104,7 +103,8 @@ def perturbed_params(module, x, labels, seed=0):
 
 
 def labels_for(kind):
-    return jnp.array([0.5, 3.0]) if VARIANTS.get(kind, {}).get("embedding_type") == "fourier" else jnp.array([10., 500.])
+    fourier = VARIANTS.get(kind, {}).get("embedding_type") == "fourier"
+    return jnp.array([0.5, 3.0]) if fourier else jnp.array([10.0, 500.0])
 
 
 def forward_backward(module):

@@ -265,3 +265,19 @@ def test_timestep_embedding_formula():
     freqs = np.exp(-np.log(10_000) * np.arange(4) / 3)
     np.testing.assert_allclose(emb, np.concatenate([np.sin(np.outer(t, freqs)), np.cos(np.outer(t, freqs))], 1),
                                atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["ddpm", *VARIANTS])
+def test_torch_module_order_lists_every_parameterised_module_once(kind):
+    """The score_sde_pytorch ``all_modules`` order used by the converters names each Flax sub-module once."""
+    module = tiny_module(kind)
+    x, labels = jnp.zeros((1, 16, 16, 3)), labels_for(kind)[:1]
+    shapes = jax.eval_shape(lambda: module.init({"params": jax.random.key(0)}, x, labels)["params"])
+    names = module.torch_module_names()
+    assert len(names) == len(set(names))
+    assert set(names) == set(shapes), (set(names) ^ set(shapes))
+
+
+def test_original_ddpm_decoder_has_no_torch_layout():
+    with pytest.raises(ValueError, match="attn_every_up_block=True has no torch counterpart"):
+        DDPM(attn_every_up_block=True).torch_module_names()

@@ -1,0 +1,296 @@
+"""Shared machinery of the table commands: settings, cached model training, cached cells, tables, plots."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+import shutil
+import sys
+import time
+from typing import Callable, Dict, List, Optional
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+RESULTS_DIR = ROOT / "benchmarks" / "results"
+
+
+# ---- settings ---------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """Scale of a reproduction: data (``base`` config), training length, chain length N, sample counts."""
+
+    name: str
+    base: str                 # "digits" (configs/default.py) or "fashion_mnist" (configs/fashion_mnist.py)
+    n_iters: int              # training steps per model
+    N: int                    # discretisation steps of every SDE (the paper's 1000)
+    num_samples: int          # samples per table cell (quality figure)
+    batch_size: int           # training batch
+    nf: int                   # U-Net base width
+    ch_mult: tuple
+    low_nfe_steps: int        # time nodes of DDIM / DPM-Solver++ / Heun
+    lik_examples: int         # test examples per bits/dim figure
+    lik_tol: float            # rtol = atol of the likelihood ODE
+    sigma_max: float          # VE σ_max (≈ the largest pairwise data distance, Song & Ermon 2020)
+
+
+SETTINGS: Dict[str, Setting] = {
+    # for tests/test_reproduce.py: seconds per model, meaningless numbers
+    "minimal": Setting("minimal", "digits", 20, 40, 16, 32, 8, (1,), 4, 4, 1e-3, 20.0),
+    # digits 8×8: minutes on 2 cores
+    "tiny": Setting("tiny", "digits", 500, 100, 256, 64, 32, (1, 2), 10, 64, 1e-5, 20.0),
+    # Fashion-MNIST 28×28, small U-Net (the issue's CPU scale): hours on 2 cores
+    "cpu": Setting("cpu", "fashion_mnist", 8000, 1000, 512, 128, 32, (1, 2, 2), 20, 256, 1e-5, 50.0),
+}
+
+
+def get_setting(name: str) -> Setting:
+    if name not in SETTINGS:
+        raise ValueError(f"unknown --setting={name!r}; valid settings: {sorted(SETTINGS)}")
+    return SETTINGS[name]
+
+
+def base_config(setting: Setting, sde: str, **training):
+    """The base config of ``setting`` with SDE ``sde`` and the given ``config.training`` fields."""
+    if setting.base == "digits":
+        from configs.default import get_config
+    else:
+        from configs.fashion_mnist import get_config
+    config = get_config()
+    t = config.training
+    t.n_iters, t.batch_size = setting.n_iters, setting.batch_size
+    t.snapshot_freq = setting.n_iters
+    t.snapshot_sampling = False
+    t.log_freq = max(1, min(100, setting.n_iters // 5))
+    t.eval_freq = setting.n_iters
+    for k, v in training.items():
+        t[k] = v
+    config.sde.name, config.sde.N, config.sde.sigma_max = sde, setting.N, setting.sigma_max
+    config.model.nf, config.model.ch_mult = setting.nf, tuple(setting.ch_mult)
+    if setting.name == "minimal":
+        config.model.num_res_blocks = 1
+        config.optim.warmup = 5
+    config.sampling.num_samples = config.sampling.batch_size = setting.num_samples
+    config.eval.batch_size = min(setting.lik_examples, 128)
+    config.eval.num_samples = setting.num_samples
+    return config
+
+
+# ---- models: trained once, shared by the tables -------------------------------------------------------------------
+# name -> (sde, config.training fields)
+MODELS: Dict[str, tuple] = {
+    "ve_dsm": ("vesde", {"loss": "dsm"}),
+    "vp_dsm": ("vpsde", {"loss": "dsm"}),
+    "subvp_dsm": ("subvpsde", {"loss": "dsm"}),
+    "vp_ddpm": ("vpsde", {"loss": "ddpm", "continuous": False}),
+    "vp_dsm_lw": ("vpsde", {"loss": "dsm", "likelihood_weighting": True, "importance_sampling": True}),
+    "ve_smld": ("vesde", {"loss": "smld", "continuous": False}),
+}
+
+
+def model_config(setting: Setting, name: str):
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; valid: {sorted(MODELS)}")
+    sde, training = MODELS[name]
+    return base_config(setting, sde, **training)
+
+
+def model_dir(workdir: pathlib.Path, setting: Setting, name: str) -> pathlib.Path:
+    return pathlib.Path(workdir) / "models" / f"{setting.name}_{name}"
+
+
+def ensure_model(workdir: pathlib.Path, setting: Setting, name: str) -> dict:
+    """Train model ``name`` with ``run_lib.train`` unless ``done.json`` says it finished; returns that record."""
+    import run_lib
+
+    d = model_dir(workdir, setting, name)
+    done = d / "done.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    print(f"training {name} ({setting.n_iters} steps) in {d}", flush=True)
+    t0 = time.time()
+    run_lib.train(model_config(setting, name), str(d))
+    record = {"model": name, "n_iters": setting.n_iters, "train_seconds": round(time.time() - t0, 1)}
+    _write_json(done, record)
+    return record
+
+
+class ModelCache:
+    """Restored eval states (EMA parameters) by model name, loaded on first use."""
+
+    def __init__(self, workdir: pathlib.Path, setting: Setting):
+        self.workdir, self.setting, self._states = pathlib.Path(workdir), setting, {}
+
+    def get(self, name: str):
+        import run_lib
+
+        if name not in self._states:
+            ensure_model(self.workdir, self.setting, name)
+            cfg = model_config(self.setting, name)
+            self._states[name] = (cfg, run_lib.restore_eval_state(cfg, str(model_dir(self.workdir, self.setting,
+                                                                                          name))))
+        return self._states[name]
+
+
+# ---- one cell: sampling and its quality figure ---------------------------------------------------------------------
+def draw(cfg, ev, method: str, options: dict, n: int, seed: int, N: Optional[int] = None) -> dict:
+    """``n`` samples of ``method`` (SDE rebuilt with ``N`` steps when given): uint8 images, NFE, compile and
+    sampling seconds (the sampler is compiled ahead, so ``sample_s`` excludes compilation)."""
+    import datasets
+    import samplers
+
+    sde = ev.sde if N is None else dataclasses.replace(ev.sde, N=int(N))
+    shape = (n,) + tuple(run_data_shape(cfg))
+    fn, _ = samplers.build_sampler(sde, ev.model.score_fn(ev.params, sde), shape, method, mesh=None, **options)
+    key = jax.random.fold_in(jax.random.key(seed), 0)
+    t0 = time.time()
+    compiled = fn.lower(key).compile()
+    t1 = time.time()
+    x, nfe = jax.block_until_ready(compiled(key))
+    t2 = time.time()
+    images = datasets.get_data_transform(cfg).inverse(np.asarray(x))
+    return {"images": images, "nfe": int(nfe), "compile_s": round(t1 - t0, 2), "sample_s": round(t2 - t1, 2)}
+
+
+def run_data_shape(cfg) -> tuple:
+    import run_lib
+
+    return run_lib.data_shape(cfg)
+
+
+def quality(cfg, workdir: pathlib.Path, images: np.ndarray) -> dict:
+    """Domain-classifier FID of uint8 samples: digits classifier (digits), else the Fashion-MNIST domain
+    classifier of ``evaluation.py`` against train-split statistics built once in ``<workdir>/fid``."""
+    import evaluation
+
+    if cfg.data.source == "digits":
+        q = evaluation.digits_quality(images)
+        return {"fid": q["samples"]["domain_fid"], "fid_real_heldout": q["real_heldout"]["domain_fid"],
+                "inception_score": q["samples"]["inception_score"]}
+    cfg = _fid_config(cfg, workdir)
+    if not evaluation.stats_path(cfg, workdir, "domain").exists():
+        evaluation.run_fid_stats(cfg, str(workdir))
+    out = evaluation.evaluate_samples(cfg, str(workdir), images, len(images))
+    return {"fid": out["domain"]["fid"], "kid": out["domain"].get("kid")}
+
+
+def _fid_config(cfg, workdir):
+    import ml_collections
+
+    cfg = ml_collections.ConfigDict(cfg.to_dict())
+    cfg.eval.fid_extractors = "domain"
+    cfg.eval.fid_stats_dir = str(pathlib.Path(workdir) / "fid")
+    cfg.eval.classifier_dir = str(pathlib.Path(workdir) / "fid" / "classifiers")
+    return cfg
+
+
+def bits_per_dim(cfg, mdir: pathlib.Path, setting: Setting, method: str) -> dict:
+    """bits/dim of a trained model on ``setting.lik_examples`` test examples by ``likelihood.run``:
+    ``method`` "ode" (probability-flow ODE, Hutchinson with Gaussian probes, uniform dequantization) or
+    "ddpm_bound" (the DDPM variational bound summed over all N steps)."""
+    import likelihood
+    import ml_collections
+
+    cfg = ml_collections.ConfigDict(cfg.to_dict())
+    lik = cfg.eval.likelihood
+    lik.method, lik.num_examples = method, setting.lik_examples
+    lik.rtol = lik.atol = setting.lik_tol
+    r = likelihood.run(cfg, str(mdir))
+    return {"bpd": r["bpd"], "bpd_stderr": r["bpd_stderr"], "nfe": r["nfe_mean"], "seconds": r["wall_time_s"],
+            "num_examples": r["num_examples"]}
+
+
+# ---- resumable cells ------------------------------------------------------------------------------------------------
+class CellStore:
+    """Per-cell JSON results in ``<dir>/cells/<key>.json``; ``run`` computes a cell only when its file is missing,
+    printing a progress line ``[table k/n] key: summary``."""
+
+    def __init__(self, directory: pathlib.Path, table: str, total: int):
+        self.dir = pathlib.Path(directory) / "cells"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.table, self.total, self.done, self.computed, self.t0 = table, total, 0, 0, time.time()
+
+    def path(self, key: str) -> pathlib.Path:
+        return self.dir / f"{key.replace('/', '_')}.json"
+
+    def run(self, key: str, compute: Callable[[], dict]) -> dict:
+        self.done += 1
+        p = self.path(key)
+        if p.exists():
+            result, status = json.loads(p.read_text()), "cached"
+        else:
+            t0 = time.time()
+            try:
+                result = compute()
+            except (ValueError, NotImplementedError) as e:  # e.g. no ancestral chain for sub-VP: an n/a cell
+                result = {"error": f"{type(e).__name__}: {e}"}
+            result["cell_seconds"] = round(time.time() - t0, 2)
+            _write_json(p, result)
+            self.computed += 1
+            status = f"{result['cell_seconds']:.1f}s"
+        summary = result.get("error", "")[:60] or ", ".join(
+            f"{k}={_fmt(result[k])}" for k in ("fid", "bpd", "nfe") if result.get(k) is not None)
+        print(f"[{self.table} {self.done}/{self.total}] {key}: {summary} ({status}; "
+              f"elapsed {time.time() - self.t0:.0f}s)", flush=True)
+        return result
+
+
+def _fmt(v) -> str:
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def _write_json(path: pathlib.Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+    os.replace(tmp, path)
+
+
+# ---- outputs ------------------------------------------------------------------------------------------------------------
+def markdown_table(header: List[str], rows: List[List[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]) + "\n"
+
+
+def write_outputs(out_dir: pathlib.Path, stem: str, markdown: str, results: dict, plot: Callable,
+                  publish: bool) -> List[pathlib.Path]:
+    """``<stem>.md``, ``<stem>.json`` and ``<stem>.png`` (``plot(path)``) in ``out_dir``; copied to
+    ``benchmarks/results/`` with ``publish``."""
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / f"{stem}.md", out_dir / f"{stem}.json", out_dir / f"{stem}.png"]
+    paths[0].write_text(markdown)
+    _write_json(paths[1], results)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    plot(paths[2])
+    if publish:
+        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+        for p in paths:
+            shutil.copy(p, RESULTS_DIR / p.name)
+        print(f"published {[p.name for p in paths]} to {RESULTS_DIR}")
+    print(f"wrote {paths[0]}\n\n{markdown}", flush=True)
+    return paths
+
+
+def parse_args(argv, description: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--workdir", required=True, help="models, cached cells and outputs go here (resumable)")
+    p.add_argument("--setting", default="tiny", help=f"one of {sorted(SETTINGS)}")
+    p.add_argument("--publish", action="store_true", help="copy the table, plot and JSON to benchmarks/results/")
+    args = p.parse_args(argv)
+    get_setting(args.setting)
+    return args
+
+
+def cell_fid(result: dict) -> str:
+    if "error" in result:
+        return "n/a"
+    return f"{result['fid']:.2f}"

@@ -1,0 +1,109 @@
+"""Training objectives on the same network: DDPM L_simple, continuous DSM, likelihood-weighted DSM, SMLD.
+
+    python -m benchmarks.reproduce.table_objectives --workdir=/tmp/repro --setting=tiny [--publish]
+
+Each objective trains the same U-Net (same width, depth, steps, batch, optimiser) with ``run_lib.train``; each row
+reports sample quality (domain-classifier FID of PC_N samples: reverse-diffusion predictor + one Langevin step,
+the same sampler for every row), bits/dim by the probability-flow ODE, and, for the VP models, the DDPM bound.
+"""
+from __future__ import annotations
+
+import pathlib
+import sys
+from typing import Optional
+
+from benchmarks.reproduce import common
+
+OBJECTIVES = {  # row label -> model name in common.MODELS
+    "DDPM L_simple (VP chain)": "vp_ddpm",
+    "continuous DSM, sigma^2 weighting (VP)": "vp_dsm",
+    "likelihood-weighted DSM + IS (VP)": "vp_dsm_lw",
+    "SMLD / NCSN (VE chain)": "ve_smld",
+}
+COLUMNS = ("quality", "ode_bpd", "ddpm_bound")
+VP_CHAIN = ("vp_ddpm", "vp_dsm", "vp_dsm_lw")
+
+
+def sampler(N: int) -> dict:
+    return {"label": f"PC{N} reverse diffusion + Langevin", "method": "pc", "expected_nfe": 2 * N,
+            "options": {"predictor": "reverse_diffusion", "corrector": "langevin", "num_steps": N}}
+
+
+def _compute(models: common.ModelCache, workdir: pathlib.Path, setting, model: str, column: str):
+    def compute() -> dict:
+        cfg, ev = models.get(model)
+        mdir = common.model_dir(workdir, setting, model)
+        if column == "quality":
+            s = sampler(setting.N)
+            out = common.draw(cfg, ev, s["method"], s["options"], setting.num_samples, seed=cfg.seed + 11)
+            return {**common.quality(cfg, workdir, out.pop("images")), **out, "sampler": s["label"]}
+        if column == "ddpm_bound" and model not in VP_CHAIN:
+            raise ValueError("the DDPM bound needs the VP chain")
+        return common.bits_per_dim(cfg, mdir, setting, "ode" if column == "ode_bpd" else "ddpm_bound")
+
+    return compute
+
+
+def run(workdir: str, setting_name: str = "tiny", publish: bool = False) -> dict:
+    setting = common.get_setting(setting_name)
+    workdir = pathlib.Path(workdir)
+    out_dir = workdir / f"table_objectives_{setting.name}"
+    store = common.CellStore(out_dir, "objectives", len(OBJECTIVES) * len(COLUMNS))
+    models = common.ModelCache(workdir, setting)
+    cells = {}
+    for label, model in OBJECTIVES.items():
+        for column in COLUMNS:
+            cells.setdefault(label, {})[column] = store.run(f"{model}__{column}",
+                                                            _compute(models, workdir, setting, model, column))
+    train = {m: common.ensure_model(workdir, setting, m) for m in OBJECTIVES.values()}
+    results = {"setting": setting.__dict__, "cells": cells, "models": train, "computed_cells": store.computed,
+               "sampler": sampler(setting.N)}
+    common.write_outputs(out_dir, f"table_objectives_{setting.name}", markdown(cells, setting, train), results,
+                         lambda p: plot(cells, p, setting), publish)
+    return results
+
+
+def _bpd(c: dict) -> str:
+    return "n/a" if "error" in c else f"{c['bpd']:.3f} ± {c['bpd_stderr'] or 0:.3f}"
+
+
+def markdown(cells: dict, setting, train: dict) -> str:
+    header = ["objective", "FID", "NFE", "ODE bits/dim", "DDPM bound bits/dim", "train s"]
+    rows = []
+    for label, model in OBJECTIVES.items():
+        c = cells[label]
+        q = c["quality"]
+        rows.append([label, common.cell_fid(q), q.get("nfe", "n/a"), _bpd(c["ode_bpd"]), _bpd(c["ddpm_bound"]),
+                     train[model]["train_seconds"]])
+    note = (f"\nSame small U-Net ({setting.nf} channels, {setting.n_iters} steps, batch {setting.batch_size}) for "
+            f"every objective. FID: domain classifier, {setting.num_samples} samples of "
+            f"{sampler(setting.N)['label']}. bits/dim on {setting.lik_examples} test examples (ODE: Hutchinson, "
+            f"rtol=atol={setting.lik_tol:g}, uniform dequantization; DDPM bound: all N={setting.N} terms).\n")
+    return f"## Training objectives (setting {setting.name})\n\n" + common.markdown_table(header, rows) + note
+
+
+def plot(cells: dict, path, setting) -> None:
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    labels = list(OBJECTIVES)
+    fid = [cells[k]["quality"].get("fid", np.nan) for k in labels]
+    bpd = [cells[k]["ode_bpd"].get("bpd", np.nan) for k in labels]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, vals, name in zip(axes, (fid, bpd), ("domain-classifier FID", "ODE bits/dim")):
+        ax.barh(range(len(labels)), vals)
+        ax.set_yticks(range(len(labels)), [lbl.split(" (")[0] for lbl in labels], fontsize=8)
+        ax.set_xlabel(name)
+    fig.suptitle(f"Objectives ({setting.name}: {setting.base})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: Optional[list] = None) -> dict:
+    args = common.parse_args(sys.argv[1:] if argv is None else argv, __doc__.splitlines()[0])
+    return run(args.workdir, args.setting, args.publish)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""benchmarks/reproduce: NFE bookkeeping of the table-1 grid, resumable cells, and (slow) each table's pipeline
+end to end on the ``minimal`` setting (20 training steps, N=40, 16 samples)."""
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import samplers
+import sde_lib
+from benchmarks.reproduce import common, table1, table_likelihood, table_objectives
+
+
+def _gaussian_score(sde):
+    """Exact score of p_t when the data are N(0, I): x(t) ~ N(0, (α² + σ²) I)."""
+    def score(x, t):
+        a, s = sde.alpha_sigma(t)
+        return -x / (a**2 + s**2).reshape((-1,) + (1,) * (x.ndim - 1))
+    return score
+
+
+def test_grid_nfe_matches_samplers():
+    """Every row's expected NFE (written from the formulas, not from the samplers) is what the sampler reports."""
+    sde = sde_lib.VPSDE(N=8)  # the NFE formulas do not depend on the SDE; one keeps the test short
+    rows = table1.sampler_grid(sde.N, low=3)
+    assert len({r["label"] for r in rows}) == len(rows) == 15
+    for row in rows:
+        s = sde if row["N"] is None else dataclasses.replace(sde, N=row["N"])  # as common.draw does
+        opts = dict(row["options"])
+        if row["N"] is not None:
+            assert s.N == row["N"] == 2 * sde.N
+            opts.pop("num_steps")
+        _, nfe = samplers.sample(jax.random.key(0), s, _gaussian_score(s), (2, 3), row["method"], mesh=None, **opts)
+        if row["expected_nfe"] is None:  # adaptive ODE: 6 stages per step + 1 (FSAL start) + 1 denoising
+            assert nfe > 0 and (nfe - 2) % 6 == 0, (row["label"], nfe)
+        else:
+            assert nfe == row["expected_nfe"], (row["label"], nfe, row["expected_nfe"])
+
+
+def test_cell_store_resumes_and_records_na(tmp_path, capsys):
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"fid": 1.5, "nfe": 10}
+
+    def broken():
+        raise NotImplementedError("no chain")
+
+    store = common.CellStore(tmp_path, "t", 2)
+    assert store.run("a", compute) == {"fid": 1.5, "nfe": 10, "cell_seconds": pytest.approx(0, abs=1)}
+    assert store.run("b", broken)["error"].startswith("NotImplementedError")
+    store2 = common.CellStore(tmp_path, "t", 2)
+    store2.run("a", compute)
+    store2.run("b", compute)
+    assert len(calls) == 1 and store2.computed == 0
+    assert "[t 2/2] b: NotImplementedError" in capsys.readouterr().out
+
+
+def test_unknown_setting_names_the_valid_ones():
+    with pytest.raises(ValueError, match="minimal"):
+        common.get_setting("huge")
+
+
+def _check_rerun_is_noop(module, workdir, stem):
+    before = {p: p.stat().st_mtime_ns for p in (workdir / stem / "cells").glob("*.json")}
+    again = module.run(str(workdir), "minimal")
+    assert again["computed_cells"] == 0
+    assert {p: p.stat().st_mtime_ns for p in (workdir / stem / "cells").glob("*.json")} == before
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("repro")
+
+
+@pytest.mark.slow
+def test_table1_pipeline(workdir):
+    res = table1.run(str(workdir), "minimal")
+    setting = common.SETTINGS["minimal"]
+    md = (workdir / "table1_minimal" / "table1_minimal.md").read_text()
+    assert (workdir / "table1_minimal" / "table1_minimal.png").stat().st_size > 0
+    for row in res["rows"]:
+        assert f"| {row['label']} |" in md
+        for sde in table1.SDES:
+            cell = res["cells"][row["label"]][sde]
+            if "error" in cell:  # only the sub-VP ancestral rows have no chain
+                assert sde == "sub-VP" and "ancestral" in row["label"]
+                continue
+            assert cell["nfe"] == row["expected_nfe"] or row["expected_nfe"] is None
+            assert f"/ {cell['nfe']} /" in md
+    assert res["cells"][f"PC{setting.N} reverse diffusion"]["VP"]["nfe"] == 2 * setting.N
+    _check_rerun_is_noop(table1, workdir, "table1_minimal")
+
+
+@pytest.mark.slow
+def test_objectives_and_likelihood_pipelines(workdir):
+    res = table_objectives.run(str(workdir), "minimal")
+    md = (workdir / "table_objectives_minimal" / "table_objectives_minimal.md").read_text()
+    for label, model in table_objectives.OBJECTIVES.items():
+        assert f"| {label} |" in md
+        c = res["cells"][label]
+        assert c["quality"]["nfe"] == 2 * common.SETTINGS["minimal"].N
+        assert ("error" in c["ddpm_bound"]) == (model not in table_objectives.VP_CHAIN)
+        assert c["ode_bpd"]["num_examples"] == common.SETTINGS["minimal"].lik_examples
+    _check_rerun_is_noop(table_objectives, workdir, "table_objectives_minimal")
+
+    res = table_likelihood.run(str(workdir), "minimal")
+    stored = json.loads((workdir / "table_likelihood_minimal" / "table_likelihood_minimal.json").read_text())
+    assert stored["cells"].keys() == res["cells"].keys() == table_likelihood.MODELS.keys()
+    for label, model in table_likelihood.MODELS.items():
+        assert ("error" in res["cells"][label]["DDPM bound"]) == (not model.startswith("vp"))
+        if model.startswith("vp"):  # the exact bound evaluates every one of the N terms
+            assert res["cells"][label]["DDPM bound"]["nfe"] == common.SETTINGS["minimal"].N
+    _check_rerun_is_noop(table_likelihood, workdir, "table_likelihood_minimal")

@@ -92,6 +92,7 @@ MODELS: Dict[str, tuple] = {
     "vp_dsm_lw": ("vpsde", {"loss": "dsm", "likelihood_weighting": True, "importance_sampling": True}),
     "ve_smld": ("vesde", {"loss": "smld", "continuous": False}),
 }
+SHARED_WITH_TABLE1 = ("ve_dsm", "vp_dsm", "subvp_dsm")
 
 
 def model_config(setting: Setting, name: str):

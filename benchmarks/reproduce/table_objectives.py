@@ -50,9 +50,9 @@ def run(workdir: str, setting_name: str = "tiny", publish: bool = False) -> dict
     out_dir = workdir / f"table_objectives_{setting.name}"
     store = common.CellStore(out_dir, "objectives", len(OBJECTIVES) * len(COLUMNS))
     models = common.ModelCache(workdir, setting)
-    cells = {}
-    for label, model in OBJECTIVES.items():
-        for column in COLUMNS:
+    cells = {label: {} for label in OBJECTIVES}
+    for label, model in sorted(OBJECTIVES.items(), key=lambda kv: kv[1] in common.SHARED_WITH_TABLE1):
+        for column in COLUMNS:  # models of table1 last: a concurrent table1 run may still be training them
             cells.setdefault(label, {})[column] = store.run(f"{model}__{column}",
                                                             _compute(models, workdir, setting, model, column))
     train = {m: common.ensure_model(workdir, setting, m) for m in OBJECTIVES.values()}

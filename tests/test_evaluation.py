@@ -216,7 +216,7 @@ def digits_config(tmp_path, monkeypatch):
     monkeypatch.setitem(ev.EXTRACTORS, "pixels", lambda config, workdir: _PixelExtractor())
     config = get_config()
     config.eval.batch_size = 128  # does not divide the 1500 training images: the last batch is padded
-    config.eval.fid_extractors = ("pixels",)
+    config.eval.fid_extractors = "pixels"
     config.eval.num_samples = 50
     return config
 
@@ -277,7 +277,7 @@ def test_write_result_json_requires_provenance(digits_config, tmp_path):
 
 
 def test_domain_classifier_trains_saves_loads_and_gives_domain_fid(digits_config, tmp_path):
-    digits_config.eval.fid_extractors = ("domain",)
+    digits_config.eval.fid_extractors = "domain"
     digits_config.eval.classifier_dir = str(tmp_path / "cls")
     trained = ev.get_domain_classifier(digits_config, tmp_path / "cls", num_steps=400)
     assert trained.meta["test_accuracy"] > 0.9 and trained.meta["num_train"] == 1500

@@ -118,12 +118,6 @@ def impute_fn(sde: SDE, known: Array, mask: Array, decoupling: Decoupling = IDEN
     return project
 
 
-def _check_known(known: Array, mask: Array, what: str = "data"):
-    if known.ndim < 2 or tuple(mask.shape) != tuple(known.shape[1:]):
-        raise ValueError(f"mask shape {tuple(mask.shape)} does not match the {what} shape {tuple(known.shape)} "
-                         f"(batch first; the mask is one example's shape)")
-
-
 def impute(key: Array, sde: SDE, score_fn: ScoreFn, known: Array, mask, decoupling: Decoupling = IDENTITY,
            method: str = "pc", **options) -> Tuple[Array, object]:
     """Samples of x given the known part ``mask ⊙ forward(x) = mask ⊙ known`` (known in decoupled coordinates,
@@ -131,8 +125,9 @@ def impute(key: Array, sde: SDE, score_fn: ScoreFn, known: Array, mask, decoupli
     (``options`` as ``solve_imputation_flow``). The known part of the result is exactly the data.
     Returns (x, nfe)."""
     known = jnp.asarray(known, jnp.float32)
-    mask = jnp.asarray(load_mask(mask, known.shape[1:]) if not hasattr(mask, "shape") else mask, jnp.float32)
-    _check_known(known, mask)
+    if known.ndim < 2:
+        raise ValueError(f"known data must have a batch axis, got shape {tuple(known.shape)}")
+    mask = jnp.asarray(load_mask(mask, known.shape[1:]), jnp.float32)
     if method == "pc":
         fn, nfe = samplers.build_sampler(sde, score_fn, known.shape, "pc",
                                          project=impute_fn(sde, known, mask, decoupling), **options)
@@ -228,13 +223,13 @@ def smc_impute(key: Array, sde: SDE, score_fn: ScoreFn, known: Array, mask: Arra
     g, p = known.shape[0], num_particles
     rsde = sde.reverse(score_fn)
 
-    def step(carry, i):
-        u, logw, k = carry
+    def step(carry, xs):
+        (u, logw, k), (i, target) = carry, xs
         k_z, k_r = jax.random.split(jax.random.fold_in(k, i))
         x, dt = decoupling.inverse(u), ts[i + 1] - ts[i]
         drift, diff = rsde.sde(x, _tb(ts[i], x))
         mean, std = u + decoupling.forward(drift) * dt, batch_broadcast(diff * jnp.sqrt(-dt), u)
-        target = jnp.repeat(path[i + 1], p, axis=0)
+        target = jnp.repeat(target, p, axis=0)
         log_inc = jnp.sum((mask * (-0.5 * ((target - mean) / std) ** 2)).reshape(g * p, -1), axis=-1)
         u = mask * target + (1 - mask) * (mean + std * jax.random.normal(k_z, u.shape))
         idx, logw = _resample(k_r, logw + log_inc.reshape(g, p), ess_threshold)
@@ -242,16 +237,14 @@ def smc_impute(key: Array, sde: SDE, score_fn: ScoreFn, known: Array, mask: Arra
 
     def run(key):
         k_path, k_prior, k_loop, k_final = jax.random.split(key, 4)
-        nonlocal path
         path = forward_path(k_path, sde, known, ts)
         u = decoupling.forward(sde.prior_sampling(k_prior, (g * p,) + known.shape[1:]))
         u = mask * jnp.repeat(path[0], p, axis=0) + (1 - mask) * u
-        (u, logw, _), _ = jax.lax.scan(step, (u, jnp.zeros((g, p)), k_loop), jnp.arange(num_steps - 1))
+        (u, logw, _), _ = jax.lax.scan(step, (u, jnp.zeros((g, p)), k_loop), (jnp.arange(num_steps - 1), path[1:]))
         idx, _ = _resample(k_final, logw, threshold=2.0)  # always: equal weights at the end
         x = decoupling.inverse(u[idx])
         return samplers.tweedie(sde, score_fn, x, eps) if denoise else x
 
-    path = None
     x = jax.jit(run)(key)
     return x, num_steps - 1 + int(denoise)
 

@@ -144,14 +144,22 @@ class SDE(abc.ABC):
         return ReverseSDE(self, score_fn, probability_flow)
 
     # ---- network output <-> score -------------------------------------------------------------------------
-    def score_from_output(self, output: Array, x: Array, t: Array, prediction: str) -> Array:
+    def chain_alpha_sigma(self, t: Array) -> Tuple[Array, Array]:
+        """α and σ of the discrete chain's marginal q(x_i | x_0) at the step i of t; SDEs without a chain of their
+        own use the continuous α(t), σ(t)."""
+        return self.alpha_sigma(t)
+
+    def score_from_output(self, output: Array, x: Array, t: Array, prediction: str,
+                          discrete: bool = False) -> Array:
         """Convert a network output at (x, t) into ∇x log p_t(x).
 
         eps:   s = -ε̂ / σ(t)                  (x = α x0 + σ ε)
         x0:    s = (α(t) x̂0 - x) / σ(t)²
         score: s = output
+        ``discrete``: the network was trained on the discrete chain (DDPM/NCSN step labels), so α, σ are the
+        chain's (e.g. √ᾱ_i, √(1-ᾱ_i) for DDPM), as in the 2021 code.
         """
-        alpha, sigma = self.alpha_sigma(t)
+        alpha, sigma = (self.chain_alpha_sigma if discrete else self.alpha_sigma)(t)
         alpha, sigma = batch_broadcast(alpha, x), batch_broadcast(sigma, x)
         if prediction == "eps":
             return -output / sigma
@@ -318,6 +326,11 @@ class VPSDE(_LinearBetaMixin, SDE):
         c2 = batch_broadcast(jnp.asarray(self.posterior_mean_coef2)[i], x_t)
         return c1 * x_0 + c2 * x_t, jnp.asarray(self.posterior_variance)[i]
 
+    def chain_alpha_sigma(self, t):
+        """(√ᾱ_i, √(1 - ᾱ_i)) at the DDPM step i of t."""
+        abar = jnp.asarray(self.alphas_cumprod, jnp.float32)[self.step_index(t)]
+        return jnp.sqrt(abar), jnp.sqrt(1.0 - abar)
+
     def discretize(self, x, t):
         """DDPM: x_i = √(1-β_i) x_{i-1} + √β_i z, i.e. f_i = (√(1-β_i) - 1) x, G_i = √β_i."""
         beta = jnp.asarray(self.discrete_betas, x.dtype)[self.step_index(t)]
@@ -387,6 +400,10 @@ class VESDE(SDE):
     def discrete_sigmas(self) -> np.ndarray:
         """σ_0 < ... < σ_{N-1}: NCSN's geometric noise ladder from σ_min to σ_max."""
         return np.exp(np.linspace(np.log(self.sigma_min), np.log(self.sigma_max), self.N))
+
+    def chain_alpha_sigma(self, t):
+        """(1, σ_i) at the NCSN ladder step i of t."""
+        return jnp.ones_like(t), jnp.asarray(self.discrete_sigmas, jnp.float32)[self.step_index(t)]
 
     def _sigma_and_previous(self, t, dtype):
         i = self.step_index(t)

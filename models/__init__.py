@@ -19,6 +19,7 @@ import jax
 from sde_lib import PREDICTIONS, SDE, TIME_INPUTS, _qualified
 
 MODELS: Dict[str, Type[nn.Module]] = {}
+DISCRETE_TIME_INPUTS = ("index", "sigma_index")
 
 
 def register_model(name: str):
@@ -71,7 +72,7 @@ class ScoreModel:
 
     def init(self, key: jax.Array, x: jax.Array):
         """Initial parameters for inputs shaped like ``x``."""
-        labels = jax.numpy.zeros((x.shape[0],))
+        labels = jax.numpy.ones((x.shape[0],))  # not 0: log-σ / Fourier embeddings are undefined there
         return self.module.init({"params": key, "dropout": key}, x, labels, train=False)["params"]
 
     def output(self, params, sde: SDE, x, t, *, train: bool = False, key: Optional[jax.Array] = None, **kw):
@@ -83,7 +84,12 @@ class ScoreModel:
     def score(self, params, sde: SDE, x, t, *, train=False, key=None, **kw):
         """∇x log p_t(x) as the network represents it."""
         out = self.output(params, sde, x, t, train=train, key=key, **kw)
-        return sde.score_from_output(out, x, t, self.prediction)
+        return sde.score_from_output(out, x, t, self.prediction, discrete=self.discrete)
+
+    @property
+    def discrete(self) -> bool:
+        """Whether the network is conditioned on steps of the discrete chain (DDPM index, NCSN σ index)."""
+        return self.time_input in DISCRETE_TIME_INPUTS
 
     def score_fn(self, params, sde: SDE, *, train=False, key=None, **kw) -> Callable:
         """``score_fn(x, t)`` for samplers and likelihoods, which never see networks."""

@@ -229,3 +229,17 @@ def test_registering_the_same_class_twice_is_allowed_a_different_one_is_not():
     with pytest.raises(ValueError, match="'vpsde' is already registered to sde_lib.VPSDE"):
         sde_lib.register_sde("vpsde")(Impostor)
     assert sde_lib.SDES["vpsde"] is sde_lib.VPSDE
+
+
+def test_discrete_models_use_the_chains_marginal():
+    """A DDPM ε-network's score divides by √(1-ᾱ_i) of its step (2021 code), not the continuous σ(t_i)."""
+    vp, ve = sde_lib.VPSDE(), sde_lib.VESDE()
+    t = jnp.array([0.01, 0.5, 0.9])
+    i = np.floor(np.asarray(t) * (vp.N - 1) + 1e-4).astype(int)
+    x = jnp.ones((3, 2))
+    eps_hat = jnp.full((3, 2), 0.5)
+    np.testing.assert_allclose(vp.score_from_output(eps_hat, x, t, "eps", discrete=True),
+                               np.broadcast_to(-0.5 / np.sqrt(1 - vp.alphas_cumprod[i])[:, None], (3, 2)), rtol=1e-4)
+    continuous = vp.score_from_output(eps_hat, x, t, "eps")
+    assert abs(float(continuous[0, 0]) / (-0.5 / np.sqrt(1 - vp.alphas_cumprod[i[0]])) - 1) > 0.01
+    np.testing.assert_allclose(ve.chain_alpha_sigma(t)[1], ve.discrete_sigmas[i], rtol=1e-5)

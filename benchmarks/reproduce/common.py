@@ -212,10 +212,11 @@ class CellStore:
     """Per-cell JSON results in ``<dir>/cells/<key>.json``; ``run`` computes a cell only when its file is missing,
     printing a progress line ``[table k/n] key: summary``."""
 
-    def __init__(self, directory: pathlib.Path, table: str, total: int):
+    def __init__(self, directory: pathlib.Path, table: str, total: int, report_only: bool = False):
         self.dir = pathlib.Path(directory) / "cells"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.table, self.total, self.done, self.computed, self.t0 = table, total, 0, 0, time.time()
+        self.report_only, self.pending = report_only, 0
 
     def path(self, key: str) -> pathlib.Path:
         return self.dir / f"{key.replace('/', '_')}.json"
@@ -225,6 +226,9 @@ class CellStore:
         p = self.path(key)
         if p.exists():
             result, status = json.loads(p.read_text()), "cached"
+        elif self.report_only:  # render what exists; the cell stays missing
+            self.pending += 1
+            return {"pending": True}
         else:
             t0 = time.time()
             try:
@@ -286,12 +290,31 @@ def parse_args(argv, description: str) -> argparse.Namespace:
     p.add_argument("--workdir", required=True, help="models, cached cells and outputs go here (resumable)")
     p.add_argument("--setting", default="tiny", help=f"one of {sorted(SETTINGS)}")
     p.add_argument("--publish", action="store_true", help="copy the table, plot and JSON to benchmarks/results/")
+    p.add_argument("--report_only", action="store_true",
+                   help="compute nothing: render the table from the cached cells, missing ones shown as 'pending'")
     args = p.parse_args(argv)
     get_setting(args.setting)
     return args
 
 
 def cell_fid(result: dict) -> str:
+    if result.get("pending"):
+        return "pending"
     if "error" in result:
         return "n/a"
     return f"{result['fid']:.2f}"
+
+
+def cell_text(result: dict, fmt: Callable[[dict], str]) -> str:
+    """``fmt(result)``, or "pending" (not computed yet, ``--report_only``) / "n/a" (not applicable)."""
+    if result.get("pending"):
+        return "pending"
+    return "n/a" if "error" in result else fmt(result)
+
+
+def ensure_or_read_model(workdir, setting, name, report_only: bool) -> dict:
+    """``ensure_model``, except with ``report_only``: the training record if it exists, else {}."""
+    if not report_only:
+        return ensure_model(workdir, setting, name)
+    done = model_dir(workdir, setting, name) / "done.json"
+    return json.loads(done.read_text()) if done.exists() else {}

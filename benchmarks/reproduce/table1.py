@@ -59,13 +59,14 @@ def _cell(models: common.ModelCache, workdir: pathlib.Path, model: str, row: dic
     return compute
 
 
-def run(workdir: str, setting_name: str = "tiny", publish: bool = False) -> dict:
+def run(workdir: str, setting_name: str = "tiny", publish: bool = False,
+        report_only: bool = False) -> dict:
     """Compute the missing cells and write ``table1_<setting>.{md,json,png}``; returns the results dict."""
     setting = common.get_setting(setting_name)
     workdir = pathlib.Path(workdir)
     out_dir = workdir / f"table1_{setting.name}"
     rows = sampler_grid(setting.N, setting.low_nfe_steps)
-    store = common.CellStore(out_dir, "table1", len(rows) * len(SDES))
+    store = common.CellStore(out_dir, "table1", len(rows) * len(SDES), report_only)
     models = common.ModelCache(workdir, setting)
     cells: Dict[str, Dict[str, dict]] = {}
     for sde_label, model in SDES.items():
@@ -73,9 +74,9 @@ def run(workdir: str, setting_name: str = "tiny", publish: bool = False) -> dict
             key = f"{model}__{row['label'].replace(' ', '_')}"
             cells.setdefault(row["label"], {})[sde_label] = store.run(
                 key, _cell(models, workdir, model, row, setting.num_samples))
-    train = {m: common.ensure_model(workdir, setting, m) for m in SDES.values()}
+    train = {m: common.ensure_or_read_model(workdir, setting, m, report_only) for m in SDES.values()}
     results = {"setting": setting.__dict__, "rows": rows, "cells": cells, "models": train,
-               "computed_cells": store.computed}
+               "computed_cells": store.computed, "pending_cells": store.pending}
     common.write_outputs(out_dir, f"table1_{setting.name}", markdown(cells, rows, setting), results,
                          lambda p: plot(cells, p, setting), publish)
     return results
@@ -88,10 +89,9 @@ def markdown(cells: dict, rows: List[dict], setting) -> str:
         entries = []
         for s in SDES:
             c = cells[row["label"]][s]
-            entries.append("n/a" if "error" in c else f"{c['fid']:.2f} / {c['nfe']} / {c['sample_s']:.1f}")
+            entries.append(common.cell_text(c, lambda c: f"{c['fid']:.2f} / {c['nfe']} / {c['sample_s']:.1f}"))
         body.append([row["label"]] + entries)
-    real = next(c for r in cells.values() for c in r.values() if "fid_real_heldout" in c) if setting.base == \
-        "digits" else None
+    real = next((c for r in cells.values() for c in r.values() if "fid_real_heldout" in c), None)
     note = (f"\nDomain-classifier FID of {setting.num_samples} samples (lower is better)"
             + (f"; held-out real digits score {real['fid_real_heldout']:.2f}" if real else "")
             + f". N = {setting.N}; time = sampling seconds excluding compilation.\n")
@@ -103,7 +103,7 @@ def plot(cells: dict, path, setting) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for s, marker in zip(SDES, "os^"):
-        pts = [(c[s]["nfe"], c[s]["fid"], label) for label, c in cells.items() if "error" not in c[s]]
+        pts = [(c[s]["nfe"], c[s]["fid"], label) for label, c in cells.items() if "fid" in c[s]]
         ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=s)
     ax.set_xscale("log")
     ax.set_xlabel("NFE")
@@ -117,7 +117,7 @@ def plot(cells: dict, path, setting) -> None:
 
 def main(argv: Optional[list] = None) -> dict:
     args = common.parse_args(sys.argv[1:] if argv is None else argv, __doc__.splitlines()[0])
-    return run(args.workdir, args.setting, args.publish)
+    return run(args.workdir, args.setting, args.publish, args.report_only)
 
 
 if __name__ == "__main__":

@@ -26,18 +26,20 @@ def _compute(models: common.ModelCache, workdir: pathlib.Path, setting, model: s
     return compute
 
 
-def run(workdir: str, setting_name: str = "tiny", publish: bool = False) -> dict:
+def run(workdir: str, setting_name: str = "tiny", publish: bool = False,
+        report_only: bool = False) -> dict:
     setting = common.get_setting(setting_name)
     workdir = pathlib.Path(workdir)
     out_dir = workdir / f"table_likelihood_{setting.name}"
-    store = common.CellStore(out_dir, "likelihood", len(MODELS) * len(METHODS))
+    store = common.CellStore(out_dir, "likelihood", len(MODELS) * len(METHODS), report_only)
     models = common.ModelCache(workdir, setting)
     cells = {}
     for label, model in MODELS.items():
         for mlabel, method in METHODS.items():
             cells.setdefault(label, {})[mlabel] = store.run(f"{model}__{method}",
                                                             _compute(models, workdir, setting, model, method))
-    results = {"setting": setting.__dict__, "cells": cells, "computed_cells": store.computed}
+    results = {"setting": setting.__dict__, "cells": cells, "computed_cells": store.computed,
+               "pending_cells": store.pending}
     common.write_outputs(out_dir, f"table_likelihood_{setting.name}", markdown(cells, setting), results,
                          lambda p: plot(cells, p, setting), publish)
     return results
@@ -48,8 +50,8 @@ def markdown(cells: dict, setting) -> str:
     rows = []
     for label in MODELS:
         c = cells[label]
-        bpd = ["n/a" if "error" in c[m] else f"{c[m]['bpd']:.3f} ± {c[m]['bpd_stderr'] or 0:.3f}" for m in METHODS]
-        nfe = ["n/a" if "error" in c[m] else f"{c[m]['nfe']:.0f}" for m in METHODS]
+        bpd = [common.cell_text(c[m], lambda r: f"{r['bpd']:.3f} ± {r['bpd_stderr'] or 0:.3f}") for m in METHODS]
+        nfe = [common.cell_text(c[m], lambda r: f"{r['nfe']:.0f}") for m in METHODS]
         rows.append([label] + bpd + nfe + [c["ODE"].get("seconds", "n/a")])
     note = (f"\n{setting.lik_examples} test examples; ODE: Tsit5, rtol=atol={setting.lik_tol:g}, Hutchinson trace "
             f"(Gaussian probe), one uniform dequantization (an upper bound on -log P(k)); DDPM bound: exact sum of "
@@ -78,7 +80,7 @@ def plot(cells: dict, path, setting) -> None:
 
 def main(argv: Optional[list] = None) -> dict:
     args = common.parse_args(sys.argv[1:] if argv is None else argv, __doc__.splitlines()[0])
-    return run(args.workdir, args.setting, args.publish)
+    return run(args.workdir, args.setting, args.publish, args.report_only)
 
 
 if __name__ == "__main__":

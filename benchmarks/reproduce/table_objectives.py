@@ -44,27 +44,28 @@ def _compute(models: common.ModelCache, workdir: pathlib.Path, setting, model: s
     return compute
 
 
-def run(workdir: str, setting_name: str = "tiny", publish: bool = False) -> dict:
+def run(workdir: str, setting_name: str = "tiny", publish: bool = False,
+        report_only: bool = False) -> dict:
     setting = common.get_setting(setting_name)
     workdir = pathlib.Path(workdir)
     out_dir = workdir / f"table_objectives_{setting.name}"
-    store = common.CellStore(out_dir, "objectives", len(OBJECTIVES) * len(COLUMNS))
+    store = common.CellStore(out_dir, "objectives", len(OBJECTIVES) * len(COLUMNS), report_only)
     models = common.ModelCache(workdir, setting)
     cells = {label: {} for label in OBJECTIVES}
     for label, model in sorted(OBJECTIVES.items(), key=lambda kv: kv[1] in common.SHARED_WITH_TABLE1):
         for column in COLUMNS:  # models of table1 last: a concurrent table1 run may still be training them
             cells.setdefault(label, {})[column] = store.run(f"{model}__{column}",
                                                             _compute(models, workdir, setting, model, column))
-    train = {m: common.ensure_model(workdir, setting, m) for m in OBJECTIVES.values()}
+    train = {m: common.ensure_or_read_model(workdir, setting, m, report_only) for m in OBJECTIVES.values()}
     results = {"setting": setting.__dict__, "cells": cells, "models": train, "computed_cells": store.computed,
-               "sampler": sampler(setting.N)}
+               "pending_cells": store.pending, "sampler": sampler(setting.N)}
     common.write_outputs(out_dir, f"table_objectives_{setting.name}", markdown(cells, setting, train), results,
                          lambda p: plot(cells, p, setting), publish)
     return results
 
 
 def _bpd(c: dict) -> str:
-    return "n/a" if "error" in c else f"{c['bpd']:.3f} ± {c['bpd_stderr'] or 0:.3f}"
+    return common.cell_text(c, lambda c: f"{c['bpd']:.3f} ± {c['bpd_stderr'] or 0:.3f}")
 
 
 def markdown(cells: dict, setting, train: dict) -> str:
@@ -74,7 +75,7 @@ def markdown(cells: dict, setting, train: dict) -> str:
         c = cells[label]
         q = c["quality"]
         rows.append([label, common.cell_fid(q), q.get("nfe", "n/a"), _bpd(c["ode_bpd"]), _bpd(c["ddpm_bound"]),
-                     train[model]["train_seconds"]])
+                     train[model].get("train_seconds", "pending")])
     note = (f"\nSame small U-Net ({setting.nf} channels, {setting.n_iters} steps, batch {setting.batch_size}) for "
             f"every objective. FID: domain classifier, {setting.num_samples} samples of "
             f"{sampler(setting.N)['label']}. bits/dim on {setting.lik_examples} test examples (ODE: Hutchinson, "
@@ -102,7 +103,7 @@ def plot(cells: dict, path, setting) -> None:
 
 def main(argv: Optional[list] = None) -> dict:
     args = common.parse_args(sys.argv[1:] if argv is None else argv, __doc__.splitlines()[0])
-    return run(args.workdir, args.setting, args.publish)
+    return run(args.workdir, args.setting, args.publish, args.report_only)
 
 
 if __name__ == "__main__":

@@ -328,21 +328,22 @@ def test_digits_sample_mode_tasks_end_to_end(tmp_path):
 @pytest.mark.slow
 def test_digits_guidance_recognised_and_inpainting(tmp_path):
     """Trained digits models: the digits classifier recognises the requested class of CFG and classifier-guided
-    samples far above chance (10%), and inpainting keeps the known half exactly."""
+    samples far above chance (10%), and inpainting keeps the known half exactly. Measured (800 classifier steps,
+    1000 score steps, 100 samples, EM 500 steps): CFG w=0 99%, w=2 100%; classifier guidance w=1 71%."""
     from configs.digits_cfg import get_config as cfg_config
     from configs.digits_classifier import get_config as clf_config
 
     clf = clf_config()
-    _train(clf, tmp_path / "clf", 1000)
+    _train(clf, tmp_path / "clf", 800)
     config = cfg_config()
-    _train(config, tmp_path / "cfg", 1500)
+    _train(config, tmp_path / "cfg", 1000)
     config.sampling.num_samples, config.sampling.corrector = 100, "none"
     config.sampling.task, config.sampling.guidance_scale = "cfg", 2.0
     out = cg.run(config, str(tmp_path / "cfg"))
-    assert out["label_accuracy"] > 0.5, out["label_accuracy"]
+    assert out["label_accuracy"] > 0.8, out["label_accuracy"]
     config.sampling.task, config.sampling.classifier_workdir = "class_conditional", str(tmp_path / "clf")
     out = cg.run(config, str(tmp_path / "cfg"))
-    assert out["label_accuracy"] > 0.3, out["label_accuracy"]
+    assert out["label_accuracy"] > 0.5, out["label_accuracy"]
     config.sampling.task, config.sampling.mask = "inpaint", "left"
     out = cg.run(config, str(tmp_path / "cfg"))
     assert np.max(np.abs(out["samples"] - out["data"]) * out["mask"]) == 0.0

@@ -9,8 +9,8 @@ def get_config():
     config = get_base_config()
     training = config.training
     training.batch_size = 128
-    training.n_iters = 1500
-    training.snapshot_freq = 500
+    training.n_iters = 1000
+    training.snapshot_freq = 1000
     training.log_freq = 100
     training.reduce_mean = True
 

@@ -11,8 +11,19 @@ from ml_collections.config_dict import placeholder
 def get_base_config():
     config = ml_collections.ConfigDict()
     config.seed = 42
+    config.training = _training_section()
+    config.sampling = _sampling_section()
+    config.eval = _eval_section()
+    config.data = _data_section()
+    config.model = _model_section()
+    config.sde = _sde_section()
+    config.optim = _optim_section()
+    config.convert = _convert_section()
+    return config
 
-    config.training = training = ml_collections.ConfigDict()
+
+def _training_section():
+    training = ml_collections.ConfigDict()
     training.batch_size = 128              # global batch, split over all devices and processes
     training.n_iters = 1_300_001
     training.loss = "dsm"                  # key of losses.LOSSES
@@ -34,8 +45,11 @@ def get_base_config():
     training.projection = "rademacher"     # hutchinson / ssm / ssm_vr directions: gaussian | rademacher
     training.n_projections = 1             # directions per example for hutchinson / ssm / ssm_vr
     training.vlb_variance = "beta"         # loss "ddpm_vlb": σ_i² of p_θ(x_{i-1}|x_i), beta | posterior
+    return training
 
-    config.sampling = sampling = ml_collections.ConfigDict()
+
+def _sampling_section():
+    sampling = ml_collections.ConfigDict()
     sampling.method = "pc"                 # key of samplers.SAMPLERS
     sampling.predictor = "euler_maruyama"
     sampling.corrector = "langevin"
@@ -64,8 +78,11 @@ def get_base_config():
     sampling.label = placeholder(int)      # class_conditional / cfg: the class; None: 0, 1, ..., K-1 cyclically
     sampling.guidance_scale = 1.0          # classifier scale w in s + w ∇log p_t(y|x); cfg: w in (1+w) s_y - w s_∅
     sampling.classifier_workdir = placeholder(str)  # class_conditional: workdir of a --mode=train classifier
+    return sampling
 
-    config.eval = evaluate = ml_collections.ConfigDict()
+
+def _eval_section():
+    evaluate = ml_collections.ConfigDict()
     evaluate.batch_size = 128
     evaluate.num_samples = 1000
     evaluate.checkpoint = placeholder(int)  # None: every checkpoint in the workdir
@@ -94,8 +111,11 @@ def get_base_config():
     lik.num_draws = 1                      # K dequantization draws averaged per example
     lik.ddpm_variance = "beta"             # DDPM decoder variance: beta | posterior
     lik.ddpm_num_steps = placeholder(int)  # None: all N terms of the bound (exact); else a random subset
+    return evaluate
 
-    config.data = data = ml_collections.ConfigDict()
+
+def _data_section():
+    data = ml_collections.ConfigDict()
     data.source = "digits"                 # digits | toy | idx | tfds | cifar10_pickle | image_folder
     data.dataset = "digits"
     data.data_dir = ""
@@ -109,8 +129,11 @@ def get_base_config():
     data.toy_eval_size = 10_000            # toy source: points in the fixed finite (evaluation) set
     data.shuffle_buffer = 10_000           # tfds source: shuffle buffer of the training stream
     data.manual_dir = ""                   # tfds source: manual_dir for datasets that need manual download
+    return data
 
-    config.model = model = ml_collections.ConfigDict()
+
+def _model_section():
+    model = ml_collections.ConfigDict()
     model.name = "small_unet"              # key of models.MODELS
     model.prediction = "eps"               # eps | score | x0
     model.time_input = "t999"              # t | t999 | sigma | index | sigma_index
@@ -119,16 +142,22 @@ def get_base_config():
     model.nf = 32
     model.ch_mult = (1, 2)
     model.num_res_blocks = 1
+    return model
 
-    config.sde = sde = ml_collections.ConfigDict()
+
+def _sde_section():
+    sde = ml_collections.ConfigDict()
     sde.name = "vpsde"                     # key of sde_lib.SDES
     sde.N = 1000
     sde.beta_min = 0.1
     sde.beta_max = 20.0
     sde.sigma_min = 0.01
     sde.sigma_max = 50.0
+    return sde
 
-    config.optim = optim = ml_collections.ConfigDict()
+
+def _optim_section():
+    optim = ml_collections.ConfigDict()
     optim.optimizer = "adam"
     optim.lr = 2e-4
     optim.beta1 = 0.9
@@ -136,7 +165,10 @@ def get_base_config():
     optim.weight_decay = 0.0
     optim.warmup = 5000
     optim.grad_clip = 1.0
+    return optim
 
-    config.convert = convert = ml_collections.ConfigDict()
+
+def _convert_section():
+    convert = ml_collections.ConfigDict()
     convert.checkpoint = ""                # --mode=convert: score_sde_pytorch .pth converted into workdir/checkpoints
-    return config
+    return convert

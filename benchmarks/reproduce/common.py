@@ -318,3 +318,18 @@ def ensure_or_read_model(workdir, setting, name, report_only: bool) -> dict:
         return ensure_model(workdir, setting, name)
     done = model_dir(workdir, setting, name) / "done.json"
     return json.loads(done.read_text()) if done.exists() else {}
+
+
+def save_figure(fig, path) -> None:
+    """Lay out, write (120 dpi) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def cli_main(run: Callable, doc: str, argv: Optional[list] = None) -> dict:
+    """The command line of a table script: parse the shared flags and call ``run``."""
+    args = parse_args(sys.argv[1:] if argv is None else argv, doc.splitlines()[0])
+    return run(args.workdir, args.setting, args.publish, args.report_only)

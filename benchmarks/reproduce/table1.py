@@ -11,7 +11,6 @@ With N = 1000 the rows are the paper's P1000, P2000, C2000, PC1000.
 from __future__ import annotations
 
 import pathlib
-import sys
 from typing import Dict, List, Optional
 
 from benchmarks.reproduce import common
@@ -110,14 +109,11 @@ def plot(cells: dict, path, setting) -> None:
     ax.set_ylabel("domain-classifier FID")
     ax.set_title(f"Sampler × SDE ({setting.name}: {setting.base}, N={setting.N})")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def main(argv: Optional[list] = None) -> dict:
-    args = common.parse_args(sys.argv[1:] if argv is None else argv, __doc__.splitlines()[0])
-    return run(args.workdir, args.setting, args.publish, args.report_only)
+    return common.cli_main(run, __doc__, argv)
 
 
 if __name__ == "__main__":

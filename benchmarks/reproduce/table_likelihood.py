@@ -8,7 +8,6 @@ on the first ``setting.lik_examples`` test examples (8-bit data, bits/dim of the
 from __future__ import annotations
 
 import pathlib
-import sys
 from typing import Optional
 
 from benchmarks.reproduce import common
@@ -73,14 +72,11 @@ def plot(cells: dict, path, setting) -> None:
     ax.set_ylabel("bits/dim")
     ax.set_title(f"Likelihood ({setting.name}: {setting.base})")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def main(argv: Optional[list] = None) -> dict:
-    args = common.parse_args(sys.argv[1:] if argv is None else argv, __doc__.splitlines()[0])
-    return run(args.workdir, args.setting, args.publish, args.report_only)
+    return common.cli_main(run, __doc__, argv)
 
 
 if __name__ == "__main__":

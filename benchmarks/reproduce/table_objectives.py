@@ -9,7 +9,6 @@ the same sampler for every row), bits/dim by the probability-flow ODE, and, for 
 from __future__ import annotations
 
 import pathlib
-import sys
 from typing import Optional
 
 from benchmarks.reproduce import common
@@ -96,14 +95,11 @@ def plot(cells: dict, path, setting) -> None:
         ax.set_yticks(range(len(labels)), [lbl.split(" (")[0] for lbl in labels], fontsize=8)
         ax.set_xlabel(name)
     fig.suptitle(f"Objectives ({setting.name}: {setting.base})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def main(argv: Optional[list] = None) -> dict:
-    args = common.parse_args(sys.argv[1:] if argv is None else argv, __doc__.splitlines()[0])
-    return run(args.workdir, args.setting, args.publish, args.report_only)
+    return common.cli_main(run, __doc__, argv)
 
 
 if __name__ == "__main__":

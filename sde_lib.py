@@ -288,7 +288,10 @@ class VPSDE(_LinearBetaMixin, SDE):
     # ---- the DDPM chain (Ho et al. 2020) ---------------------------------------------------------------------
     @functools.cached_property
     def discrete_betas(self) -> np.ndarray:
-        """β_1..β_N of DDPM; with N=1000 these are DDPM's linspace(1e-4, 0.02)."""
+        """β_1..β_N of DDPM; with N=1000 these are DDPM's linspace(1e-4, 0.02). Each must be < 1."""
+        if self.beta_max / self.N >= 1.0:
+            raise ValueError(f"{type(self).__name__}(N={self.N}, beta_max={self.beta_max}): the discrete chain's "
+                             f"β_N = beta_max/N = {self.beta_max / self.N:g} must be < 1; use N > {self.beta_max:g}")
         return np.linspace(self.beta_min / self.N, self.beta_max / self.N, self.N)
 
     @functools.cached_property

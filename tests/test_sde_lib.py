@@ -243,3 +243,11 @@ def test_discrete_models_use_the_chains_marginal():
     continuous = vp.score_from_output(eps_hat, x, t, "eps")
     assert abs(float(continuous[0, 0]) / (-0.5 / np.sqrt(1 - vp.alphas_cumprod[i[0]])) - 1) > 0.01
     np.testing.assert_allclose(ve.chain_alpha_sigma(t)[1], ve.discrete_sigmas[i], rtol=1e-5)
+
+
+def test_vp_chain_too_short_is_a_clear_error():
+    """With N ≤ β_max the DDPM β_N = β_max/N ≥ 1 (√(1-β) undefined): named error instead of NaN samples."""
+    for cls in (sde_lib.VPSDE,):
+        with pytest.raises(ValueError, match=r"N=10.*must be < 1; use N > 20"):
+            _ = cls(N=10).discrete_betas
+    assert sde_lib.VPSDE(N=21).discrete_betas[-1] < 1

@@ -28,7 +28,8 @@ from sde_lib import SDE, batch_broadcast
 Array = jax.Array
 ScoreFn = Callable[[Array, Array], Array]
 TASKS = ("unconditional", "inpaint", "colorize", "class_conditional", "cfg")
-IMPUTATION_METHODS = ("pc", "ode", "smc")
+GRID_METHODS = ("ddim", "dpm_solver++", "heun")   # samplers.py fast solvers, with a ``project`` hook
+IMPUTATION_METHODS = ("pc", "ode", "smc") + GRID_METHODS
 
 
 # ---- decoupled coordinates ------------------------------------------------------------------------------------
@@ -104,15 +105,18 @@ def _tb(t, x: Array) -> Array:
     return jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))
 
 
-def impute_fn(sde: SDE, known: Array, mask: Array, decoupling: Decoupling = IDENTITY) -> Callable:
+def impute_fn(sde: SDE, known: Array, mask: Array, decoupling: Decoupling = IDENTITY,
+              noise: Optional[Array] = None) -> Callable:
     """``project(key, x, t)``: in u = forward(x), set u ← m ⊙ (α(t) u_y + σ(t) z) + (1 - m) ⊙ u, with u_y the
-    known data in decoupled coordinates (batch, ...) and m the mask; z ~ N(0, I) drawn from ``key``."""
+    known data in decoupled coordinates (batch, ...) and m the mask; z ~ N(0, I) drawn from ``key`` at every call,
+    or the fixed ``noise`` (one path α(t) u_y + σ(t) z per sample, for deterministic solvers)."""
 
     def project(key, x, t):
         tb = _tb(t, x)
         alpha, sigma = sde.alpha_sigma(tb)
         u = decoupling.forward(x)
-        u_known = batch_broadcast(alpha, u) * known + batch_broadcast(sigma, u) * jax.random.normal(key, u.shape)
+        z = jax.random.normal(key, u.shape) if noise is None else noise
+        u_known = batch_broadcast(alpha, u) * known + batch_broadcast(sigma, u) * z
         return decoupling.inverse(mask * u_known + (1 - mask) * u)
 
     return project
@@ -121,8 +125,10 @@ def impute_fn(sde: SDE, known: Array, mask: Array, decoupling: Decoupling = IDEN
 def impute(key: Array, sde: SDE, score_fn: ScoreFn, known: Array, mask, decoupling: Decoupling = IDENTITY,
            method: str = "pc", **options) -> Tuple[Array, object]:
     """Samples of x given the known part ``mask ⊙ forward(x) = mask ⊙ known`` (known in decoupled coordinates,
-    (batch, ...)). ``method``: ``pc`` (any predictor/corrector; ``options`` as ``samplers.build_pc``) or ``ode``
-    (``options`` as ``solve_imputation_flow``). The known part of the result is exactly the data.
+    (batch, ...)). ``method``: ``pc`` (any predictor/corrector; ``options`` as ``samplers.build_pc``), ``ode``
+    (``options`` as ``solve_imputation_flow``), ``smc`` (``smc_impute``), or a fast solver ``ddim`` /
+    ``dpm_solver++`` / ``heun`` (``options`` as its ``samplers.build_*``; the known part follows one noisy path
+    α(t) u_y + σ(t) z per sample, as in the ODE). The known part of the result is exactly the data.
     Returns (x, nfe)."""
     known = jnp.asarray(known, jnp.float32)
     if known.ndim < 2:
@@ -131,6 +137,11 @@ def impute(key: Array, sde: SDE, score_fn: ScoreFn, known: Array, mask, decoupli
     if method == "pc":
         fn, nfe = samplers.build_sampler(sde, score_fn, known.shape, "pc",
                                          project=impute_fn(sde, known, mask, decoupling), **options)
+        x, nfe = fn(key)
+    elif method in GRID_METHODS:
+        k_path, key = jax.random.split(key)
+        project = impute_fn(sde, known, mask, decoupling, noise=jax.random.normal(k_path, known.shape))
+        fn, nfe = samplers.build_sampler(sde, score_fn, known.shape, method, project=project, **options)
         x, nfe = fn(key)
     elif method == "ode":
         x, nfe = solve_imputation_flow(key, sde, score_fn, known, mask, decoupling, **options)
@@ -392,7 +403,7 @@ def _test_data(config, n: int) -> Tuple[np.ndarray, np.ndarray]:
 
 
 def imputation_options(sampling_cfg, method: str) -> dict:
-    """Options of an imputation ``method`` (pc, ode, smc) from ``config.sampling``."""
+    """Options of an imputation ``method`` (``IMPUTATION_METHODS``) from ``config.sampling``."""
     if method not in IMPUTATION_METHODS:
         raise ValueError(f"config.sampling.method={method!r} cannot impute; expected one of {IMPUTATION_METHODS}")
     if method == "smc":

@@ -226,6 +226,12 @@ def digits_to_uint8(v: np.ndarray) -> np.ndarray:
 def load_digits(config, split: str) -> Arrays:
     """scikit-learn's 8x8 digits (embedded in the package): 1797 images; a fixed permutation (numpy seed 0)
     puts the first 297 in "test" and the other 1500 in "train"."""
+    images, labels, idx = _digits_split(split)
+    return fit_images(images[idx], config.data.image_size, config.data.num_channels, "digits"), labels[idx]
+
+
+def _digits_split(split: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All 1797 digits as uint8 (N, 8, 8, 1), their labels, and the sorted indices of ``split``."""
     from sklearn.datasets import load_digits as sk_load_digits
 
     bunch = sk_load_digits()
@@ -233,9 +239,30 @@ def load_digits(config, split: str) -> Arrays:
     labels = bunch.target.astype(np.int32)
     perm = np.random.default_rng(0).permutation(len(labels))
     idx = perm[:DIGITS_TEST_SIZE] if _local_split(split) == "test" else perm[DIGITS_TEST_SIZE:]
-    idx = np.sort(idx)
-    return fit_images(images[idx], config.data.image_size, config.data.num_channels, "digits"), labels[idx]
+    return images, labels, np.sort(idx)
 
+
+
+# Equal channel sums (1.5): every colour has the same gray component, so the gray image carries no colour
+# information and colorization must choose among the palette (red, green, blue, yellow, cyan, magenta).
+COLOR_PALETTE = np.array([[1.0, 0.25, 0.25], [0.25, 1.0, 0.25], [0.25, 0.25, 1.0],
+                          [0.625, 0.625, 0.25], [0.25, 0.625, 0.625], [0.625, 0.25, 0.625]], np.float32)
+
+
+def tint(images_uint8: np.ndarray, color_index: np.ndarray) -> np.ndarray:
+    """Gray uint8 images (N, H, W, 1) -> RGB uint8 (N, H, W, 3): x_c = round(x · palette[k]_c)."""
+    colors = COLOR_PALETTE[np.asarray(color_index)][:, None, None, :]
+    return np.round(images_uint8.astype(np.float32) * colors).astype(np.uint8)
+
+
+@register_source("colored_digits")
+def load_colored_digits(config, split: str) -> Arrays:
+    """The digits of ``load_digits`` tinted with one ``COLOR_PALETTE`` colour each (fixed per image: numpy seed 1),
+    an RGB dataset generated offline for colorization; the labels stay the digit classes."""
+    images, labels, idx = _digits_split(split)
+    color_of = np.random.default_rng(1).integers(0, len(COLOR_PALETTE), len(labels))
+    rgb = tint(images[idx], color_of[idx])
+    return fit_images(rgb, config.data.image_size, config.data.num_channels, "colored_digits"), labels[idx]
 
 
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))

@@ -240,6 +240,34 @@ def _digits_quality(samples: np.ndarray, cache_dir) -> Dict[str, Any]:
     return out
 
 
+def palette_fit(images_uint8, palette) -> Dict[str, np.ndarray]:
+    """How well RGB images (N, H, W, 3) are one palette colour times a gray image: for each colour c the best
+    x ≈ g ⊗ c (g ≥ 0 per pixel, least squares: g = ⟨x, c⟩/‖c‖²), residual r = ‖x − g ⊗ c‖/‖x‖; returns the
+    smallest residual per image (``residual``) and its colour index (``color``). A gray image (r = g = b)
+    against the ``datasets.COLOR_PALETTE`` colours has r = 1/3; an image tinted by one of them r ≈ 0."""
+    x = np.asarray(images_uint8, np.float64).reshape(len(images_uint8), -1, 3)
+    c = np.asarray(palette, np.float64)                                  # (K, 3)
+    g = np.maximum(np.einsum("npd,kd->nkp", x, c) / np.sum(c**2, -1)[None, :, None], 0.0)   # (N, K, P)
+    resid = x[:, None] - g[..., None] * c[None, :, None, :]
+    r = np.sqrt(np.sum(resid**2, axis=(2, 3))) / np.maximum(np.sqrt(np.sum(x**2, axis=(1, 2))), 1e-12)[:, None]
+    return {"residual": r.min(1), "color": r.argmin(1)}
+
+
+def colored_digits_quality(samples_uint8, palette, cache_dir: Optional[str] = None) -> Dict[str, Any]:
+    """Colored digits: ``digits_quality`` of the gray versions (channel mean / mean palette sum × 3), and how
+    many samples are one palette colour (``palette_fit`` residual < 0.15; a gray image: 1/3) and how many
+    colours they use."""
+    x = np.asarray(samples_uint8, np.float64)
+    scale = 3.0 / float(np.mean(np.sum(palette, -1)))
+    gray = np.clip(np.round(x.mean(-1, keepdims=True) * scale), 0, 255).astype(np.uint8)
+    fit = palette_fit(x, palette)
+    out = digits_quality(gray, cache_dir)
+    out["palette"] = {"fraction_single_color": float(np.mean(fit["residual"] < 0.15)),
+                      "median_residual": float(np.median(fit["residual"])),
+                      "colors_used": int(len(np.unique(fit["color"][fit["residual"] < 0.15])))}
+    return out
+
+
 # --------------------------------------------------------------------------------------------------------------
 # FID Inception-v3 (TF 2015-12-05 weights) in Flax
 # --------------------------------------------------------------------------------------------------------------

@@ -542,13 +542,18 @@ def _provenance(config, workdir: str, ev: EvalState, nfe, seconds: float) -> dic
 def quality_figures(config, samples: np.ndarray) -> dict:
     """A sample-quality figure next to the same figure on real held-out data.
 
-    Digits: a classifier trained on the real digits (confidence, entropy, domain FID). Toy data: sliced
+    Digits: a classifier trained on the real digits (confidence, entropy, domain FID); colored digits: the same on
+    their gray versions, and the fraction of samples that are one palette colour. Toy data: sliced
     Wasserstein distance to held-out data (and between two held-out sets as the floor).
     """
     if config.data.source == "digits":
         import evaluation
 
         return evaluation.digits_quality(samples)
+    if config.data.source == "colored_digits":
+        import evaluation
+
+        return evaluation.colored_digits_quality(samples, datasets.COLOR_PALETTE)
     if config.data.source == "toy":
         from analytic import sliced_wasserstein
 

@@ -341,14 +341,20 @@ def time_grid(sde: SDE, n: int, eps: float, kind: str = "uniform", rho: float = 
 GRIDS = {"uniform": "uniform in t", "log_snr": "uniform in λ = log(α/σ)", "karras": "EDM, ρ=7 in σ/α"}
 
 
-def _grid_sampler(sde, score_fn, shape, ts, step, init_state, denoise, sharding, x_init=None) -> SamplerFn:
+def _grid_sampler(sde, score_fn, shape, ts, step, init_state, denoise, sharding, x_init=None,
+                  project: Optional[Callable] = None) -> SamplerFn:
     """Shared loop: x ~ prior at ts[0]; ``(x, state) = step(key, x, state, i, ts[i], ts[i+1])`` over the grid;
-    then Tweedie at ts[-1] when ``denoise``. Returns ``key -> x``."""
+    then Tweedie at ts[-1] when ``denoise``. ``project(key, x, t)`` (optional) runs on the prior sample and after
+    every step, at the time it ends at (as in ``build_pc``). Returns ``key -> x``."""
+    if project is not None:
+        step = _projected_grid_step(step, project)
 
     def run(key):
         k_prior, k_loop = jax.random.split(key)
         x = sde.prior_sampling(k_prior, shape) if x_init is None else jnp.asarray(x_init, jnp.float32)
         x = _shard(x, sharding)
+        if project is not None:
+            x = project(jax.random.fold_in(k_prior, 1), x, ts[0])
 
         def body(carry, i):
             return step(jax.random.fold_in(k_loop, i), *carry, i, ts[i], ts[i + 1]), None
@@ -357,6 +363,16 @@ def _grid_sampler(sde, score_fn, shape, ts, step, init_state, denoise, sharding,
         return tweedie(sde, score_fn, x, ts[-1]) if denoise else x
 
     return run
+
+
+def _projected_grid_step(step: Callable, project: Callable) -> Callable:
+    """``step`` followed by ``project`` at t_next (the multistep state keeps the unprojected predictions)."""
+
+    def projected(key, x, state, i, t, t_next):
+        x, state = step(key, x, state, i, t, t_next)
+        return project(jax.random.fold_in(key, 0x5EED), x, t_next), state
+
+    return projected
 
 
 def _with_nfe(run: Callable, nfe: int, sharding) -> Tuple[SamplerFn, int]:
@@ -379,13 +395,15 @@ def ddim_step(sde: SDE, score_fn: ScoreFn, eta: float) -> Callable:
 
 
 def build_ddim(sde: SDE, score_fn: ScoreFn, shape, num_steps: int = 100, eta: float = 0.0, grid: str = "uniform",
-               denoise: bool = True, eps: Optional[float] = None, mesh="auto") -> Tuple[SamplerFn, int]:
+               denoise: bool = True, eps: Optional[float] = None, mesh="auto",
+               project: Optional[Callable] = None) -> Tuple[SamplerFn, int]:
     """DDIM over ``num_steps`` grid times T..eps (η=0: deterministic, η=1: DDPM-like). NFE = num_steps - 1 +
     denoise (the final Tweedie step is DDIM's last x̂0)."""
     if eta < 0:
         raise ValueError(f"sampling option 'eta' must be >= 0, got {eta}")
     ts, sharding = time_grid(sde, num_steps, check_eps(sde, eps), grid), batch_sharding(shape, mesh)
-    run = _grid_sampler(sde, score_fn, shape, ts, ddim_step(sde, score_fn, eta), lambda x: (), denoise, sharding)
+    run = _grid_sampler(sde, score_fn, shape, ts, ddim_step(sde, score_fn, eta), lambda x: (), denoise, sharding,
+                        project=project)
     return _with_nfe(run, num_steps - 1 + int(denoise), sharding)
 
 
@@ -436,14 +454,14 @@ def dpmpp_step(sde: SDE, score_fn: ScoreFn, order: int, n_steps_total: int) -> C
 
 def build_dpm_solver_pp(sde: SDE, score_fn: ScoreFn, shape, num_steps: int = 20, order: int = 2,
                         grid: str = "log_snr", denoise: bool = True, eps: Optional[float] = None,
-                        mesh="auto") -> Tuple[SamplerFn, int]:
+                        mesh="auto", project: Optional[Callable] = None) -> Tuple[SamplerFn, int]:
     """DPM-Solver++(2M / 3M) over ``num_steps`` grid times (default uniform in λ). NFE = num_steps - 1 + denoise."""
     if order not in (1, 2, 3):
         raise ValueError(f"sampling option 'order' of dpm_solver++ must be 1, 2 or 3, got {order}")
     ts, sharding = time_grid(sde, num_steps, check_eps(sde, eps), grid), batch_sharding(shape, mesh)
     step = dpmpp_step(sde, score_fn, order, num_steps - 1)
     init = lambda x: (jnp.zeros((2,) + x.shape, x.dtype), jnp.zeros((2,), jnp.float32))
-    run = _grid_sampler(sde, score_fn, shape, ts, step, init, denoise, sharding)
+    run = _grid_sampler(sde, score_fn, shape, ts, step, init, denoise, sharding, project=project)
     return _with_nfe(run, num_steps - 1 + int(denoise), sharding)
 
 
@@ -465,11 +483,13 @@ def heun_step(sde: SDE, score_fn: ScoreFn) -> Callable:
 
 
 def build_heun(sde: SDE, score_fn: ScoreFn, shape, num_steps: int = 18, grid: str = "karras",
-               denoise: bool = True, eps: Optional[float] = None, mesh="auto") -> Tuple[SamplerFn, int]:
+               denoise: bool = True, eps: Optional[float] = None, mesh="auto",
+               project: Optional[Callable] = None) -> Tuple[SamplerFn, int]:
     """EDM's deterministic Heun sampler on the Karras (ρ=7) grid of ``num_steps`` times T..eps; the final
     Euler step to σ̃ = 0 is Tweedie's denoiser. NFE = 2 (num_steps - 1) + denoise (35 for the default 18)."""
     ts, sharding = time_grid(sde, num_steps, check_eps(sde, eps), grid), batch_sharding(shape, mesh)
-    run = _grid_sampler(sde, score_fn, shape, ts, heun_step(sde, score_fn), lambda x: (), denoise, sharding)
+    run = _grid_sampler(sde, score_fn, shape, ts, heun_step(sde, score_fn), lambda x: (), denoise, sharding,
+                        project=project)
     return _with_nfe(run, 2 * (num_steps - 1) + int(denoise), sharding)
 
 

@@ -13,6 +13,7 @@ Also: the training objectives ``classifier`` and ``dsm_cfg`` (registered in ``lo
 """
 from __future__ import annotations
 
+import functools
 import pathlib
 from typing import Callable, NamedTuple, Optional, Tuple, Union
 
@@ -420,38 +421,57 @@ def _labels_for(config, n: int, num_classes: int) -> Array:
 
 def _classifier_logits_fn(config) -> Callable:
     """``logits_fn(x, t)`` of the classifier trained in ``config.sampling.classifier_workdir``."""
+    wd = config.sampling.get("classifier_workdir", None)
+    if not wd or not (pathlib.Path(wd) / "config.json").is_file():
+        raise ValueError(f"config.sampling.classifier_workdir={wd!r} must be the workdir of a classifier trained "
+                         f"with --mode=train (e.g. configs/digits_classifier.py); no config.json there")
+    ev = _restore_classifier(str(pathlib.Path(wd).resolve()), (pathlib.Path(wd) / "config.json").read_text())
+    return lambda x, t: ev.model.output(ev.params, ev.sde, x, t)
+
+
+@functools.lru_cache(maxsize=4)
+def _restore_classifier(workdir: str, config_json: str):
+    """The classifier's eval state, restored once per (workdir, config) for the batches of a run."""
     import json
 
     import ml_collections
 
     import run_lib
 
-    wd = config.sampling.get("classifier_workdir", None)
-    if not wd or not (pathlib.Path(wd) / "config.json").is_file():
-        raise ValueError(f"config.sampling.classifier_workdir={wd!r} must be the workdir of a classifier trained "
-                         f"with --mode=train (e.g. configs/digits_classifier.py); no config.json there")
-    clf_cfg = ml_collections.ConfigDict(json.loads((pathlib.Path(wd) / "config.json").read_text()))
-    ev = run_lib.restore_eval_state(clf_cfg, wd)
-    return lambda x, t: ev.model.output(ev.params, ev.sde, x, t)
+    return run_lib.restore_eval_state(ml_collections.ConfigDict(json.loads(config_json)), workdir)
 
 
-def guided_score_fn(config, model, params, sde: SDE, n: int) -> Tuple[ScoreFn, Array]:
-    """Score and labels (n,) of ``task`` class_conditional (classifier guidance) or cfg."""
+def guided_score_fn(config, model, params, sde: SDE, n: int, labels=None) -> Tuple[ScoreFn, Array]:
+    """Score and labels (n,) of ``task`` class_conditional (classifier guidance) or cfg; ``labels`` (n,) default
+    to ``config.sampling.label`` (or 0, 1, ..., K-1 repeated)."""
     task, w = config.sampling.task, float(config.sampling.get("guidance_scale", 1.0))
     if task == "cfg":
         if not is_class_conditional(model):
             raise ValueError("config.sampling.task='cfg' (classifier-free guidance) needs a class-conditional score "
                              "model (config.model.name='class_conditional', loss 'dsm_cfg'), not "
                              f"{config.model.name!r}")
-        y = _labels_for(config, n, int(model.module.num_classes))
+        y = _labels(config, n, int(model.module.num_classes), labels)
         return model_cfg_score_fn(model, params, sde, y, w), y
-    y = _labels_for(config, n, int(config.data.num_classes))
+    y = _labels(config, n, int(config.data.num_classes), labels)
     return classifier_guided_score_fn(model.score_fn(params, sde), _classifier_logits_fn(config), y, w), y
+
+
+def _labels(config, n: int, num_classes: int, labels) -> Array:
+    return _labels_for(config, n, num_classes) if labels is None else check_labels(labels, num_classes, n)
+
+
+def in_batches(n: int, size: int, key: Array, draw: Callable[[Array, int, int], dict]) -> dict:
+    """``draw(key_i, lo, hi)`` (a dict of per-sample arrays, or shared ones under "mask") for the batches
+    [lo, hi) of ``size`` covering n, batch i with ``fold_in(key, i)``; the batches' arrays concatenated."""
+    size = max(1, min(int(size or n), n))
+    parts = [draw(jax.random.fold_in(key, i), lo, min(lo + size, n)) for i, lo in enumerate(range(0, n, size))]
+    return {k: parts[0][k] if k == "mask" else np.concatenate([np.asarray(p[k]) for p in parts]) for k in parts[0]}
 
 
 def run(config, workdir: str) -> dict:
     """``--mode=sample`` for ``config.sampling.task`` in inpaint | colorize | class_conditional | cfg: writes
-    ``samples/<task>_step_<k>/samples.{npz,png}`` (and ``inputs.png`` for imputation); returns the arrays."""
+    ``samples/<task>_step_<k>/samples.{npz,png}`` (and ``inputs.png`` for imputation); returns the arrays.
+    ``config.sampling.num_samples`` are drawn in batches of ``config.sampling.batch_size``."""
     import run_lib
     import utils
 
@@ -460,18 +480,21 @@ def run(config, workdir: str) -> dict:
         raise ValueError(f"unknown config.sampling.task {task!r}; expected one of {list(TASKS)}")
     ev = run_lib.restore_eval_state(config, workdir, config.eval.checkpoint)
     exp = run_lib.Experiment.from_config(config)
-    n, score_fn = int(config.sampling.num_samples), ev.model.score_fn(ev.params, ev.sde)
+    n, size = int(config.sampling.num_samples), config.sampling.get("batch_size", None)
     key = jax.random.fold_in(jax.random.key(config.seed + 1), ev.step)
-    out = {}
     if task in ("inpaint", "colorize"):
-        out.update(_run_imputation(config, ev, exp, score_fn, key, n, task))
+        out = _run_imputation(config, ev, key, n, size, task)
     elif task == "unconditional":
-        x, _ = exp.sample(key, ev.params, n)
-        out["samples"] = np.asarray(x)
+        out = in_batches(n, size, key, lambda k, lo, hi: {"samples": exp.sample(k, ev.params, hi - lo)[0]})
     else:
-        score, y = guided_score_fn(config, ev.model, ev.params, ev.sde, n)
-        x, _ = samplers.sample_from_config(key, ev.sde, score, (n,) + exp.data_shape, config.sampling)
-        out.update(samples=np.asarray(x), labels=np.asarray(y))
+        _, y = guided_score_fn(config, ev.model, ev.params, ev.sde, n)   # checks the task and the labels
+
+        def draw(k, lo, hi):
+            score, yb = guided_score_fn(config, ev.model, ev.params, ev.sde, hi - lo, labels=y[lo:hi])
+            x, _ = samplers.sample_from_config(k, ev.sde, score, (hi - lo,) + exp.data_shape, config.sampling)
+            return {"samples": x, "labels": yb}
+
+        out = in_batches(n, size, key, draw)
     outdir = pathlib.Path(workdir) / "samples" / f"{task}_step_{ev.step}"
     images = {k: run_lib.to_output(exp, v) for k, v in out.items() if k in ("samples", "inputs")}
     if jax.process_index() == 0:
@@ -480,33 +503,52 @@ def run(config, workdir: str) -> dict:
         for k, v in images.items():
             utils.save_image_grid(v, outdir / f"{k}.png") if v.ndim == 4 else utils.save_scatter(v, outdir / f"{k}.png")
     _report(config, out, images)
-    print(f"wrote {n} {task} samples of step {ev.step} to {outdir}", flush=True)
+    print(f"wrote {len(out['samples'])} {task} samples of step {ev.step} to {outdir}", flush=True)
     return {**out, **{f"{k}_uint8": v for k, v in images.items()}, "outdir": outdir}
 
 
-def _run_imputation(config, ev, exp, score_fn, key, n, task) -> dict:
+def _run_imputation(config, ev, key, n, size, task) -> dict:
     data, _ = _test_data(config, n)
     method = config.sampling.method
     opts = imputation_options(config.sampling, method)
+    score_fn = ev.model.score_fn(ev.params, ev.sde)
     if task == "colorize":
         if data.ndim != 4 or data.shape[-1] != 3:
             raise ValueError(f"task 'colorize' needs RGB images (config.data.num_channels=3), got data of shape "
                              f"{data.shape[1:]}")
-        x, _ = colorize(key, ev.sde, score_fn, data, method, **opts)
-        gray = jnp.mean(jnp.asarray(data), -1, keepdims=True)
-        return {"samples": np.asarray(x), "inputs": np.asarray(jnp.broadcast_to(gray, data.shape)), "data": data}
+        out = in_batches(n, size, key, lambda k, lo, hi: {"samples": colorize(k, ev.sde, score_fn, data[lo:hi],
+                                                                               method, **opts)[0]})
+        gray = np.mean(data, -1, keepdims=True)
+        return {**out, "inputs": np.broadcast_to(gray, data.shape), "data": data}
     mask = load_mask(config.sampling.get("mask", None) or "left", data.shape[1:])
-    x, _ = inpaint(key, ev.sde, score_fn, data, mask, method, **opts)
+    out = in_batches(n, size, key, lambda k, lo, hi: {"samples": inpaint(k, ev.sde, score_fn, data[lo:hi], mask,
+                                                                         method, **opts)[0]})
     lo = -1.0 if config.data.get("centered", True) else 0.0
-    return {"samples": np.asarray(x), "inputs": np.where(mask > 0, data, lo), "data": data, "mask": mask}
+    return {**out, "inputs": np.where(mask > 0, data, lo), "data": data, "mask": mask}
 
 
 def _report(config, out: dict, images: dict) -> None:
-    """Print the error on the known part (imputation) or the digits classifier's accuracy (class tasks)."""
+    """Print the error on the known part (imputation), how many colorized colored digits are one palette colour,
+    or the digits classifier's accuracy (class tasks); the figures are added to ``out``."""
     if "mask" in out:
         reps = len(out["samples"]) // len(out["data"])
         err = np.abs(np.repeat(out["data"], reps, 0) - out["samples"]) * out["mask"]
         print(f"max |x - data| on the known pixels: {err.max():.3g}")
+        out["known_error"] = float(err.max())
+    elif config.sampling.get("task") == "colorize":
+        reps = len(out["samples"]) // len(out["data"])
+        err = np.abs(np.repeat(out["data"], reps, 0).mean(-1) - out["samples"].mean(-1))
+        print(f"max |gray(x) - gray(data)|: {err.max():.3g}")
+        out["known_error"] = float(err.max())
+    if config.sampling.get("task") == "colorize" and config.data.source == "colored_digits":
+        import datasets
+        import evaluation
+
+        fit = evaluation.palette_fit(images["samples"], datasets.COLOR_PALETTE)
+        single = fit["residual"] < 0.15
+        out["palette_fraction"], out["palette_colors"] = float(single.mean()), int(len(np.unique(fit["color"][single])))
+        print(f"{single.mean():.1%} of colorized samples are one palette colour (residual < 0.15; gray inputs: "
+              f"1/3), {out['palette_colors']} of {len(datasets.COLOR_PALETTE)} colours used")
     if "labels" in out and config.data.source == "digits":
         import evaluation
 

@@ -359,11 +359,16 @@ def to_output(exp: Experiment, x: np.ndarray) -> np.ndarray:
 
 
 def write_samples(exp: Experiment, params, outdir: pathlib.Path, seed_step: int, write: bool = True) -> np.ndarray:
-    """Sample ``config.sampling.num_samples`` points, write ``samples.npz`` and ``samples.png`` (unless
-    ``write`` is False); return them quantised to uint8 (images) or as float (vectors)."""
+    """Sample ``config.sampling.num_samples`` points (in batches of ``config.sampling.batch_size`` when there are
+    more), write ``samples.npz`` and ``samples.png`` (unless ``write`` is False); return them quantised to uint8
+    (images) or as float (vectors)."""
     cfg = exp.config
     key = jax.random.fold_in(jax.random.key(cfg.seed + 1), seed_step)
-    x, nfe = exp.sample(key, params, cfg.sampling.num_samples)
+    n, size = int(cfg.sampling.num_samples), int(cfg.sampling.get("batch_size", 0) or 0)
+    if size and n > size:   # several batches of config.sampling.batch_size
+        x, nfe = draw_samples(exp, params, n, key)
+    else:
+        x, nfe = exp.sample(key, params, n)
     out = to_output(exp, np.asarray(jax.device_get(x)))
     if write:
         outdir.mkdir(parents=True, exist_ok=True)

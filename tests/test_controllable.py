@@ -159,14 +159,17 @@ def test_exact_classifier_guidance_score_is_the_component_score():
         np.testing.assert_allclose(guided, expect, rtol=2e-4, atol=2e-4)
 
 
-@pytest.mark.parametrize("sde_name", ["ve", "vp"])
-def test_exact_classifier_guidance_samples_the_chosen_component(sde_name):
+@pytest.mark.parametrize("sde_name,method,opts", [
+    ("ve", "pc", dict(num_steps=300, corrector="none")), ("vp", "pc", dict(num_steps=300, corrector="none")),
+    ("subvp", "pc", dict(num_steps=200, corrector="langevin")), ("subvp", "ode", dict(rtol=1e-4, atol=1e-4)),
+    ("ve", "dpm_solver++", dict(num_steps=30))])
+def test_exact_classifier_guidance_samples_the_chosen_component(sde_name, method, opts):
     sde, k = SDES[sde_name], 0
     logits = exact_logits(MIX2, sde)
     score = cg.classifier_guided_score_fn(MIX2.score_fn(sde), logits, cg.check_labels(k, 3, N), 1.0)
     import samplers
 
-    x, _ = samplers.sample(jax.random.key(9), sde, score, (N, 2), "pc", num_steps=300, corrector="none")
+    x, _ = samplers.sample(jax.random.key(9), sde, score, (N, 2), method, **opts)
     ref = _component(MIX2, k).sample(jax.random.key(10), N)
     sw = float(sliced_wasserstein(jax.random.key(11), x, ref))
     assert sw < 0.1, sw

@@ -58,6 +58,32 @@ def test_cell_store_resumes_and_records_na(tmp_path, capsys):
     assert "[t 2/2] b: NotImplementedError" in capsys.readouterr().out
 
 
+def test_concurrent_ensure_model_trains_once(tmp_path, monkeypatch):
+    """Two table commands sharing a workdir: the lock makes the second wait and read the first's training."""
+    import threading
+    import time
+
+    import run_lib
+
+    calls = []
+
+    def fake_train(config, workdir):
+        calls.append(workdir)
+        time.sleep(0.3)
+
+    monkeypatch.setattr(run_lib, "train", fake_train)
+    setting = common.get_setting("minimal")
+    records = []
+    threads = [threading.Thread(target=lambda: records.append(common.ensure_model(tmp_path, setting, "vp_dsm")))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len(records) == 2 and records[0] == records[1]
+    assert records[0]["model"] == "vp_dsm" and records[0]["n_iters"] == setting.n_iters
+
+
 def test_unknown_setting_names_the_valid_ones():
     with pytest.raises(ValueError, match="minimal"):
         common.get_setting("huge")

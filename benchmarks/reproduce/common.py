@@ -115,18 +115,27 @@ def model_dir(workdir: pathlib.Path, setting: Setting, name: str) -> pathlib.Pat
 
 
 def ensure_model(workdir: pathlib.Path, setting: Setting, name: str) -> dict:
-    """Train model ``name`` with ``run_lib.train`` unless ``done.json`` says it finished; returns that record."""
+    """Train model ``name`` with ``run_lib.train`` unless ``done.json`` says it finished; returns that record.
+    An exclusive lock on ``<model dir>.lock`` lets several table commands (or ``python -m
+    benchmarks.reproduce.common --train``) share a workdir: a second one waits for the training, then reads it."""
+    import fcntl
+
     import run_lib
 
     d = model_dir(workdir, setting, name)
     done = d / "done.json"
     if done.exists():
         return json.loads(done.read_text())
-    print(f"training {name} ({setting.n_iters} steps) in {d}", flush=True)
-    t0 = time.time()
-    run_lib.train(model_config(setting, name), str(d))
-    record = {"model": name, "n_iters": setting.n_iters, "train_seconds": round(time.time() - t0, 1)}
-    _write_json(done, record)
+    d.parent.mkdir(parents=True, exist_ok=True)
+    with open(d.parent / f"{d.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if done.exists():   # trained by another process while this one waited
+            return json.loads(done.read_text())
+        print(f"training {name} ({setting.n_iters} steps) in {d}", flush=True)
+        t0 = time.time()
+        run_lib.train(model_config(setting, name), str(d))
+        record = {"model": name, "n_iters": setting.n_iters, "train_seconds": round(time.time() - t0, 1)}
+        _write_json(done, record)
     return record
 
 
@@ -341,3 +350,20 @@ def cli_main(run: Callable, doc: str, argv: Optional[list] = None) -> dict:
     """The command line of a table script: parse the shared flags and call ``run``."""
     args = parse_args(sys.argv[1:] if argv is None else argv, doc.splitlines()[0])
     return run(args.workdir, args.setting, args.publish, args.report_only)
+
+
+def train_all(argv: Optional[list] = None) -> None:
+    """``python -m benchmarks.reproduce.common --workdir=W --setting=S [model ...]``: train the models of the
+    tables ahead (all of ``MODELS`` by default), e.g. in a second process beside a table command."""
+    p = argparse.ArgumentParser(description="train the tables' models ahead (default: all of MODELS)")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--setting", default="tiny")
+    p.add_argument("models", nargs="*", default=list(MODELS))
+    args = p.parse_args(argv)
+    setting = get_setting(args.setting)
+    for name in args.models:
+        print(ensure_model(pathlib.Path(args.workdir), setting, name), flush=True)
+
+
+if __name__ == "__main__":
+    train_all()

@@ -198,6 +198,25 @@ def quality(cfg, workdir: pathlib.Path, images: np.ndarray) -> dict:
     return {"fid": out["domain"]["fid"], "kid": out["domain"].get("kid")}
 
 
+def real_reference(setting: Setting, workdir: pathlib.Path) -> Optional[float]:
+    """The quality figure of ``setting.num_samples`` real held-out test images (the floor a sampler can reach),
+    computed once into ``<workdir>/fid/real_heldout_<setting>.json``; None for digits, whose cells carry it."""
+    if setting.base == "digits":
+        return None
+    path = pathlib.Path(workdir) / "fid" / f"real_heldout_{setting.name}.json"
+    if not path.exists():
+        import evaluation
+
+        cfg = model_config(setting, "vp_dsm")
+        images, _ = evaluation.dataset_uint8(cfg, "test")
+        _write_json(path, quality(cfg, workdir, images[:setting.num_samples]))
+    return json.loads(path.read_text())["fid"]
+
+
+def real_note(real: Optional[float], what: str = "held-out real test images") -> str:
+    return "" if real is None else f"; {what} score {real:.2f}"
+
+
 def _fid_config(cfg, workdir):
     import ml_collections
 

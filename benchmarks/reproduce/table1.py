@@ -74,14 +74,15 @@ def run(workdir: str, setting_name: str = "tiny", publish: bool = False,
             cells.setdefault(row["label"], {})[sde_label] = store.run(
                 key, _cell(models, workdir, model, row, setting.num_samples))
     train = {m: common.ensure_or_read_model(workdir, setting, m, report_only) for m in SDES.values()}
+    real = common.real_reference(setting, workdir)
     results = {"setting": setting.__dict__, "rows": rows, "cells": cells, "models": train,
-               "computed_cells": store.computed, "pending_cells": store.pending}
-    common.write_outputs(out_dir, f"table1_{setting.name}", markdown(cells, rows, setting), results,
+               "computed_cells": store.computed, "pending_cells": store.pending, "fid_real_heldout": real}
+    common.write_outputs(out_dir, f"table1_{setting.name}", markdown(cells, rows, setting, real), results,
                          lambda p: plot(cells, p, setting), publish)
     return results
 
 
-def markdown(cells: dict, rows: List[dict], setting) -> str:
+def markdown(cells: dict, rows: List[dict], setting, real_fid: Optional[float] = None) -> str:
     header = ["sampler"] + [f"{s} FID / NFE / s" for s in SDES]
     body = []
     for row in rows:
@@ -93,6 +94,7 @@ def markdown(cells: dict, rows: List[dict], setting) -> str:
     real = next((c for r in cells.values() for c in r.values() if "fid_real_heldout" in c), None)
     note = (f"\nDomain-classifier FID of {setting.num_samples} samples (lower is better)"
             + (f"; held-out real digits score {real['fid_real_heldout']:.2f}" if real else "")
+            + common.real_note(real_fid)
             + f". N = {setting.N}; time = sampling seconds excluding compilation.\n")
     return f"## Table 1 (setting {setting.name})\n\n" + common.markdown_table(header, body) + note
 
@@ -101,10 +103,13 @@ def plot(cells: dict, path, setting) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    any_points = False
     for s, marker in zip(SDES, "os^"):
         pts = [(c[s]["nfe"], c[s]["fid"], label) for label, c in cells.items() if "fid" in c[s]]
         ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=s)
-    ax.set_xscale("log")
+        any_points = any_points or bool(pts)
+    if any_points:   # nothing computed yet (--report_only on a new workdir): a linear empty plot
+        ax.set_xscale("log")
     ax.set_xlabel("NFE")
     ax.set_ylabel("domain-classifier FID")
     ax.set_title(f"Sampler × SDE ({setting.name}: {setting.base}, N={setting.N})")

@@ -56,9 +56,11 @@ def run(workdir: str, setting_name: str = "tiny", publish: bool = False,
             cells.setdefault(label, {})[column] = store.run(f"{model}__{column}",
                                                             _compute(models, workdir, setting, model, column))
     train = {m: common.ensure_or_read_model(workdir, setting, m, report_only) for m in OBJECTIVES.values()}
+    real = common.real_reference(setting, workdir)
     results = {"setting": setting.__dict__, "cells": cells, "models": train, "computed_cells": store.computed,
-               "pending_cells": store.pending, "sampler": sampler(setting.N)}
-    common.write_outputs(out_dir, f"table_objectives_{setting.name}", markdown(cells, setting, train), results,
+               "pending_cells": store.pending, "sampler": sampler(setting.N), "fid_real_heldout": real}
+    common.write_outputs(out_dir, f"table_objectives_{setting.name}", markdown(cells, setting, train, real),
+                         results,
                          lambda p: plot(cells, p, setting), publish)
     return results
 
@@ -67,7 +69,7 @@ def _bpd(c: dict) -> str:
     return common.cell_text(c, lambda c: f"{c['bpd']:.3f} ± {c['bpd_stderr'] or 0:.3f}")
 
 
-def markdown(cells: dict, setting, train: dict) -> str:
+def markdown(cells: dict, setting, train: dict, real: Optional[float] = None) -> str:
     header = ["objective", "FID", "NFE", "ODE bits/dim", "DDPM bound bits/dim", "train s"]
     rows = []
     for label, model in OBJECTIVES.items():
@@ -77,7 +79,7 @@ def markdown(cells: dict, setting, train: dict) -> str:
                      train[model].get("train_seconds", "pending")])
     note = (f"\nSame small U-Net ({setting.nf} channels, {setting.n_iters} steps, batch {setting.batch_size}) for "
             f"every objective. FID: domain classifier, {setting.num_samples} samples of "
-            f"{sampler(setting.N)['label']}. bits/dim on {setting.lik_examples} test examples (ODE: Hutchinson, "
+            f"{sampler(setting.N)['label']}{common.real_note(real)}. bits/dim on {setting.lik_examples} test examples (ODE: Hutchinson, "
             f"rtol=atol={setting.lik_tol:g}, uniform dequantization; DDPM bound: all N={setting.N} terms).\n")
     return f"## Training objectives (setting {setting.name})\n\n" + common.markdown_table(header, rows) + note
 

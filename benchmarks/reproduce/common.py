@@ -246,7 +246,8 @@ def bits_per_dim(cfg, mdir: pathlib.Path, setting: Setting, method: str) -> dict
 # ---- resumable cells ------------------------------------------------------------------------------------------------
 class CellStore:
     """Per-cell JSON results in ``<dir>/cells/<key>.json``; ``run`` computes a cell only when its file is missing,
-    printing a progress line ``[table k/n] key: summary``."""
+    printing a progress line ``[table k/n] key: summary``. A result's ``images`` (uint8 samples) are not stored
+    but tiled (first 64) into ``<key>.png``."""
 
     def __init__(self, directory: pathlib.Path, table: str, total: int, report_only: bool = False):
         self.dir = pathlib.Path(directory) / "cells"
@@ -272,6 +273,11 @@ class CellStore:
             except (ValueError, NotImplementedError) as e:  # e.g. no ancestral chain for sub-VP: an n/a cell
                 result = {"error": f"{type(e).__name__}: {e}"}
             result["cell_seconds"] = round(time.time() - t0, 2)
+            images = result.pop("images", None)
+            if images is not None and np.ndim(images) == 4:   # a look at the samples beside the figure
+                import utils
+
+                utils.save_image_grid(np.asarray(images)[:64], p.with_suffix(".png"))
             _write_json(p, result)
             self.computed += 1
             status = f"{result['cell_seconds']:.1f}s"

@@ -52,7 +52,7 @@ def _cell(models: common.ModelCache, workdir: pathlib.Path, model: str, row: dic
         if row["N"] is not None:  # chain predictors follow the SDE's own N-step chain
             opts.pop("num_steps")
         out = common.draw(cfg, ev, row["method"], opts, n, seed=cfg.seed + 11, N=row["N"])
-        q = common.quality(cfg, workdir, out.pop("images"))
+        q = common.quality(cfg, workdir, out["images"])
         return {**q, **out, "sampler": row["label"], "model": model, "num_samples": n}
 
     return compute

@@ -35,7 +35,7 @@ def _compute(models: common.ModelCache, workdir: pathlib.Path, setting, model: s
         if column == "quality":
             s = sampler(setting.N)
             out = common.draw(cfg, ev, s["method"], s["options"], setting.num_samples, seed=cfg.seed + 11)
-            return {**common.quality(cfg, workdir, out.pop("images")), **out, "sampler": s["label"]}
+            return {**common.quality(cfg, workdir, out["images"]), **out, "sampler": s["label"]}
         if column == "ddpm_bound" and model not in VP_CHAIN:
             raise ValueError("the DDPM bound needs the VP chain")
         return common.bits_per_dim(cfg, mdir, setting, "ode" if column == "ode_bpd" else "ddpm_bound")

@@ -59,7 +59,8 @@ def test_cell_store_resumes_and_records_na(tmp_path, capsys):
     assert "[t 2/2] b: NotImplementedError" in capsys.readouterr().out
     images = np.zeros((3, 8, 8, 1), np.uint8)       # samples of a cell: a PNG beside the JSON, not in it
     assert "images" not in store2.run("c", lambda: {"fid": 2.0, "images": images})
-    assert (tmp_path / "cells" / "c.png").exists() and "images" not in json.loads((tmp_path / "cells" / "c.json").read_text())
+    assert (tmp_path / "cells" / "c.png").exists()
+    assert "images" not in json.loads((tmp_path / "cells" / "c.json").read_text())
 
 
 def test_concurrent_ensure_model_trains_once(tmp_path, monkeypatch):

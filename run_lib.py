@@ -227,6 +227,17 @@ class Run:
     is_main: bool
 
 
+def warn_ema_keeps_init(ema_rate: float, n_iters: int, limit: float = 0.05) -> float:
+    """The weight rate**n_iters that the EMA parameters still give the random initialisation after the run;
+    warns (naming config.model.ema_rate) when it exceeds ``limit`` — such EMA samples are noise-like."""
+    share = float(ema_rate) ** int(n_iters)
+    if share > limit:
+        logging.warning("config.model.ema_rate=%g over config.training.n_iters=%d leaves %.0f%% of the random "
+                        "initialisation in the EMA parameters used for sampling; lower the rate (e.g. %.3g) or train "
+                        "longer", ema_rate, n_iters, 100 * share, 1 - 3.0 / max(int(n_iters), 1))
+    return share
+
+
 def train(config, workdir: str) -> TrainState:
     """Train ``config`` in ``workdir``, resuming from its latest readable checkpoint; returns the final state.
 
@@ -244,6 +255,7 @@ def train(config, workdir: str) -> TrainState:
     print(f"training steps {start}..{config.training.n_iters} on {jax.device_count()} devices "
           f"({jax.process_count()} processes), global batch {config.training.batch_size}, "
           f"lr {config.optim.lr:g} (warm-up {config.optim.warmup}), EMA rate {config.model.ema_rate}", flush=True)
+    warn_ema_keeps_init(config.model.ema_rate, config.training.n_iters)
     step_fn = jit_sharded_step(make_train_step(exp.loss_fn(), exp.optimizer, config.model.ema_rate,
                                                config.seed), mesh)
     logger = utils.MetricLogger(workdir, config.training.n_iters, start, config.training.log_freq, enabled=is_main)

@@ -75,6 +75,7 @@ def test_concurrent_ensure_model_trains_once(tmp_path, monkeypatch):
     def fake_train(config, workdir):
         calls.append(workdir)
         time.sleep(0.3)
+        return run_lib.TrainState(step=config.training.n_iters, params={}, ema_params={}, opt_state=())
 
     monkeypatch.setattr(run_lib, "train", fake_train)
     setting = common.get_setting("minimal")
@@ -87,6 +88,16 @@ def test_concurrent_ensure_model_trains_once(tmp_path, monkeypatch):
         t.join()
     assert len(calls) == 1 and len(records) == 2 and records[0] == records[1]
     assert records[0]["model"] == "vp_dsm" and records[0]["n_iters"] == setting.n_iters
+
+
+def test_interrupted_training_is_not_recorded_as_done(tmp_path, monkeypatch):
+    import run_lib
+
+    monkeypatch.setattr(run_lib, "train", lambda config, workdir: run_lib.TrainState(
+        step=config.training.n_iters - 1, params={}, ema_params={}, opt_state=()))
+    with pytest.raises(SystemExit, match="stopped at step 19 of 20; rerun"):
+        common.ensure_model(tmp_path, common.get_setting("minimal"), "vp_dsm")
+    assert not (common.model_dir(tmp_path, common.get_setting("minimal"), "vp_dsm") / "done.json").exists()
 
 
 def test_unknown_setting_names_the_valid_ones():

@@ -136,7 +136,10 @@ def ensure_model(workdir: pathlib.Path, setting: Setting, name: str) -> dict:
             return json.loads(done.read_text())
         print(f"training {name} ({setting.n_iters} steps) in {d}", flush=True)
         t0 = time.time()
-        run_lib.train(model_config(setting, name), str(d))
+        state = run_lib.train(model_config(setting, name), str(d))
+        if int(state.step) < setting.n_iters:   # stopped by a signal: resumable, not done
+            raise SystemExit(f"training of {name} stopped at step {int(state.step)} of {setting.n_iters}; "
+                             f"rerun the command to resume it")
         record = {"model": name, "n_iters": setting.n_iters, "train_seconds": round(time.time() - t0, 1)}
         _write_json(done, record)
     return record

@@ -121,12 +121,15 @@ def _flow_vector_field(sde, score_fn: ScoreFn, divergence: str) -> Callable:
 
 
 def _solve_one(vector_field, solver, controller, t0, t1, max_steps, x, probes):
-    """Integrate one example from t0 to t1; returns (x(t1), ∫div, number of attempted steps)."""
+    """Integrate one example from t0 to t1; returns (x(t1), ∫div, number of attempted steps, or -1 when the
+    solve failed, e.g. ran out of max_steps). No error is raised inside the computation (``throw=False``): that
+    would need a host callback, which keeps the compiled function out of JAX's persistent compilation cache."""
     y0 = (x, jnp.zeros((), x.dtype))
     sol = diffrax.diffeqsolve(diffrax.ODETerm(vector_field), solver, t0, t1, None, y0, args=probes,
-                              stepsize_controller=controller, max_steps=max_steps)
+                              stepsize_controller=controller, max_steps=max_steps, throw=False)
     z, delta = sol.ys
-    return z[0], delta[0], sol.stats["num_steps"]
+    steps = jnp.where(sol.result == diffrax.RESULTS.successful, sol.stats["num_steps"], -1)
+    return z[0], delta[0], steps
 
 
 def _draw_probes(key, divergence: str, num_probes: int, x: Array):
@@ -156,8 +159,9 @@ def _log_likelihood(params, key, x, *, sde, score_fn_of, divergence, num_probes,
         sharding = NamedSharding(mesh, spec)
         x, probes = jax.lax.with_sharding_constraint((x, probes), (sharding, sharding))
     z, delta, steps = solve_batch(params, x, probes)
-    logp = sde.prior_logp(z) + delta
-    return logp, z, solver_nfe(solver_obj, steps)
+    failed = steps < 0
+    logp = jnp.where(failed, jnp.nan, sde.prior_logp(z) + delta)
+    return logp, z, jnp.where(failed, -1, solver_nfe(solver_obj, steps))
 
 
 _jitted_log_likelihood = jax.jit(
@@ -224,9 +228,23 @@ def log_likelihood_fn(sde, score_fn_of: Callable, *, divergence: str = "exact", 
 
     def fn(params, key, x):
         check_likelihood_inputs(x, divergence, solver, num_probes, mesh)
-        return _jitted_log_likelihood(params, key, jnp.asarray(x, jnp.float32), **opts)
+        out = _jitted_log_likelihood(params, key, jnp.asarray(x, jnp.float32), **opts)
+        check_solved(out[2], opts)
+        return out
 
     return fn
+
+
+def check_solved(nfe, opts: dict):
+    """Raise when some example's ODE solve failed (nfe -1): named with the settings to change."""
+    if isinstance(nfe, jax.core.Tracer):  # inside a caller's jit: nothing to inspect
+        return
+    failed = int(np.sum(np.asarray(jax.device_get(nfe)) < 0))
+    if failed:
+        raise RuntimeError(
+            f"the probability-flow ODE ({opts['solver']}, rtol={opts['rtol']}, atol={opts['atol']}) did not reach "
+            f"T for {failed} of {np.size(nfe)} examples within max_steps={opts['max_steps']}; raise max_steps "
+            f"(config.eval.likelihood.max_steps) or loosen rtol/atol")
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -242,6 +242,14 @@ class StopSignal:
 
 
 # ---- logging ----------------------------------------------------------------------------------------------------
+def device_memory() -> dict:
+    """``{"peak_memory_gb": ...}``: the most memory any local accelerator has held (empty on CPU, which has no
+    such statistics)."""
+    peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in jax.local_devices()]
+    peaks = [p for p in peaks if p is not None]
+    return {"peak_memory_gb": max(peaks) / 2**30} if peaks else {}
+
+
 class MetricLogger:
     """Every ``log_freq`` steps: metrics as JSON lines (``metrics.jsonl``), TensorBoard scalars
     (``tensorboard/``: loss, lr, grad_norm, steps_per_s, samples_per_s, ...) and a console line with ETA.
@@ -264,7 +272,7 @@ class MetricLogger:
         elapsed = max(time.time() - self.t0, 1e-9)
         rate = (step - self.step0) / elapsed
         record = {"step": step, **{k: float(v) for k, v in metrics.items()}, "steps_per_s": rate,
-                  "samples_per_s": rate * batch_size, "time": time.time()}
+                  "samples_per_s": rate * batch_size, "time": time.time(), **device_memory()}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.writer is not None:

@@ -166,6 +166,16 @@ def test_clear_errors():
         likelihood.data_log_likelihood(key, logp_fn, np.zeros((1, 3)), likelihood.DataSpace(bits=None))
 
 
+def test_running_out_of_solver_steps_names_max_steps():
+    """A solve that hits max_steps fails loudly (no silent NaN), naming the setting; the others still solve."""
+    sde, gm = SDES["vp"], mixture(2)
+    x = gm.sample(jax.random.key(3), 4)
+    with pytest.raises(RuntimeError, match=r"did not reach T for 4 of 4 examples within max_steps=3"):
+        likelihood.log_likelihood(jax.random.key(0), sde, gm.score_fn(sde), x, max_steps=3)
+    logp, _, nfe = likelihood.log_likelihood(jax.random.key(0), sde, gm.score_fn(sde), x, max_steps=4096)
+    assert np.all(np.isfinite(np.asarray(logp))) and np.all(np.asarray(nfe) > 0)
+
+
 # ---- bits/dim ------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("centered", [True, False])

@@ -237,9 +237,10 @@ def log_likelihood_fn(sde, score_fn_of: Callable, *, divergence: str = "exact", 
 
 def check_solved(nfe, opts: dict):
     """Raise when some example's ODE solve failed (nfe -1): named with the settings to change."""
-    if isinstance(nfe, jax.core.Tracer):  # inside a caller's jit: nothing to inspect
-        return
-    failed = int(np.sum(np.asarray(jax.device_get(nfe)) < 0))
+    try:
+        failed = int(np.sum(np.asarray(jax.device_get(nfe)) < 0))
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return  # inside a caller's jit: nothing to inspect
     if failed:
         raise RuntimeError(
             f"the probability-flow ODE ({opts['solver']}, rtol={opts['rtol']}, atol={opts['atol']}) did not reach "

@@ -156,3 +156,50 @@ def test_objectives_and_likelihood_pipelines(workdir):
         if model.startswith("vp"):  # the exact bound evaluates every one of the N terms
             assert res["cells"][label]["DDPM bound"]["nfe"] == common.SETTINGS["minimal"].N
     _check_rerun_is_noop(table_likelihood, workdir, "table_likelihood_minimal")
+
+
+# ---- accelerator smoke run -------------------------------------------------------------------------------------
+def _smoke_entry(steps_per_s: float, note: bool = False) -> dict:
+    entry = {"config": "c.py", "published": "FID 1", "steps_per_s": steps_per_s, "batch": 128, "first_loss": 1.0,
+             "last_loss": 0.9, "peak_memory_gb": 9.5, "s_per_noise_level": 0.01, "sample_batch": 128, "nfe": 100,
+             "full_train_h": 1.0, "full_sampling_h": 1.0}
+    return {**entry, "note": "pass 1: all recipes sharing the device"} if note else entry
+
+
+def test_accelerator_smoke_merge_prefers_timed_figures(tmp_path):
+    from benchmarks.reproduce import accelerator_smoke as smoke
+
+    run1 = {"device": "NVIDIA H200", "results": {"vp": _smoke_entry(7.0, note=True), "ve": _smoke_entry(8.0, True)}}
+    run2 = {"device": "NVIDIA H200", "results": {"vp": _smoke_entry(13.0), "ve": {"recipe": "ve", "error": "x"}}}
+    paths = []
+    for i, run in enumerate((run1, run2)):
+        paths.append(tmp_path / f"run{i}.json")
+        paths[-1].write_text(json.dumps(run))
+    merged = smoke.merge_runs([str(p) for p in paths], tmp_path)
+    assert merged["vp"]["steps_per_s"] == 13.0 and "note" not in merged["vp"]  # the alone-on-the-device figure
+    assert merged["ve"]["steps_per_s"] == 8.0 and "note" in merged["ve"]       # run 2 failed: run 1's, marked
+    text = (tmp_path / "accelerator_smoke_h200.md").read_text()
+    assert "13.00 (128)" in text and "sharing the device" in text
+    run2["device"] = "NVIDIA H100"
+    paths[1].write_text(json.dumps(run2))
+    with pytest.raises(ValueError, match="different devices"):
+        smoke.merge_runs([str(p) for p in paths], tmp_path)
+
+
+@pytest.mark.slow
+def test_accelerator_smoke_tiny_end_to_end(tmp_path):
+    """The smoke script on shrunk recipes (CPU): main.py trains, the recipe's sampler runs, the NLL recipe gets
+    bits/dim, and the projections follow from the measured rates."""
+    from benchmarks.reproduce import accelerator_smoke as smoke
+
+    results = smoke.main([f"--out={tmp_path}", "--recipes=ve,subvp_deep", "--tiny", "--steps=3", "--passes=1",
+                          "--sample_steps=3", "--sample_batch=8", "--lik_examples=8"])
+    ve, subvp = results["ve"], results["subvp_deep"]
+    assert ve["nfe"] == 2 * 3 and subvp["nfe"] == 3  # reverse diffusion + Langevin vs Euler–Maruyama alone
+    assert ve["sampler"] == "pc reverse_diffusion+langevin" and ve["finite"] and subvp["finite"]
+    assert np.isfinite(subvp["bpd"]) and subvp["lik_examples"] == 8 and "bpd" not in ve
+    for r in (ve, subvp):
+        assert r["steps_per_s"] > 0 and r["batch"] == 8
+        assert r["full_train_h"] == pytest.approx(1_300_001 / r["steps_per_s"] / 3600)
+    text = (tmp_path / "accelerator_smoke.md").read_text()
+    assert "configs/ve/cifar10_ncsnpp_continuous.py" in text and "NLL 2.99 bits/dim" in text

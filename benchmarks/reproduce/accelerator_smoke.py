@@ -258,6 +258,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--passes", type=int, default=2, choices=(1, 2), help="2: a parallel pass fills the cache")
     p.add_argument("--deadline_s", type=float, default=3600.0, help="stop what still runs after this long")
     p.add_argument("--tiny", action="store_true", help="shrunk models, for testing this script on a CPU")
+    p.add_argument("--merge", default=None, help="comma list of earlier runs' accelerator_smoke.json: write one "
+                   "table (accelerator_smoke_<device>.md/json in --out) from them instead of running")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
     p.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -282,6 +284,8 @@ def main(argv: Optional[list] = None) -> Dict[str, dict]:
     out = pathlib.Path(args.out).absolute()
     out.mkdir(parents=True, exist_ok=True)
     args.out = str(out)
+    if args.merge:
+        return merge_runs(args.merge.split(","), out)
     if args.one:  # child: one recipe
         result = smoke_one(args, args.one, pathlib.Path(args.workdir), out)
         (pathlib.Path(args.workdir) / "smoke.json").write_text(json.dumps(result, indent=1))
@@ -308,12 +312,31 @@ def fallback(timed: Optional[dict], shared: dict) -> dict:
     return {**shared, "note": "pass 1: all recipes sharing the device"}
 
 
-def finish(out: pathlib.Path, results: Dict[str, dict], device: str) -> Dict[str, dict]:
+def finish(out: pathlib.Path, results: Dict[str, dict], device: str,
+           stem: str = "accelerator_smoke") -> Dict[str, dict]:
     text = markdown(results, device)
-    (out / "accelerator_smoke.md").write_text(text)
-    (out / "accelerator_smoke.json").write_text(json.dumps({"device": device, "results": results}, indent=1))
+    (out / f"{stem}.md").write_text(text)
+    (out / f"{stem}.json").write_text(json.dumps({"device": device, "results": results}, indent=1))
     print(text, flush=True)
     return results
+
+
+def merge_runs(paths: List[str], out: pathlib.Path) -> Dict[str, dict]:
+    """One table from several runs' JSON on the same device: a later run's timed (pass-2) figures replace
+    earlier ones; figures measured with the device shared are used only where nothing better exists."""
+    runs = [json.loads(pathlib.Path(p).read_text()) for p in paths]
+    devices = {r["device"] for r in runs}
+    if len(devices) != 1:
+        raise ValueError(f"runs from different devices {sorted(devices)} cannot share one table")
+    merged: Dict[str, dict] = {}
+    for run in runs:
+        for name, x in run["results"].items():
+            if "error" in x or (name in merged and "note" not in merged[name] and "note" in x):
+                continue
+            merged[name] = x
+    device = devices.pop()
+    slug = "".join(c if c.isalnum() else "_" for c in device.lower().replace("nvidia ", ""))
+    return finish(out, {r: merged[r] for r in RECIPES if r in merged}, device, f"accelerator_smoke_{slug}")
 
 
 if __name__ == "__main__":

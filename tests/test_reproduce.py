@@ -203,3 +203,21 @@ def test_accelerator_smoke_tiny_end_to_end(tmp_path):
         assert r["full_train_h"] == pytest.approx(1_300_001 / r["steps_per_s"] / 3600)
     text = (tmp_path / "accelerator_smoke.md").read_text()
     assert "configs/ve/cifar10_ncsnpp_continuous.py" in text and "NLL 2.99 bits/dim" in text
+
+
+def test_real_reference_is_the_mean_and_spread_over_disjoint_sets(tmp_path, monkeypatch):
+    """The real-data floor of a Fashion table: one figure per disjoint block of num_samples test images."""
+    import evaluation
+
+    setting = dataclasses.replace(common.get_setting("cpu"), num_samples=3)
+    images = np.arange(10)[:, None, None, None].astype(np.uint8) * np.ones((1, 2, 2, 1), np.uint8)
+    seen = []
+    monkeypatch.setattr(evaluation, "dataset_uint8", lambda cfg, split: (images, None))
+    monkeypatch.setattr(common, "quality", lambda cfg, wd, part: seen.append(part[:, 0, 0, 0].tolist()) or
+                        {"fid": float(part.mean())})
+    real = common.real_reference(setting, tmp_path)
+    assert seen == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]  # disjoint, only as many full sets as the split holds
+    assert real["fid_subsets"] == [1.0, 4.0, 7.0] and real["fid"] == 4.0 and real["size"] == 3
+    assert real["fid_std"] == pytest.approx(3.0)
+    assert common.real_reference(setting, tmp_path) == real and len(seen) == 3  # cached
+    assert "4.00 ± 3.00 (mean ± std over 3 disjoint sets of 3" in common.real_note(real)

@@ -204,23 +204,47 @@ def quality(cfg, workdir: pathlib.Path, images: np.ndarray) -> dict:
     return {"fid": out["domain"]["fid"], "kid": out["domain"].get("kid")}
 
 
-def real_reference(setting: Setting, workdir: pathlib.Path) -> Optional[float]:
-    """The quality figure of ``setting.num_samples`` real held-out test images (the floor a sampler can reach),
-    computed once into ``<workdir>/fid/real_heldout_<setting>.json``; None for digits, whose cells carry it."""
+REAL_SUBSETS = 8  # disjoint sets of held-out real images behind the reference figure and its spread
+
+
+def real_reference(setting: Setting, workdir: pathlib.Path) -> Optional[dict]:
+    """The quality figure of real held-out test images, the floor a sampler can reach, and how much it moves
+    between sets of the cells' size: ``{"fid": mean, "fid_std": std, "fid_subsets": [...], "size": n}`` over
+    ``REAL_SUBSETS`` disjoint sets of ``setting.num_samples`` test images (std: the noise of one cell's FID that
+    comes from using only n images). Computed once into ``<workdir>/fid/real_heldout_<setting>.json``; None for
+    digits, whose cells carry their own reference."""
     if setting.base == "digits":
         return None
     path = pathlib.Path(workdir) / "fid" / f"real_heldout_{setting.name}.json"
-    if not path.exists():
+    stored = json.loads(path.read_text()) if path.exists() else {}
+    if "fid_subsets" not in stored:  # also upgrades a file written before the spread was recorded
         import evaluation
 
         cfg = model_config(setting, "vp_dsm")
         images, _ = evaluation.dataset_uint8(cfg, "test")
-        _write_json(path, quality(cfg, workdir, images[:setting.num_samples]))
-    return json.loads(path.read_text())["fid"]
+        stored = real_spread([quality(cfg, workdir, part)["fid"] for part in
+                              disjoint_subsets(images, setting.num_samples, REAL_SUBSETS)], setting.num_samples)
+        _write_json(path, stored)
+    return stored
 
 
-def real_note(real: Optional[float], what: str = "held-out real test images") -> str:
-    return "" if real is None else f"; {what} score {real:.2f}"
+def disjoint_subsets(images: np.ndarray, n: int, k: int) -> List[np.ndarray]:
+    """The first ``k`` consecutive blocks of ``n`` images (fewer when there are not enough)."""
+    return [images[i * n:(i + 1) * n] for i in range(min(k, len(images) // n))]
+
+
+def real_spread(fids: List[float], size: int) -> dict:
+    return {"fid": float(np.mean(fids)), "fid_std": float(np.std(fids, ddof=1)) if len(fids) > 1 else None,
+            "fid_subsets": [float(f) for f in fids], "size": size}
+
+
+def real_note(real: Optional[dict], what: str = "held-out real test images") -> str:
+    if real is None:
+        return ""
+    spread = "" if real.get("fid_std") is None else (
+        f" ± {real['fid_std']:.2f} (mean ± std over {len(real['fid_subsets'])} disjoint sets of {real['size']}; the "
+        f"std is a lower bound on the noise of one cell's figure, which also uses {real['size']} images)")
+    return f"; {what} score {real['fid']:.2f}{spread}"
 
 
 def _fid_config(cfg, workdir):

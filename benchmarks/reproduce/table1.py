@@ -82,7 +82,7 @@ def run(workdir: str, setting_name: str = "tiny", publish: bool = False,
     return results
 
 
-def markdown(cells: dict, rows: List[dict], setting, real_fid: Optional[float] = None) -> str:
+def markdown(cells: dict, rows: List[dict], setting, real_fid: Optional[dict] = None) -> str:
     header = ["sampler"] + [f"{s} FID / NFE / s" for s in SDES]
     body = []
     for row in rows:

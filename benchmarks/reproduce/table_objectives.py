@@ -69,7 +69,7 @@ def _bpd(c: dict) -> str:
     return common.cell_text(c, lambda c: f"{c['bpd']:.3f} ± {c['bpd_stderr'] or 0:.3f}")
 
 
-def markdown(cells: dict, setting, train: dict, real: Optional[float] = None) -> str:
+def markdown(cells: dict, setting, train: dict, real: Optional[dict] = None) -> str:
     header = ["objective", "FID", "NFE", "ODE bits/dim", "DDPM bound bits/dim", "train s"]
     rows = []
     for label, model in OBJECTIVES.items():

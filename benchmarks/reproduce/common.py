@@ -163,16 +163,18 @@ class ModelCache:
 
 
 # ---- one cell: sampling and its quality figure ---------------------------------------------------------------------
-def draw(cfg, ev, method: str, options: dict, n: int, seed: int, N: Optional[int] = None) -> dict:
-    """``n`` samples of ``method`` (SDE rebuilt with ``N`` steps when given): uint8 images, NFE, compile and
-    sampling seconds (the sampler is compiled ahead, so ``sample_s`` excludes compilation)."""
+def draw(cfg, ev, method: str, options: dict, n: int, seed: int, N: Optional[int] = None,
+         batch_index: int = 0) -> dict:
+    """``n`` samples of ``method`` (SDE rebuilt with ``N`` steps when given) from key fold_in(key(seed),
+    batch_index): uint8 images, NFE, compile and sampling seconds (the sampler is compiled ahead, so
+    ``sample_s`` excludes compilation)."""
     import datasets
     import samplers
 
     sde = ev.sde if N is None else dataclasses.replace(ev.sde, N=int(N))
     shape = (n,) + tuple(run_data_shape(cfg))
     fn, _ = samplers.build_sampler(sde, ev.model.score_fn(ev.params, sde), shape, method, mesh=None, **options)
-    key = jax.random.fold_in(jax.random.key(seed), 0)
+    key = jax.random.fold_in(jax.random.key(seed), batch_index)
     t0 = time.time()
     compiled = fn.lower(key).compile()
     t1 = time.time()

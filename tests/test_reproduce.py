@@ -135,6 +135,19 @@ def test_table1_pipeline(workdir):
     assert res["cells"][f"PC{setting.N} reverse diffusion"]["VP"]["nfe"] == 2 * setting.N
     _check_rerun_is_noop(table1, workdir, "table1_minimal")
 
+    from benchmarks.reproduce import seeds  # seed spread of the PC vs P pair, on the same models
+
+    spread = seeds.run(str(workdir), "minimal", seeds=2, sdes=["VP"])
+    p_label, pc_label = spread["rows"]
+    assert (p_label, pc_label) == (f"P{2 * setting.N} Euler-Maruyama", f"PC{setting.N} Euler-Maruyama")
+    for label in (p_label, pc_label):
+        vp = spread["cells"]["VP"][label]
+        assert vp["values"][0] == res["cells"][label]["VP"]["fid"]  # seed 0 is Table 1's cell, reproduced
+        assert vp["values"][1] != vp["values"][0] and vp["std"] == pytest.approx(np.std(vp["values"], ddof=1))
+        assert spread["cells"]["VE"][label] == {"pending": True}
+    md = (workdir / "table1_seeds_minimal" / "table1_seeds_minimal.md").read_text()
+    assert "| VP |" in md and "| VE | pending |" in md
+
 
 @pytest.mark.slow
 def test_objectives_and_likelihood_pipelines(workdir):
@@ -221,3 +234,13 @@ def test_real_reference_is_the_mean_and_spread_over_disjoint_sets(tmp_path, monk
     assert real["fid_std"] == pytest.approx(3.0)
     assert common.real_reference(setting, tmp_path) == real and len(seen) == 3  # cached
     assert "4.00 ± 3.00 (mean ± std over 3 disjoint sets of 3" in common.real_note(real)
+
+
+def test_seed_spread_difference_and_its_standard_error():
+    from benchmarks.reproduce import seeds
+
+    p, pc = seeds.summarize([1.0, 3.0]), seeds.summarize([0.0, 2.0])
+    assert p["mean"] == 2.0 and p["std"] == pytest.approx(np.sqrt(2.0))
+    d = seeds.difference(p, pc)
+    assert d["mean"] == -1.0 and d["stderr"] == pytest.approx(np.sqrt(2.0 / 2 + 2.0 / 2))
+    assert seeds.difference(seeds.summarize([1.0]), pc)["stderr"] is None  # one set: no spread to speak of

@@ -243,4 +243,7 @@ def test_seed_spread_difference_and_its_standard_error():
     assert p["mean"] == 2.0 and p["std"] == pytest.approx(np.sqrt(2.0))
     d = seeds.difference(p, pc)
     assert d["mean"] == -1.0 and d["stderr"] == pytest.approx(np.sqrt(2.0 / 2 + 2.0 / 2))
+    assert d["paired_stderr"] == 0.0  # both moved together: the difference is exactly -1 for each seed
+    d = seeds.difference(seeds.summarize([1.0, 3.0, 2.0]), seeds.summarize([0.0, 3.0, 0.0]))
+    assert d["paired_stderr"] == pytest.approx(np.std([-1.0, 0.0, -2.0], ddof=1) / np.sqrt(3))
     assert seeds.difference(seeds.summarize([1.0]), pc)["stderr"] is None  # one set: no spread to speak of

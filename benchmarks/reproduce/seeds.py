@@ -50,11 +50,17 @@ def summarize(values: List[float]) -> dict:
 
 
 def difference(p: dict, pc: dict) -> dict:
-    """PC − P: the mean difference and its standard error (independent sample sets)."""
+    """PC − P: the mean difference, its standard error as for independent sets, and (same number of sets) the
+    paired standard error of the per-seed differences. Seed s starts both samplers from the same prior draw, so
+    their figures move together and the paired error is the one that applies."""
     k_p, k_pc = len(p["values"]), len(pc["values"])
     se = None if p["std"] is None or pc["std"] is None else float(np.sqrt(p["std"] ** 2 / k_p +
                                                                           pc["std"] ** 2 / k_pc))
-    return {"mean": pc["mean"] - p["mean"], "stderr": se}
+    paired = None
+    if k_p == k_pc > 1:
+        d = np.asarray(pc["values"]) - np.asarray(p["values"])
+        paired = float(d.std(ddof=1) / np.sqrt(len(d)))
+    return {"mean": pc["mean"] - p["mean"], "stderr": se, "paired_stderr": paired}
 
 
 def run(workdir: str, setting_name: str = "cpu", seeds: int = 5, sdes: Optional[List[str]] = None,
@@ -91,15 +97,17 @@ def _cell_text(c: dict) -> str:
 
 def markdown(cells: dict, rows: List[dict], setting, seeds: int, real: Optional[dict]) -> str:
     p, pc = (r["label"] for r in rows)
-    header = ["SDE", f"{p} FID", f"{pc} FID", "PC − P (± stderr)"]
+    header = ["SDE", f"{p} FID", f"{pc} FID", "PC − P ± paired stderr"]
     body = []
     for sde, c in cells.items():
         done = "mean" in c[p] and "mean" in c[pc]
         diff = difference(c[p], c[pc]) if done else None
         body.append([sde, _cell_text(c[p]), _cell_text(c[pc]),
-                     "pending" if diff is None else f"{diff['mean']:+.2f} ± {diff['stderr'] or 0:.2f}"])
+                     "pending" if diff is None else f"{diff['mean']:+.2f} ± {diff['paired_stderr'] or 0:.2f}"])
     note = (f"\nDomain-classifier FID, mean ± std over {seeds} independent sets of {setting.num_samples} samples "
-            f"(seed 0 is Table 1's cell); equal NFE ({rows[0]['expected_nfe']}){common.real_note(real)}.\n")
+            f"(seed 0 is Table 1's cell); equal NFE ({rows[0]['expected_nfe']}). Seed s gives both samplers the "
+            f"same prior draw, so the difference uses the paired standard error of the per-seed differences"
+            f"{common.real_note(real)}.\n")
     return f"## PC against predictor-only at equal NFE (setting {setting.name})\n\n" + \
         common.markdown_table(header, body) + note
 

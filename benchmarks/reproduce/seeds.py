@@ -26,18 +26,6 @@ def pair_rows(setting, predictor: str) -> List[dict]:
     return [rows[f"P{2 * setting.N} {predictor}"], rows[f"PC{setting.N} {predictor}"]]
 
 
-def _cell(models: common.ModelCache, workdir: pathlib.Path, model: str, row: dict, n: int, seed: int):
-    def compute() -> dict:
-        cfg, ev = models.get(model)
-        opts = dict(row["options"])
-        if row["N"] is not None:
-            opts.pop("num_steps")
-        out = common.draw(cfg, ev, row["method"], opts, n, seed=cfg.seed + 11, N=row["N"], batch_index=seed)
-        return {**common.quality(cfg, workdir, out["images"]), **out, "sampler": row["label"], "seed": seed}
-
-    return compute
-
-
 def cached(store: common.CellStore, key: str) -> dict:
     """A cell another process computes (an SDE left out by --sdes): its result when written, else pending."""
     path = store.path(key)
@@ -76,7 +64,7 @@ def run(workdir: str, setting_name: str = "cpu", seeds: int = 5, sdes: Optional[
     for sde in table1.SDES:
         for row in rows:
             keys = [f"{table1.SDES[sde]}__{row['label'].replace(' ', '_')}__seed{s}" for s in range(seeds)]
-            results = [store.run(k, _cell(models, workdir, table1.SDES[sde], row, setting.num_samples, s))
+            results = [store.run(k, table1._cell(models, workdir, table1.SDES[sde], row, setting.num_samples, s))
                        if sde in sdes else cached(store, k) for s, k in enumerate(keys)]
             fids = [r["fid"] for r in results if "fid" in r]
             cells.setdefault(sde, {})[row["label"]] = summarize(fids) if fids else {"pending": True}

@@ -45,13 +45,14 @@ def sampler_grid(N: int, low: int) -> List[dict]:
     return rows
 
 
-def _cell(models: common.ModelCache, workdir: pathlib.Path, model: str, row: dict, n: int):
+def _cell(models: common.ModelCache, workdir: pathlib.Path, model: str, row: dict, n: int, batch_index: int = 0):
+    """The cell's computation: ``n`` samples of ``row``'s sampler (sample set ``batch_index``) and their quality."""
     def compute() -> dict:
         cfg, ev = models.get(model)
         opts = dict(row["options"])
         if row["N"] is not None:  # chain predictors follow the SDE's own N-step chain
             opts.pop("num_steps")
-        out = common.draw(cfg, ev, row["method"], opts, n, seed=cfg.seed + 11, N=row["N"])
+        out = common.draw(cfg, ev, row["method"], opts, n, seed=cfg.seed + 11, N=row["N"], batch_index=batch_index)
         q = common.quality(cfg, workdir, out["images"])
         return {**q, **out, "sampler": row["label"], "model": model, "num_samples": n}
 

@@ -53,6 +53,19 @@ def _json_default(o):
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+def load_config_file(path) -> "ml_collections.ConfigDict":
+    """``get_config()`` of a config file (what ``--config=path`` gives main.py, before flag overrides)."""
+    import importlib.util
+
+    file = pathlib.Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"config file {file} does not exist")
+    spec = importlib.util.spec_from_file_location(file.stem, file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
 def write_config(workdir: pathlib.Path, config):
     """Save the resolved config next to the checkpoints (``config.json``)."""
     atomic_write_json(pathlib.Path(workdir) / "config.json", config.to_dict())

@@ -9,7 +9,6 @@ Trains on every image of the config's training split (uint8 as stored), reports 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import pathlib
 import sys
 import time
@@ -19,17 +18,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import evaluation  # noqa: E402
-
-
-def load_config(path: str):
-    """``get_config()`` of a config file."""
-    file = pathlib.Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"config file {file} does not exist")
-    spec = importlib.util.spec_from_file_location(file.stem, file)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+import utils  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -38,7 +27,7 @@ def main(argv=None) -> None:
     parser.add_argument("--cache_dir", required=True)
     parser.add_argument("--steps", type=int, default=evaluation.DOMAIN_STEPS)
     args = parser.parse_args(argv)
-    config = load_config(args.config)
+    config = utils.load_config_file(args.config)
     path = evaluation.domain_classifier_path(config, args.cache_dir)
     if path.exists():
         path.unlink()

@@ -17,10 +17,10 @@ second pass reruns each alone, cache hot: the second pass is the one reported.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import time
@@ -68,11 +68,9 @@ def main_py(recipe: str, workdir: pathlib.Path, mode: str, fields: dict) -> List
 
 def load_config(recipe: str, fields: dict):
     """The recipe's config with ``fields`` set (what main.py builds from the same command line)."""
-    path = ROOT / RECIPES[recipe][0]
-    spec = importlib.util.spec_from_file_location(f"recipe_{recipe}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    import utils
+
+    config = utils.load_config_file(ROOT / RECIPES[recipe][0])
     for key, value in fields.items():
         *parents, leaf = key.split(".")
         node = config
@@ -148,18 +146,16 @@ def smoke_one(args, recipe: str, workdir: pathlib.Path, out: pathlib.Path) -> di
     fields = overrides(args, recipe)
     result = {"recipe": recipe, "config": RECIPES[recipe][0], "published": RECIPES[recipe][1]}
     wall = run_logged(main_py(recipe, workdir, "train", fields), workdir / "train.log")
-    batch = TINY["training.batch_size"] if args.tiny else load_config(recipe, {}).training.batch_size
-    result.update(train_figures(workdir, args.steps, batch, wall))
+    result.update(train_figures(workdir, args.steps, load_config(recipe, fields).training.batch_size, wall))
     result.update(sample_figures(recipe, fields, workdir, out))
     if RECIPES[recipe][2]:
         result.update(likelihood_figures(recipe, fields, workdir))
-    result.update(projection(recipe, result))
+    result.update(projection(load_config(recipe, {}).training.n_iters, result))
     return result
 
 
-def projection(recipe: str, r: dict) -> dict:
-    """Hours the full recipe would take at the measured rates: its n_iters steps; 50k samples at N = 1000."""
-    n_iters = load_config(recipe, {}).training.n_iters
+def projection(n_iters: int, r: dict) -> dict:
+    """Hours the full recipe (``n_iters`` steps) would take at the measured rates; 50k samples at N = 1000."""
     batches = -(-FULL_SAMPLES // r["sample_batch"])
     return {"full_train_h": n_iters / r["steps_per_s"] / 3600,
             "full_sampling_h": r["s_per_noise_level"] * FULL_N * batches / 3600}
@@ -271,12 +267,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def device_name() -> str:
     out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                         text=True) if _has("nvidia-smi") else None
+                         text=True) if shutil.which("nvidia-smi") else None
     return out.stdout.strip().splitlines()[0] if out and out.returncode == 0 and out.stdout.strip() else "CPU"
-
-
-def _has(program: str) -> bool:
-    return any(os.access(os.path.join(d, program), os.X_OK) for d in os.environ.get("PATH", "").split(os.pathsep))
 
 
 def main(argv: Optional[list] = None) -> Dict[str, dict]:

@@ -40,12 +40,13 @@ import glob
 import gzip
 import math
 import os
-import pickle
 import queue
 import threading
 from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import numpy as np
+
+import safe_pickle
 
 Batch = Dict[str, np.ndarray]
 Arrays = Tuple[np.ndarray, np.ndarray]
@@ -344,18 +345,21 @@ def load_idx(config, split: str) -> Arrays:
 # CIFAR-10 python pickles ---------------------------------------------------------------------------------------
 
 CIFAR_FILES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
+CIFAR_MAX_BATCH_BYTES = 64 << 20  # a real batch is ~30 MiB (10000 x 3072 bytes + labels)
 
 
 def read_cifar_batch(path: str) -> Arrays:
     """One CIFAR-10 python pickle: {b"data": (N, 3072) uint8 rows R..G..B.., b"labels": N ints} -> NHWC, labels.
 
-    Only open pickles you trust: unpickling can run code.
+    Read with ``safe_pickle``: only dicts, lists, bytes, str, numbers and numeric numpy arrays are rebuilt (no
+    other global is imported or called) and files over ``CIFAR_MAX_BATCH_BYTES`` are refused unread.
     """
     try:
-        with open(path, "rb") as f:
-            batch = pickle.load(f, encoding="bytes")
+        batch = safe_pickle.load_file(path, CIFAR_MAX_BATCH_BYTES, encoding="bytes")
         data, labels = np.asarray(batch[b"data"]), np.asarray(batch[b"labels"], np.int32)
-    except (OSError, EOFError, pickle.UnpicklingError, KeyError, TypeError, ValueError) as exc:
+    except safe_pickle.UnsafeFileError as exc:
+        raise ValueError(f"CIFAR-10 pickle {exc}") from exc
+    except (OSError, KeyError, TypeError, ValueError, IndexError) as exc:
         raise ValueError(f"corrupt CIFAR-10 pickle {path}: {type(exc).__name__}: {exc}") from exc
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or data.dtype != np.uint8:
         raise ValueError(f"{path}: CIFAR-10 rows must be uint8 of length 3072 (3x32x32), got {data.dtype} "

@@ -328,12 +328,68 @@ def test_cifar10_corrupt_and_wrong_size(tmp_path):
     write_cifar(tmp_path, np.random.default_rng(0))
     config = make_config(source="cifar10_pickle", data_dir=str(tmp_path), image_size=32, num_channels=3)
     (tmp_path / "test_batch").write_bytes(b"not a pickle")
-    with pytest.raises(ValueError, match="corrupt CIFAR-10 pickle .*test_batch"):
+    with pytest.raises(ValueError, match="CIFAR-10 pickle .*test_batch: corrupt pickle"):
         datasets.load_cifar10_pickle(config, "test")
     with open(tmp_path / "test_batch", "wb") as f:
         pickle.dump({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}, f)
     with pytest.raises(ValueError, match="test_batch.*3072"):
         datasets.load_cifar10_pickle(config, "test")
+
+
+def test_cifar10_pickle_that_calls_os_system_runs_nothing(tmp_path):
+    """A batch whose pickle calls ``os.system("touch <flag>")`` is refused naming the file and the global; the
+    command never runs (plain ``pickle.load`` would create the flag file)."""
+    write_cifar(tmp_path, np.random.default_rng(0))
+    config = make_config(source="cifar10_pickle", data_dir=str(tmp_path), image_size=32, num_channels=3)
+    flag = tmp_path / "pwned"
+    evil = (b"\x80\x02}(C\x04data" + b"cos\nsystem\n(X" + len(f"touch {flag}").to_bytes(4, "little")
+            + f"touch {flag}".encode() + b"tR" + b"C\x06labels]u.")
+    (tmp_path / "test_batch").write_bytes(evil)
+    with pytest.raises(ValueError) as info:
+        datasets.load_cifar10_pickle(config, "test")
+    message = str(info.value)
+    assert not flag.exists()
+    assert len(message.splitlines()) == 1 and str(tmp_path / "test_batch") in message and "os.system" in message
+
+
+@pytest.mark.parametrize("case,message", [
+    ("object_array", "dtype 'object' refused"),
+    ("oversized", "MiB is more than the 64 MiB"),
+    ("memo_bomb", "memo index"),
+    ("huge_bytes_claim", "corrupt pickle"),
+    ("nested", "nested more than"),
+])
+def test_cifar10_crafted_pickles_are_refused_before_allocating(tmp_path, case, message):
+    import pickle
+    write_cifar(tmp_path, np.random.default_rng(0))
+    config = make_config(source="cifar10_pickle", data_dir=str(tmp_path), image_size=32, num_channels=3)
+    path = tmp_path / "test_batch"
+    if case == "object_array":
+        path.write_bytes(pickle.dumps({b"data": np.array([None] * 3072, object)[None], b"labels": [0]}, protocol=2))
+    elif case == "oversized":  # sparse: 65 MiB on disk claimed, a few bytes written
+        with open(path, "wb") as f:
+            f.truncate(65 << 20)
+    elif case == "memo_bomb":  # LONG_BINPUT 2**31: the C unpickler would zero-fill a 16 GiB memo
+        path.write_bytes(b"\x80\x02}r" + (1 << 31).to_bytes(4, "little") + b".")
+    elif case == "huge_bytes_claim":  # BINBYTES8 claiming 2**40 bytes
+        path.write_bytes(b"\x80\x04\x8e" + (1 << 40).to_bytes(8, "little") + b"abc.")
+    elif case == "nested":
+        path.write_bytes(b"\x80\x02" + b"]" * 500 + b"a" * 499 + b".")
+    with pytest.raises(ValueError, match=message) as info:
+        datasets.load_cifar10_pickle(config, "test")
+    assert len(str(info.value).splitlines()) == 1 and str(path) in str(info.value)
+
+
+def test_cifar10_pickles_of_every_protocol_load(tmp_path):
+    """The restricted reader rebuilds the arrays numpy writes with protocols 2 to 5 (and Python 2's batches)."""
+    import pickle
+    rows = np.random.default_rng(1).integers(0, 256, (3, 3072), dtype=np.uint8)
+    for protocol in (2, 3, 4, 5):
+        path = tmp_path / f"batch{protocol}"
+        path.write_bytes(pickle.dumps({b"data": rows, b"labels": [1, 2, 3], b"batch_label": b"x"}, protocol=protocol))
+        images, labels = datasets.read_cifar_batch(str(path))
+        np.testing.assert_array_equal(images, rows.reshape(3, 3, 32, 32).transpose(0, 2, 3, 1))
+        np.testing.assert_array_equal(labels, [1, 2, 3])
 
 
 # ---------------------------------------------------------------------------- image folders

@@ -28,7 +28,7 @@ from typing import Any, Callable, Dict, Iterable, Optional
 import numpy as np
 
 __all__ = ["UnsafeFileError", "check_stream", "RestrictedUnpickler", "numpy_global", "loads", "load_file",
-           "check_nesting", "plain", "check_zip", "load_npz", "MAX_DEPTH", "MAX_MEMBER_BYTES",
+           "check_nesting", "plain", "plain_dtype", "check_zip", "load_npz", "MAX_DEPTH", "MAX_MEMBER_BYTES",
            "MAX_COMPRESSION_RATIO"]
 
 MAX_DEPTH = 100                    # container nesting; real checkpoints and CIFAR batches nest < 10 deep
@@ -76,13 +76,13 @@ def check_stream(data: bytes, what: str, allow_persistent: bool = False) -> None
     except UnsafeFileError:
         raise
     except Exception as e:  # truncated counted strings, unknown opcodes, missing STOP, bad decimal arguments ...
-        raise UnsafeFileError(f"{what}: corrupt pickle ({type(e).__name__}: {str(e)[:200]})") from e
+        raise UnsafeFileError(f"{what}: corrupt pickle, cannot unpickle it ({type(e).__name__}: {str(e)[:200]})") from e
 
 
 # ---- allow-listed numpy globals ------------------------------------------------------------------------------------
 
 
-def _plain_dtype(dtype: Any, what: str = "array") -> np.dtype:
+def plain_dtype(dtype: Any, what: str = "array") -> np.dtype:
     """A fresh copy of a numeric/string dtype (dropping any flags a pickled ``__setstate__`` may have set)."""
     if not isinstance(dtype, np.dtype) or dtype.kind not in PLAIN_DTYPE_KINDS or dtype.fields is not None \
             or dtype.subdtype is not None:
@@ -95,7 +95,7 @@ def _dtype(spec, align=False, copy=False) -> np.dtype:
     (on numpy's shared dtype singletons that would change float32 for the whole process)."""
     if not isinstance(spec, str):
         raise UnsafeFileError(f"numpy.dtype({str(spec)[:40]!r}) refused: only dtypes named by a string are read")
-    _plain_dtype(np.dtype(spec), "numpy.dtype")
+    plain_dtype(np.dtype(spec), "numpy.dtype")
     return np.dtype(spec, False, True)
 
 
@@ -113,7 +113,7 @@ class CheckedArray(np.ndarray):
             raise UnsafeFileError(f"numpy array state {str(state)[:80]} refused: not (version, shape, dtype, "
                                   f"fortran, bytes)")
         version, shape, dtype, fortran, raw = state
-        dtype = _plain_dtype(dtype)
+        dtype = plain_dtype(dtype)
         if not isinstance(raw, bytes) or _shape_numel(shape) * dtype.itemsize != len(raw):
             raise UnsafeFileError(f"numpy array of shape {shape} and dtype {dtype} refused: its data is "
                                   f"{len(raw) if isinstance(raw, bytes) else type(raw).__name__} bytes, not "
@@ -128,7 +128,7 @@ def _reconstruct(cls, shape, dtype_code):
 
 
 def _scalar(dtype, raw=None):
-    dtype = _plain_dtype(dtype, "numpy scalar")
+    dtype = plain_dtype(dtype, "numpy scalar")
     if not isinstance(raw, bytes) or len(raw) != dtype.itemsize:
         raise UnsafeFileError(f"numpy scalar of dtype {dtype} refused: its data is not {dtype.itemsize} bytes")
     return np.frombuffer(raw, dtype)[0]
@@ -136,7 +136,7 @@ def _scalar(dtype, raw=None):
 
 def _frombuffer(buf, dtype, shape, order="C"):
     """``numpy.core.numeric._frombuffer``, which protocol-5 pickles of arrays call with in-band bytes."""
-    dtype = _plain_dtype(dtype)
+    dtype = plain_dtype(dtype)
     if not isinstance(buf, (bytes, bytearray)) or _shape_numel(shape) * dtype.itemsize != len(buf):
         raise UnsafeFileError(f"numpy array of shape {str(shape)[:80]} and dtype {dtype} refused: its data does "
                               f"not have {dtype.itemsize} bytes per element")
@@ -257,7 +257,7 @@ def loads(data: bytes, what: str, encoding: str = "ASCII") -> Any:
     except UnsafeFileError as e:
         raise e if str(e).startswith(what) else UnsafeFileError(f"{what}: {e}") from e
     except Exception as e:  # malformed streams raise many types
-        raise UnsafeFileError(f"{what}: corrupt pickle ({type(e).__name__}: {str(e)[:200]})") from e
+        raise UnsafeFileError(f"{what}: corrupt pickle, cannot unpickle it ({type(e).__name__}: {str(e)[:200]})") from e
     check_nesting(obj, what)
     return plain(obj)
 
@@ -307,7 +307,7 @@ def _npz_member(zf: zipfile.ZipFile, name: str, path: str) -> np.ndarray:
         if version not in readers:
             raise UnsafeFileError(f"{path}: array {name!r} has unsupported .npy version {version}")
         shape, fortran, dtype = readers[version](f)
-        dtype = _plain_dtype(dtype, f"{path}: array {name[:-4]!r}")
+        dtype = plain_dtype(dtype, f"{path}: array {name[:-4]!r}")
         nbytes = _shape_numel(tuple(shape)) * dtype.itemsize
         left = zf.getinfo(name).file_size - f.tell()
         if nbytes != left:

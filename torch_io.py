@@ -11,19 +11,25 @@ live in ``constants/<key>``); its modules unpickle here as ``ScriptObject`` reco
 
 Public functions: ``load(path)`` (the unpickled object, tensors as np.ndarray), ``load_torchscript(path)`` (the
 module tree) and ``torchscript_state_dict(path)`` (flat ``{"a.b.weight": array}`` of a TorchScript module).
-Nothing from the file is executed: unknown classes become inert ``PickledObject`` records.
+Nothing from the file is executed: unknown classes become inert ``PickledObject`` records. Memory is bounded by
+the file: zip members' declared sizes and the pickle's opcodes are checked before anything is decompressed or
+unpickled (``safe_pickle``), and tensors are rebuilt only after the bytes each produces (size x itemsize, whatever
+its strides) is checked against its storage and a budget of ``VIEW_BUDGET_FACTOR`` x the storage bytes read.
 """
 from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 import os
 import pickle
 import zipfile
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import ml_dtypes
 import numpy as np
+
+import safe_pickle
 
 __all__ = ["TorchLoadError", "load", "load_torchscript", "torchscript_state_dict", "PickledObject",
            "ScriptObject", "STORAGE_DTYPES"]
@@ -44,6 +50,11 @@ TORCH_DTYPES: Dict[str, np.dtype] = {
     "int16": np.dtype("<i2"), "short": np.dtype("<i2"), "int8": np.dtype("i1"), "uint8": np.dtype("u1"),
     "bool": np.dtype("?"), "complex64": np.dtype("<c8"), "complex128": np.dtype("<c16"),
 }
+
+
+VIEW_BUDGET_FACTOR = 4        # a tensor (and all of them together) may produce 4x the storage bytes they view ...
+VIEW_BUDGET_SLACK = 1 << 20   # ... plus 1 MiB (broadcast scalars, tiny tensors)
+MAX_STEP_INT = (1 << 63) - 1  # sizes/strides/offsets are int64 in torch
 
 
 class TorchLoadError(ValueError):
@@ -83,6 +94,24 @@ class _Storage:
     numel: int
 
 
+@dataclasses.dataclass(eq=False)
+class _StorageArray:
+    """A loaded storage: archive member ``name`` as a read-only 1-D array."""
+
+    name: str
+    array: np.ndarray
+
+
+@dataclasses.dataclass(eq=False)
+class _LazyTensor:
+    """``_rebuild_tensor_v2``'s arguments, rebuilt into an array only after the checks of ``_strided_view``."""
+
+    storage: Any
+    offset: Any
+    size: Any
+    stride: Any
+
+
 def _class_stub(module: str, name: str):
     """A callable standing in for an unknown class; calling it or ``cls.__new__`` yields a ``PickledObject``."""
 
@@ -113,17 +142,43 @@ class _StorageType:
 # ---- tensor rebuilding ------------------------------------------------------------------------------------------
 
 
-def _strided_view(storage: np.ndarray, offset: int, size: Tuple[int, ...], stride: Tuple[int, ...]) -> np.ndarray:
-    """Tensor[i] = storage[offset + Σ_j i_j stride_j], copied into a C-contiguous array of shape ``size``."""
-    size, stride = tuple(int(s) for s in size), tuple(int(s) for s in stride)
+def _ints(value, what: str, name: str) -> Tuple[int, ...]:
+    if not isinstance(value, tuple) or len(value) > 64 or not all(type(v) is int for v in value):
+        shown = str(value) if len(str(value)) <= 80 else f"{str(value)[:80]}..."
+        raise TorchLoadError(f"tensor {name}: {what} {shown} is not a tuple of at most 64 ints")
+    if any(not 0 <= v <= MAX_STEP_INT for v in value):
+        raise TorchLoadError(f"tensor {name}: {what} {value} has an entry outside [0, 2**63)")
+    return value
+
+
+def _view_nbytes(t: _LazyTensor, name: str) -> Tuple[np.ndarray, int]:
+    """Check a tensor's arguments against its storage; return the storage array and the bytes the view makes."""
+    if not isinstance(t.storage, _StorageArray):
+        raise TorchLoadError(f"tensor {name}: its storage is a {type(t.storage).__name__}, not a storage record")
+    storage = t.storage.array
+    size, stride = _ints(t.size, "size", name), _ints(t.stride, "stride", name)
+    (offset,) = _ints((t.offset,), "storage offset", name)
     if len(size) != len(stride):
-        raise TorchLoadError(f"tensor size {size} and stride {stride} have different lengths")
+        raise TorchLoadError(f"tensor {name}: size {size} and stride {stride} have different lengths")
+    numel = math.prod(size)
+    last = offset + sum((n - 1) * s for n, s in zip(size, stride))
+    if numel and last >= storage.size:
+        raise TorchLoadError(f"tensor {name} of size {size}, stride {stride}, offset {offset} reads past its "
+                             f"storage {t.storage.name!r} of {storage.size} elements")
+    nbytes = numel * storage.dtype.itemsize
+    limit = VIEW_BUDGET_FACTOR * storage.nbytes + VIEW_BUDGET_SLACK
+    if nbytes > limit:
+        raise TorchLoadError(f"tensor {name} of size {size}, stride {stride} would produce {nbytes} bytes from "
+                             f"its {storage.nbytes}-byte storage {t.storage.name!r} (limit {limit}); crafted "
+                             f"strides?")
+    return storage, nbytes
+
+
+def _strided_view(storage: np.ndarray, offset: int, size: Tuple[int, ...], stride: Tuple[int, ...]) -> np.ndarray:
+    """Tensor[i] = storage[offset + Σ_j i_j stride_j], copied into a C-contiguous array of shape ``size``
+    (arguments already checked by ``_view_nbytes``)."""
     if 0 in size:
         return np.zeros(size, storage.dtype)
-    last = offset + sum((n - 1) * s for n, s in zip(size, stride))
-    if offset < 0 or min(stride, default=0) < 0 or last >= storage.size:
-        raise TorchLoadError(f"tensor of size {size}, stride {stride}, offset {offset} reads past its storage "
-                             f"of {storage.size} elements")
     item = storage.dtype.itemsize
     view = np.lib.stride_tricks.as_strided(storage[offset:], size, tuple(s * item for s in stride), writeable=False)
     return np.array(view, copy=True, order="C")
@@ -131,11 +186,11 @@ def _strided_view(storage: np.ndarray, offset: int, size: Tuple[int, ...], strid
 
 def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
                        metadata=None):
-    return _strided_view(storage, storage_offset, size, stride)
+    return _LazyTensor(storage, storage_offset, size, stride)
 
 
 def _rebuild_tensor(storage, storage_offset, size, stride):
-    return _strided_view(storage, storage_offset, size, stride)
+    return _LazyTensor(storage, storage_offset, size, stride)
 
 
 def _rebuild_parameter(data, requires_grad=True, backward_hooks=None, state=None):
@@ -147,6 +202,11 @@ def _rebuild_from_type_v2(func, new_type, args, state):
 
 
 def _rebuild_device_tensor_from_numpy(data, dtype, device, requires_grad):
+    if not isinstance(data, np.ndarray):
+        raise TorchLoadError(f"_rebuild_device_tensor_from_numpy of a {type(data).__name__}, not an array")
+    dtype = safe_pickle.plain_dtype(np.dtype(dtype) if isinstance(dtype, str) else dtype, "tensor from numpy")
+    if data.size * dtype.itemsize > VIEW_BUDGET_FACTOR * data.nbytes + VIEW_BUDGET_SLACK:
+        raise TorchLoadError(f"tensor from numpy: {data.dtype} -> {dtype} of {data.size} elements is too large")
     return np.asarray(data, dtype=dtype)
 
 
@@ -185,15 +245,7 @@ def _safe_global(module: str, name: str):
         return _StorageType(name)
     if module == "torch" and name in TORCH_DTYPES:
         return TORCH_DTYPES[name]
-    if module == "_codecs" and name == "encode":  # protocol-2 pickles of bytes
-        import codecs
-        return codecs.encode
-    if module in ("numpy.core.multiarray", "numpy._core.multiarray") and name in ("_reconstruct", "scalar"):
-        core = getattr(np, "_core", None) or np.core  # numpy 2 moved numpy.core to numpy._core
-        return getattr(core.multiarray, name)
-    if module == "numpy" and name in ("dtype", "ndarray"):
-        return getattr(np, name)
-    return None
+    return safe_pickle.numpy_global(module, name)  # numpy arrays (checked before allocating) and bytes
 
 
 # ---- the archive and the unpickler ------------------------------------------------------------------------------
@@ -207,12 +259,15 @@ class _Archive:
         if not os.path.isfile(self.path):
             raise TorchLoadError(f"{self.path}: no such file")
         if not zipfile.is_zipfile(self.path):
-            raise TorchLoadError(f"{self.path}: not a torch zip archive ({_describe_non_zip(self.path)})")
+            raise TorchLoadError(f"{self.path}: {_describe_non_zip(self.path)}")
         try:
             self.zip = zipfile.ZipFile(self.path)
             names = self.zip.namelist()
+            safe_pickle.check_zip(self.zip, self.path)
         except (zipfile.BadZipFile, OSError) as e:
             raise TorchLoadError(f"{self.path}: corrupt zip archive ({e})") from e
+        except safe_pickle.UnsafeFileError as e:
+            raise TorchLoadError(str(e)) from e
         roots = sorted((n[: -len("data.pkl")] for n in names if n.endswith("data.pkl") and n.count("/") == 1),
                        key=len)
         if not roots:
@@ -224,49 +279,110 @@ class _Archive:
         byteorder = self.read(f"{self.root}byteorder", missing_ok=True)
         if byteorder not in (None, b"little"):
             raise TorchLoadError(f"{self.path}: byteorder {byteorder!r} is not supported (only little-endian)")
-        self._cache: Dict[str, np.ndarray] = {}
+        self._cache: Dict[str, _StorageArray] = {}
+        self.budget = VIEW_BUDGET_SLACK  # bytes all tensors together may produce: grows with each storage read
 
-    def read(self, name: str, missing_ok: bool = False):
+    def read(self, name: str, missing_ok: bool = False, size: Optional[int] = None):
+        """Member ``name`` (its first ``size`` bytes when given: a storage's data, not what the member claims)."""
         if name not in self.names:
             if missing_ok:
                 return None
             raise TorchLoadError(f"{self.path}: archive member {name!r} is missing")
         try:
-            return self.zip.read(name)
+            with self.zip.open(name) as f:
+                return f.read() if size is None or size >= self.zip.getinfo(name).file_size else f.read(size)
         except (zipfile.BadZipFile, OSError, EOFError) as e:  # e.g. CRC errors of corrupt members
             raise TorchLoadError(f"{self.path}: corrupt archive member {name!r} ({e})") from e
 
-    def storage(self, folder: str, ref: _Storage) -> np.ndarray:
+    def storage(self, folder: str, ref: _Storage) -> _StorageArray:
         """The storage ``<root>/<folder>/<key>`` as a read-only 1-D array of ``ref.numel`` elements."""
         name = f"{self.root}{folder}/{ref.key}"
         if name not in self._cache:
-            raw = self.read(name)
+            if ref.numel < 0:
+                raise TorchLoadError(f"{self.path}: storage {name!r} has a negative size {ref.numel}")
             need = ref.numel * ref.dtype.itemsize
+            raw = self.read(name, size=need)
             if len(raw) < need:
                 raise TorchLoadError(f"{self.path}: storage {name!r} has {len(raw)} bytes, expected {need} "
                                      f"({ref.numel} x {ref.dtype}); truncated file?")
-            self._cache[name] = np.frombuffer(raw, ref.dtype, count=ref.numel)
+            self._cache[name] = _StorageArray(name, np.frombuffer(raw, ref.dtype, count=ref.numel))
+            self.budget += VIEW_BUDGET_FACTOR * need
         return self._cache[name]
 
     def unpickle(self, member: str, storage_folder: str) -> Any:
+        """Unpickle ``member`` (opcodes checked first), then check nesting and rebuild its tensors."""
         data = self.read(f"{self.root}{member}")
         try:
-            return _Unpickler(data, self, storage_folder).load()
-        except TorchLoadError as e:
+            safe_pickle.check_stream(data, member, allow_persistent=True)
+            obj = _Unpickler(data, self, storage_folder).load()
+            safe_pickle.check_nesting(obj, member, children=_children)
+            return _materialize(obj, "", self, {})
+        except (TorchLoadError, safe_pickle.UnsafeFileError) as e:
             if self.path in str(e):
                 raise
-            raise TorchLoadError(f"{self.path}: {member}: {e}") from e
+            raise TorchLoadError(f"{self.path}: {e if str(e).startswith(member) else f'{member}: {e}'}") from e
         except Exception as e:  # malformed pickle streams raise many types
-            raise TorchLoadError(f"{self.path}: cannot unpickle {member} ({type(e).__name__}: {e})") from e
+            raise TorchLoadError(f"{self.path}: cannot unpickle {member} ({type(e).__name__}: "
+                                 f"{str(e)[:200]})") from e
+
+
+def _children(obj) -> list:
+    """Sub-objects of containers and inert records (what ``_materialize`` descends into)."""
+    if isinstance(obj, dict):
+        return [*obj.keys(), *obj.values()]
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return list(obj)
+    if isinstance(obj, PickledObject):
+        return [obj.args, obj.state]
+    if isinstance(obj, ScriptObject):
+        return [obj.state]
+    return []
+
+
+def _materialize(obj: Any, name: str, archive: _Archive, done: Dict[int, np.ndarray]) -> Any:
+    """``obj`` with each ``_LazyTensor`` replaced by its array, after checking the bytes it produces against its
+    storage and the archive's remaining budget (``name``: the path of ``obj``, e.g. ``['model']['conv.weight']``)."""
+    if isinstance(obj, _LazyTensor):
+        if id(obj) not in done:
+            storage, nbytes = _view_nbytes(obj, name or "<top level>")
+            if nbytes > archive.budget:
+                raise TorchLoadError(f"tensor {name} would take the tensors' total past {VIEW_BUDGET_FACTOR} x "
+                                     f"the storage bytes in the file; crafted views of shared storages?")
+            archive.budget -= nbytes
+            done[id(obj)] = _strided_view(storage, obj.offset, obj.size, obj.stride)
+        return done[id(obj)]
+    if isinstance(obj, safe_pickle.CheckedArray):
+        return obj.view(np.ndarray)
+    if isinstance(obj, dict):
+        for k in list(obj):
+            if isinstance(k, _LazyTensor):
+                raise TorchLoadError(f"{name or 'a dict'} uses a tensor as a key")
+            obj[k] = _materialize(obj[k], f"{name}[{k!r}]", archive, done)
+    elif isinstance(obj, list):
+        obj[:] = [_materialize(v, f"{name}[{i}]", archive, done) for i, v in enumerate(obj)]
+    elif isinstance(obj, tuple):
+        return tuple(_materialize(v, f"{name}[{i}]", archive, done) for i, v in enumerate(obj))
+    elif isinstance(obj, (set, frozenset)) and any(isinstance(v, _LazyTensor) for v in obj):
+        raise TorchLoadError(f"{name or 'a set'} holds tensors")
+    elif isinstance(obj, PickledObject):
+        obj.args = _materialize(obj.args, f"{name}.args", archive, done)
+        obj.state = _materialize(obj.state, f"{name}.state", archive, done)
+    elif isinstance(obj, ScriptObject):
+        obj.state = _materialize(obj.state, f"{name}.{obj.qualified_name}" if not name else name, archive, done)
+    return obj
 
 
 def _describe_non_zip(path: str) -> str:
     with open(path, "rb") as f:
         head = f.read(16)
     if head[:1] == b"\x80":
-        return "looks like the legacy pre-1.6 torch.save format; re-save it with torch>=1.6 " \
-               "(torch.save(torch.load(f), f2)) to read it without torch"
-    return f"first bytes {head[:8]!r}"
+        return "not a torch zip archive (looks like the legacy pre-1.6 torch.save format; re-save it with " \
+               "torch>=1.6 (torch.save(torch.load(f), f2)) to read it without torch)"
+    if head[:4] == b"PK\x03\x04":
+        return "truncated or corrupt zip archive (it starts like one but has no end-of-central-directory record)"
+    if not head:
+        return "empty file, not a torch zip archive"
+    return f"not a torch zip archive (first bytes {head[:8]!r})"
 
 
 class _Unpickler(pickle.Unpickler):
@@ -289,8 +405,10 @@ class _Unpickler(pickle.Unpickler):
         if not (isinstance(pid, tuple) and pid and pid[0] == "storage" and len(pid) >= 5):
             raise TorchLoadError(f"{self.archive.path}: unsupported persistent id {pid!r}")
         _, storage_type, key, _location, numel = pid[:5]
+        if type(numel) is not int or not isinstance(key, (str, int)):
+            raise TorchLoadError(f"storage {str(key)[:40]!r}: malformed persistent id (numel {str(numel)[:40]})")
         if isinstance(storage_type, np.dtype):  # newer pickles may pass a dtype directly
-            dtype = storage_type
+            dtype = safe_pickle.plain_dtype(storage_type, "storage")
         elif isinstance(storage_type, _StorageType) and storage_type.name in STORAGE_DTYPES:
             dtype = STORAGE_DTYPES[storage_type.name]
         else:

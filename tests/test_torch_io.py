@@ -194,6 +194,148 @@ def test_corrupt_member_crc(tmp_path):
     assert str(path) in str(info.value)
 
 
+# ---- crafted files: bounded memory, one-line errors ---------------------------------------------------------------
+
+
+def _peak_bytes(fn) -> int:
+    """Peak traced allocation (numpy arrays included) while ``fn`` runs; exceptions are swallowed."""
+    import tracemalloc
+    tracemalloc.start()
+    try:
+        fn()
+    except Exception:
+        pass
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return peak
+
+
+@pytest.mark.parametrize("size,stride", [((1 << 26,), (0,)), ((1 << 13, 1 << 13), (0, 0)), ((1 << 26,), (1 << 40,))])
+def test_stride_zero_view_is_refused_before_allocating(tmp_path, size, stride):
+    """A 4-byte storage viewed as 2**26 floats (stride 0) would allocate 256 MiB from a ~500-byte file."""
+    path = _write_archive(tmp_path / "s0.pth", {"w": _tensor("FloatStorage", "0", 1, 0, size, stride)},
+                          {"0": b"\0" * 4})
+    with pytest.raises(torch_io.TorchLoadError, match=r"tensor \['w'\]") as info:
+        torch_io.load(path)
+    assert str(path) in str(info.value) and len(str(info.value).splitlines()) == 1
+    assert _peak_bytes(lambda: torch_io.load(path)) < 4 << 20
+
+
+def test_many_views_of_one_storage_stay_within_the_budget(tmp_path):
+    """1000 full views of one 256 KiB storage (a 4 KB deflated file) would make 256 MiB: refused at the view that
+    crosses 4x the storage bytes + 1 MiB, naming it."""
+    entries = {f"w{i}": _tensor("FloatStorage", "0", 1 << 16, 0, (1 << 16,), (1,)) for i in range(1000)}
+    path = tmp_path / "views.pth"
+    pkl = b"\x80\x02}(" + b"".join(_frag(k) + v for k, v in entries.items()) + b"u."
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("archive/data.pkl", pkl)
+        z.writestr("archive/data/0", b"\0" * (4 << 16))
+    assert path.stat().st_size < 8192
+    with pytest.raises(torch_io.TorchLoadError, match=r"tensor \['w\d+'\] would take the tensors' total"):
+        torch_io.load(path)
+    assert _peak_bytes(lambda: torch_io.load(path)) < 8 << 20
+
+
+def test_compression_bomb_is_refused_before_decompressing(tmp_path):
+    """A bzip2 member of 256 MiB of zeros is ~200 bytes: its declared ratio is refused from the directory."""
+    path = tmp_path / "bomb.pth"
+    pkl = b"\x80\x02}(" + _frag("w") + _tensor("FloatStorage", "0", 1 << 26, 0, (1 << 26,), (1,)) + b"u."
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("archive/data.pkl", pkl)
+        z.writestr("archive/data/0", b"\0" * (256 << 20), compress_type=zipfile.ZIP_BZIP2)
+    assert path.stat().st_size < 4096
+    with pytest.raises(torch_io.TorchLoadError, match="zip member 'archive/data/0' claims 268435456 bytes"):
+        torch_io.load(path)
+    assert _peak_bytes(lambda: torch_io.load(path)) < 4 << 20
+
+
+def test_unused_tail_of_a_storage_member_is_not_decompressed(tmp_path):
+    """Only the bytes the pickle's storage record needs are read (a 4-element tensor from a 64 MiB member)."""
+    path = tmp_path / "tail.pth"
+    pkl = b"\x80\x02}(" + _frag("w") + _tensor("FloatStorage", "0", 4, 0, (4,), (1,)) + b"u."
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("archive/data.pkl", pkl)
+        z.writestr("archive/data/0", np.arange(4, dtype="<f4").tobytes() + b"\0" * (64 << 20))
+    np.testing.assert_array_equal(torch_io.load(path)["w"], np.arange(4))
+    assert _peak_bytes(lambda: torch_io.load(path)) < 4 << 20
+
+
+def _crafted(tmp_path, case):
+    path = tmp_path / f"{case}.pth"
+    one = lambda **kw: {"w": _tensor("FloatStorage", "0", kw.get("numel", 4), kw.get("offset", 0),
+                                     kw.get("size", (4,)), kw.get("stride", (1,)))}
+    four = {"0": b"\0" * 16}
+    if case == "memo_bomb":  # LONG_BINPUT 2**32-1: pickle would zero-fill a 64 GiB memo
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("archive/data.pkl", b"\x80\x02}r\xff\xff\xff\xff.")
+    elif case == "bytes_claim":  # BINBYTES8 claiming 2**40 bytes
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("archive/data.pkl", b"\x80\x04\x8e" + (1 << 40).to_bytes(8, "little") + b"abc.")
+    elif case == "deep":
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("archive/data.pkl", b"\x80\x02" + b"]" * 100000 + b"a" * 99999 + b".")
+    elif case == "cycle":
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("archive/data.pkl", b"\x80\x02]q\x00h\x00a.")
+    elif case == "negative_size":
+        _write_archive(path, one(size=(-1,)), four)
+    elif case == "negative_stride":
+        _write_archive(path, one(size=(2,), stride=(-1,), offset=1), four)
+    elif case == "negative_offset":
+        _write_archive(path, one(size=(2,), offset=-2), four)
+    elif case == "negative_numel":
+        _write_archive(path, one(numel=-1), four)
+    elif case == "text_size":
+        _write_archive(path, one(size=("a",)), four)
+    elif case == "65_dims":
+        _write_archive(path, one(size=(1,) * 65, stride=(1,) * 65), four)
+    elif case == "object_array":
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("archive/data.pkl", pickle.dumps({"w": np.array([None, 1], object)}, protocol=2))
+    elif case == "storage_not_a_storage":
+        body = (_global("torch._utils", "_rebuild_tensor_v2") + b"(" + _frag(7) + _frag(0) + _frag((4,))
+                + _frag((1,)) + _frag(False) + _global("collections", "OrderedDict") + b")R" + b"tR")
+        _write_archive(path, {"w": body}, four)
+    elif case == "truncated_zip":
+        _write_archive(path, one(), four)
+        raw = path.read_bytes()
+        path.write_bytes(raw[: len(raw) // 2])
+    elif case == "member_larger_than_file":
+        _write_archive(path, one(), four)
+        raw = bytearray(path.read_bytes())
+        i = raw.rfind(b"PK\x01\x02")  # last central-directory entry (archive/data/0): compressed size at +20
+        raw[i + 20:i + 24] = (1 << 30).to_bytes(4, "little")
+        path.write_bytes(bytes(raw))
+    elif case == "empty_file":
+        path.write_bytes(b"")
+    return path
+
+
+@pytest.mark.parametrize("case,message", [
+    ("memo_bomb", "memo index 4294967295"),
+    ("bytes_claim", "cannot unpickle"),
+    ("deep", "nested more than 100 deep"),
+    ("cycle", "contains itself"),
+    ("negative_size", r"tensor \['w'\]: size \(-1,\)"),
+    ("negative_stride", r"tensor \['w'\]: stride \(-1,\)"),
+    ("negative_offset", r"tensor \['w'\]: storage offset"),
+    ("negative_numel", "negative size -1"),
+    ("text_size", r"tensor \['w'\]: size \('a',\) is not a tuple of at most 64 ints"),
+    ("65_dims", "at most 64 ints"),
+    ("object_array", "dtype 'object' refused"),
+    ("storage_not_a_storage", r"tensor \['w'\]: its storage is a int"),
+    ("truncated_zip", "truncated or corrupt zip archive"),
+    ("member_larger_than_file", "claims 1073741824 compressed bytes"),
+    ("empty_file", "empty file"),
+])
+def test_malformed_files_get_one_line_torch_load_errors(tmp_path, case, message):
+    path = _crafted(tmp_path, case)
+    with pytest.raises(torch_io.TorchLoadError, match=message) as info:
+        torch_io.load(path)
+    assert str(path) in str(info.value) and len(str(info.value).splitlines()) == 1
+    assert len(str(info.value)) < 400
+
+
 # ---- TorchScript archives -------------------------------------------------------------------------------------------
 
 

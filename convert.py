@@ -33,6 +33,7 @@ NON_TRAINABLE: Dict[str, Union[Sequence[str], Callable[[Any], Sequence[str]]]] =
 DEFAULT_NON_TRAINABLE = ("sigmas",)
 BUFFERS = ("sigmas",)  # state-dict entries that are buffers, not parameters, in score_sde_pytorch models
 MAX_LISTED = 8
+MAX_STEP = 2**31 - 1  # the train state's step is int32
 
 
 class ConversionError(ValueError):
@@ -240,6 +241,7 @@ def convert_state_dict(state: Mapping[str, np.ndarray], config, source: str = "c
                        expected: Optional[Mapping[str, Tuple[int, ...]]] = None) -> Params:
     """Flax params of ``config.model`` from one torch state dict (``module.`` prefix optional), strictly checked."""
     convert_fn = get_converter(config.model.name)
+    check_finite(check_state_dict(state, source), source)
     sd = StateDict(strip_prefix(state), source)
     params = convert_fn(sd, config.model, config.data)
     what = f"config.model.name={config.model.name!r}, image_size={config.data.image_size}"
@@ -251,26 +253,75 @@ def _is_state_dict(obj) -> bool:
     return isinstance(obj, Mapping) and bool(obj) and all(isinstance(v, np.ndarray) for v in obj.values())
 
 
+def _describe(obj) -> str:
+    if isinstance(obj, torch_io.PickledObject):
+        return f"an object of class {obj.module}.{obj.name}"
+    if isinstance(obj, Mapping):
+        bad = next((k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, np.ndarray)), None)
+        return "an empty dict" if not obj else f"a dict whose entry {str(bad)[:60]!r} is " \
+            f"{'a ' + type(obj[bad]).__name__ if isinstance(bad, str) else 'not named by a string'}"
+    return f"a {type(obj).__name__}"
+
+
+def check_state_dict(obj, where: str) -> Mapping[str, np.ndarray]:
+    """``obj`` when it is a non-empty ``{name: array}`` mapping, else a ``ConversionError`` saying what it is."""
+    if not (_is_state_dict(obj) and all(isinstance(k, str) for k in obj)):
+        raise ConversionError(f"{where} is {_describe(obj)}, not a state dict {{name: tensor}}")
+    return obj
+
+
+def check_finite(state: Mapping[str, np.ndarray], where: str) -> None:
+    """Refuse tensors holding NaN or inf, naming them (the first ``MAX_LISTED``)."""
+    bad = [f"{k} ({int(np.size(v) - np.isfinite(v).sum())} of {np.size(v)} values)" for k, v in state.items()
+           if (v.dtype.kind in "fc" or v.dtype.name == "bfloat16") and not np.isfinite(v).all()]
+    if bad:
+        raise ConversionError(f"{where}: non-finite (NaN/inf) values in {_listed(bad)}; refusing to convert them")
+
+
+def check_step(value, where: str) -> int:
+    """The training step as an int in [0, ``MAX_STEP``] (an int, or an integer-valued 0-d array)."""
+    ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+    if isinstance(value, np.ndarray) and value.shape == () and value.dtype.kind in "iuf" and np.isfinite(value):
+        ok, value = float(value) == int(value), int(value)
+    if not ok or not 0 <= int(value) <= MAX_STEP:
+        raise ConversionError(f"{where}: step {str(value)[:40]} is not an integer in [0, {MAX_STEP}]")
+    return int(value)
+
+
 def normalise_checkpoint(ckpt: Any, source: str) -> dict:
     """``{"model", "ema", "step"}`` from the checkpoint layouts we read:
 
     * score_sde_pytorch: ``{"optimizer", "model", "ema": {"shadow_params": [...]}, "step"}``;
     * ermongroup/ncsn(v2): ``[model, optimizer, epoch, step(, ema)]`` with a *named* EMA state dict;
     * a bare state dict (no EMA: the raw weights serve as EMA; step 0).
+
+    The model must be a state dict, the EMA absent, a state dict or ``{"shadow_params": [arrays]}``, and the step
+    an integer in [0, 2**31 - 1]; anything else is a one-line ``ConversionError``.
     """
     if isinstance(ckpt, (list, tuple)) and ckpt and _is_state_dict(ckpt[0]):
         ema = ckpt[4] if len(ckpt) > 4 and _is_state_dict(ckpt[4]) else None
-        return {"model": ckpt[0], "ema": ema, "step": int(ckpt[3]) if len(ckpt) > 3 else 0,
-                "optimizer": ckpt[1] if len(ckpt) > 1 else None}
-    if _is_state_dict(ckpt) and "model" not in ckpt:
-        return {"model": ckpt, "ema": None, "step": 0, "optimizer": None}
-    if not isinstance(ckpt, Mapping) or "model" not in ckpt:
-        what = sorted(map(str, ckpt)) if isinstance(ckpt, Mapping) else type(ckpt).__name__
+        out = {"model": ckpt[0], "ema": ema, "step": ckpt[3] if len(ckpt) > 3 else 0,
+               "optimizer": ckpt[1] if len(ckpt) > 1 else None}
+    elif _is_state_dict(ckpt) and "model" not in ckpt:
+        out = {"model": ckpt, "ema": None, "step": 0, "optimizer": None}
+    elif not isinstance(ckpt, Mapping) or "model" not in ckpt:
+        what = sorted(map(str, ckpt))[:MAX_LISTED] if isinstance(ckpt, Mapping) else _describe(ckpt)
         raise ConversionError(f"{source}: not a score_sde_pytorch checkpoint {{'optimizer', 'model', 'ema', "
                               f"'step'}}, an ermongroup [model, optimizer, epoch, step, ema] list or a state dict "
                               f"(got {what})")
-    return {"model": ckpt["model"], "ema": ckpt.get("ema"), "step": int(ckpt.get("step", 0)),
-            "optimizer": ckpt.get("optimizer")}
+    else:
+        out = {"model": ckpt["model"], "ema": ckpt.get("ema"), "step": ckpt.get("step", 0),
+               "optimizer": ckpt.get("optimizer")}
+    check_state_dict(out["model"], f"{source}['model']")
+    ema = out["ema"]
+    if isinstance(ema, Mapping) and "shadow_params" in ema:
+        shadow = ema["shadow_params"]
+        if not isinstance(shadow, (list, tuple)) or not all(isinstance(v, np.ndarray) for v in shadow):
+            raise ConversionError(f"{source}['ema']['shadow_params'] is {_describe(shadow)}, not a list of tensors")
+    elif ema is not None:
+        check_state_dict(ema, f"{source}['ema']")
+    out["step"] = check_step(out["step"], source)
+    return out
 
 
 def ema_values(model_sd: Dict[str, np.ndarray], ema: Any, config, source: str) -> Dict[str, np.ndarray]:
@@ -314,6 +365,7 @@ def adam_moments(ckpt: Any, config, source: str = "checkpoint") -> Optional[Adam
     opt = ckpt.get("optimizer")
     if not isinstance(opt, Mapping) or not opt.get("state"):
         return None
+    _check_adam_layout(opt, f"{source}['optimizer']")
     model_sd = strip_prefix(ckpt["model"])
     indices = [i for group in opt["param_groups"] for i in group["params"]]
     names = [k for k in model_sd if k not in BUFFERS]
@@ -321,7 +373,7 @@ def adam_moments(ckpt: Any, config, source: str = "checkpoint") -> Optional[Adam
         raise ConversionError(f"{source}: the optimizer holds {len(indices)} parameters but the state dict has "
                               f"{len(names)} non-buffer entries")
     by_name = {name: opt["state"].get(i) for name, i in zip(names, indices)}
-    counts = {int(np.asarray(s["step"])) for s in by_name.values() if s}
+    counts = {check_step(s.get("step"), f"{source}['optimizer'] Adam") for s in by_name.values() if s}
     if len(counts) != 1 or any(s and "exp_avg" not in s for s in by_name.values()):
         raise ConversionError(f"{source}: optimizer state is not torch.optim.Adam's (steps {sorted(counts)})")
     expected = expected_shapes(config)
@@ -331,6 +383,17 @@ def adam_moments(ckpt: Any, config, source: str = "checkpoint") -> Optional[Adam
               for k, v in model_sd.items()}
         trees.append(convert_state_dict(sd, config, f"{source}['optimizer'].{moment}", expected))
     return AdamMoments(trees[0], trees[1], counts.pop())
+
+
+def _check_adam_layout(opt: Mapping, where: str) -> None:
+    """torch.optim's ``{"state": {index: {name: tensor}}, "param_groups": [{"params": [index, ...]}]}``."""
+    groups, state = opt.get("param_groups"), opt.get("state")
+    if not isinstance(groups, (list, tuple)) or not all(
+            isinstance(g, Mapping) and isinstance(g.get("params"), (list, tuple))
+            and all(isinstance(i, int) for i in g["params"]) for g in groups):
+        raise ConversionError(f"{where}['param_groups'] is not torch.optim's [{{'params': [int, ...]}}, ...]")
+    if not isinstance(state, Mapping) or not all(isinstance(v, Mapping) for v in state.values()):
+        raise ConversionError(f"{where}['state'] is not torch.optim's {{index: {{name: tensor}}}}")
 
 
 def with_adam_moments(opt_state: Any, moments: AdamMoments, step: int) -> Any:
@@ -377,16 +440,32 @@ def checkpoint_path(config) -> pathlib.Path:
     return path
 
 
+def check_no_checkpoints(workdir) -> None:
+    """Refuse (before anything is written) a workdir whose ``checkpoints/`` holds anything: a converted step
+    could collide with, or be declined because of, checkpoints already there."""
+    directory = pathlib.Path(workdir) / "checkpoints"
+    entries = sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
+    if entries:
+        steps = [int(n) for n in entries if n.isdigit()]
+        held = f"already has a checkpoint for step{'s' if len(steps) > 1 else ''} {_listed(map(str, steps))}" \
+            if steps else f"is not empty ({_listed(entries)})"
+        raise ConversionError(f"{directory} {held}; --mode=convert writes into a workdir without checkpoints "
+                              f"(use a new --workdir)")
+
+
 def save_converted(config, workdir, params: Params, ema_params: Params, step: int, source: str,
                    moments: Optional[AdamMoments] = None) -> pathlib.Path:
     """Write a train state at ``step`` in ``workdir/checkpoints``, with the config, so that sample/eval/likelihood
     run on it and training resumes from it (with the converted Adam moments when given, else a fresh optimizer
-    state). Returns the checkpoint directory."""
+    state). Returns the checkpoint directory, checked to exist after the save; the config and
+    ``converted_from.json`` are written only then."""
     import run_lib
     import utils
 
     workdir = pathlib.Path(workdir)
     utils.check_workdir_writable(str(workdir))
+    check_no_checkpoints(workdir)
+    step = check_step(step, source)
     optimizer = run_lib.get_optimizer(config.optim)
     params, ema_params = (jax.tree.map(jnp.asarray, p) for p in (params, ema_params))
     opt_state = optimizer.init(params)
@@ -395,20 +474,25 @@ def save_converted(config, workdir, params: Params, ema_params: Params, step: in
     state = run_lib.TrainState(step=jnp.asarray(step, jnp.int32), params=params, ema_params=ema_params,
                                opt_state=opt_state)
     ckpt = utils.CheckpointManager(workdir / "checkpoints", config)
-    if step in ckpt.steps():
-        raise FileExistsError(f"{ckpt.directory} already has a checkpoint for step {step}; use an empty workdir")
+    try:
+        ckpt.save(step, state)
+        ckpt.wait()
+        saved = ckpt.directory / str(step)
+        if step not in ckpt.steps() or not saved.is_dir():
+            raise ConversionError(f"saving the converted checkpoint failed: {saved} does not exist after the save")
+    finally:
+        ckpt.close()
     utils.write_config(workdir, config)
-    ckpt.save(step, state)
-    ckpt.wait()
     utils.atomic_write_json(workdir / "converted_from.json", {"source": source, "step": step,
                                                               "model": config.model.name,
                                                               "adam_moments": moments is not None})
-    return ckpt.directory / str(step)
+    return saved
 
 
 def run(config, workdir: str) -> None:
     """``main.py --mode=convert --config=<matching config> --config.convert.checkpoint=<file.pth> --workdir=W``."""
     source = checkpoint_path(config)
+    check_no_checkpoints(workdir)
     ckpt = torch_io.load(source)
     params, ema_params, step = convert_loaded(ckpt, config, str(source))
     moments = adam_moments(ckpt, config, str(source))

@@ -220,8 +220,10 @@ def test_run_writes_a_train_state_checkpoint(tmp_path, checkpoint, converted):
     np.testing.assert_array_equal(adam[0].mu["begin_conv"]["kernel"], torch_state["exp_avg"].transpose(2, 3, 1, 0))
     np.testing.assert_array_equal(adam[0].nu["begin_conv"]["kernel"],
                                   torch_state["exp_avg_sq"].transpose(2, 3, 1, 0))
-    with pytest.raises(FileExistsError, match="already has a checkpoint for step 3"):
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+    with pytest.raises(convert.ConversionError, match="checkpoints already has a checkpoint for step 3; "):
         convert.run(config, str(tmp_path))
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
 
 
 @pytest.mark.slow
@@ -299,3 +301,136 @@ def test_ermongroup_list_layout_with_named_ema(checkpoint, converted):
         convert.convert_loaded(legacy, small_config(), "ermongroup")
     with pytest.raises(convert.ConversionError, match="not a score_sde_pytorch checkpoint"):
         convert.convert_loaded({"foo": 1}, small_config(), "odd")
+
+
+# ---- malformed checkpoints, non-finite weights, workdir safety --------------------------------------------------------
+
+
+def _edited(checkpoint, case):
+    """A shallow copy of the real checkpoint with one part replaced by what a malformed file unpickles to."""
+    ck = dict(checkpoint)
+    if case == "model_object":
+        ck["model"] = torch_io.PickledObject("foo", "Bar")
+    elif case == "model_list_of_lists":
+        ck["model"] = [[]]
+    elif case == "model_entry_not_a_tensor":
+        ck["model"] = {**checkpoint["model"], "module.extra": [1, 2]}
+    elif case == "step_2_40":
+        ck["step"] = 2 ** 40
+    elif case == "step_negative":
+        ck["step"] = -5
+    elif case == "step_text":
+        ck["step"] = "3"
+    elif case == "shadow_object":
+        ck["ema"] = {**checkpoint["ema"], "shadow_params": torch_io.PickledObject("foo", "Bar")}
+    elif case == "optimizer_groups":
+        ck["optimizer"] = {**checkpoint["optimizer"], "param_groups": [{"params": "0"}]}
+    elif case == "optimizer_state":
+        ck["optimizer"] = {**checkpoint["optimizer"], "state": [1]}
+    elif case == "adam_step_nan":
+        state = dict(checkpoint["optimizer"]["state"])
+        state[0] = {**state[0], "step": np.array(np.nan, np.float32)}
+        ck["optimizer"] = {**checkpoint["optimizer"], "state": state}
+    return ck
+
+
+@pytest.mark.parametrize("case,message", [
+    ("model_object", r"\['model'\] is an object of class foo.Bar, not a state dict"),
+    ("model_list_of_lists", r"\['model'\] is a list, not a state dict"),
+    ("model_entry_not_a_tensor", r"\['model'\] is a dict whose entry 'module.extra' is a list"),
+    ("step_2_40", r"step 1099511627776 is not an integer in \[0, 2147483647\]"),
+    ("step_negative", r"step -5 is not an integer in \[0, 2147483647\]"),
+    ("step_text", r"step 3 is not an integer"),
+    ("shadow_object", r"\['ema'\]\['shadow_params'\] is an object of class foo.Bar, not a list of tensors"),
+    ("optimizer_groups", r"\['optimizer'\]\['param_groups'\] is not torch.optim's"),
+    ("optimizer_state", r"\['optimizer'\]\['state'\] is not torch.optim's"),
+    ("adam_step_nan", r"\['optimizer'\] Adam: step nan is not an integer"),
+])
+def test_malformed_checkpoints_are_one_line_conversion_errors(checkpoint, case, message):
+    """What ``convert.run`` calls on a loaded file, for contents that used to end in TypeError ('PickledObject'
+    object is not iterable), AttributeError ('list' object has no attribute 'startswith'), OverflowError (step
+    2**40) or a silently converted negative step."""
+    ck = _edited(checkpoint, case)
+    with pytest.raises(convert.ConversionError, match=message) as info:
+        if case.startswith(("optimizer", "adam")):
+            convert.adam_moments(ck, small_config(), SMALL)
+        else:
+            convert.normalise_checkpoint(ck, SMALL)
+    assert len(str(info.value).splitlines()) == 1 and SMALL in str(info.value)
+
+
+@pytest.mark.parametrize("part", ["model", "ema", "optimizer"])
+def test_non_finite_weights_are_refused_naming_the_tensor(checkpoint, part):
+    ck = dict(checkpoint)
+    bad = np.array(checkpoint["model"]["module.begin_conv.weight"])
+    bad.flat[[0, 5]] = [np.nan, np.inf]
+    if part == "model":
+        ck["model"] = {**checkpoint["model"], "module.begin_conv.weight": bad}
+        call, name = lambda: convert.convert_loaded(ck, small_config(), SMALL), "begin_conv.weight (2 of 432"
+    elif part == "ema":
+        ck["ema"] = {**checkpoint["ema"], "shadow_params": [bad, *checkpoint["ema"]["shadow_params"][1:]]}
+        call, name = lambda: convert.convert_loaded(ck, small_config(), SMALL), "begin_conv.weight (2 of 432"
+    else:
+        state = dict(checkpoint["optimizer"]["state"])
+        state[0] = {**state[0], "exp_avg": bad}
+        ck["optimizer"] = {**checkpoint["optimizer"], "state": state}
+        call, name = lambda: convert.adam_moments(ck, small_config(), SMALL), "begin_conv.weight (2 of 432"
+    with pytest.raises(convert.ConversionError, match="non-finite") as info:
+        call()
+    assert name in str(info.value) and len(str(info.value).splitlines()) == 1
+
+
+def _rewritten(src, dst, edit):
+    """Copy the zip ``src`` to ``dst`` with member bytes passed through ``edit(name, data)``."""
+    import zipfile
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for info in zin.infolist():
+            zout.writestr(info, edit(info.filename, zin.read(info.filename)))
+    return dst
+
+
+def test_run_refuses_a_nan_file_and_writes_nothing(tmp_path):
+    """End to end: a .pth whose begin_conv.weight (storage 460) holds a NaN is refused; the workdir stays empty."""
+    def nan_in_460(name, data):
+        if name.endswith("/data/460"):
+            values = np.frombuffer(data, "<f4").copy()
+            values[3] = np.nan
+            return values.tobytes()
+        return data
+
+    config = small_config()
+    config.convert.checkpoint = str(_rewritten(shared_data_path("interop", f"{SMALL}.pth"), tmp_path / "nan.pth",
+                                               nan_in_460))
+    workdir = tmp_path / "work"
+    with pytest.raises(convert.ConversionError, match=r"non-finite \(NaN/inf\) values in begin_conv.weight"):
+        convert.run(config, str(workdir))
+    assert not workdir.exists()
+
+
+@pytest.mark.parametrize("stray", ["checkpoints/500", "checkpoints/3", "checkpoints/notes.txt"])
+def test_run_refuses_a_workdir_with_checkpoints_before_writing(tmp_path, stray, capsys):
+    """Any entry in checkpoints/ (a stray higher step made orbax decline the save, while 'converted ... ->
+    checkpoints/3' was printed) is refused in one line before the file is even read; nothing changes."""
+    config = small_config()
+    config.convert.checkpoint = str(shared_data_path("interop", f"{SMALL}.pth"))
+    target = tmp_path / stray
+    target.parent.mkdir(parents=True)
+    target.mkdir() if not stray.endswith(".txt") else target.write_text("x")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    with pytest.raises(convert.ConversionError, match=r"checkpoints (already has a checkpoint for step|is not empty)"):
+        convert.run(config, str(tmp_path))
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    assert "converted" not in capsys.readouterr().out
+
+
+def test_run_never_reports_a_save_that_did_not_happen(tmp_path, monkeypatch, capsys):
+    """Fault injection: a save that writes nothing (as orbax does when it declines) is an error; no 'converted'
+    line, no config.json, no converted_from.json."""
+    utils = pytest.importorskip("utils")
+    monkeypatch.setattr(utils.CheckpointManager, "save", lambda self, step, state: None)
+    config = small_config()
+    config.convert.checkpoint = str(shared_data_path("interop", f"{SMALL}.pth"))
+    with pytest.raises(convert.ConversionError, match=r"checkpoints/3 does not exist after the save"):
+        convert.run(config, str(tmp_path))
+    assert "converted" not in capsys.readouterr().out
+    assert not (tmp_path / "config.json").exists() and not (tmp_path / "converted_from.json").exists()

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import safe_pickle
+
 # --------------------------------------------------------------------------------------------------------------
 # Quantisation
 # --------------------------------------------------------------------------------------------------------------
@@ -172,8 +174,7 @@ def load_digits_classifier(cache_dir: Optional[str] = None) -> Dict[str, np.ndar
     """Weights of the digits classifier: loaded from ``cache_dir`` when saved there, else trained (and saved)."""
     path = pathlib.Path(cache_dir) / DIGITS_CLASSIFIER_FILE if cache_dir else None
     if path is not None and path.exists():
-        with np.load(path) as f:
-            return dict(f)
+        return safe_pickle.load_npz(path, "digits classifier cache")
     params = train_digits_classifier()
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -468,8 +469,7 @@ def inception_weights_path(path: Optional[str] = None) -> pathlib.Path:
 def load_inception_params(path: Optional[str] = None) -> Dict[str, Any]:
     """Flax params of the FID Inception-v3 from the 376-array npz (94 convs × weight/beta/mean/var)."""
     file = inception_weights_path(path)
-    with np.load(file) as f:
-        arrays = dict(f)
+    arrays = safe_pickle.load_npz(file, "FID Inception weights")
     if len(arrays) != 376 or "net.layers.conv.weight" not in arrays:
         raise ValueError(f"{file} is not the FID Inception npz (expected 376 arrays incl. net.layers.conv.weight, "
                          f"found {len(arrays)}); " + _REBUILD_HINT)
@@ -691,9 +691,11 @@ def load_domain_classifier(path) -> DomainExtractor:
     if not path.is_file():
         raise FileNotFoundError(f"domain classifier {path} does not exist; train it with "
                                 f"`python tools/train_domain_classifier.py --config <config> --cache_dir {path.parent}`")
-    with np.load(path) as f:
-        meta = json.loads(str(f["__meta__"]))
-        params = traverse_util.unflatten_dict({tuple(k.split("/")): f[k] for k in f.files if k != "__meta__"})
+    arrays = safe_pickle.load_npz(path, "domain classifier")
+    if "__meta__" not in arrays:
+        raise ValueError(f"domain classifier {path} has no __meta__ entry; not written by save_domain_classifier")
+    meta = json.loads(str(arrays.pop("__meta__")))
+    params = traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in arrays.items()})
     return DomainExtractor(params, int(meta["num_classes"]), meta["arch"], meta)
 
 
@@ -755,8 +757,12 @@ def load_stats(path, *, resolution: Optional[int] = None, extractor: Optional[st
     if not path.is_file():
         raise FileNotFoundError(f"reference statistics {path} do not exist; write them with "
                                 f"`python main.py --mode=fid_stats --config=<config> --workdir=<workdir>`")
-    with np.load(path) as f:
-        stats = {k: f[k] for k in f.files}
+    stats = safe_pickle.load_npz(path, "reference statistics")
+    needed = ["mu", "sigma"] + [k for k, v in (("resolution", resolution), ("num_channels", num_channels),
+                                               ("extractor", extractor)) if v is not None]
+    missing = [k for k in needed if k not in stats]
+    if missing:
+        raise ValueError(f"reference statistics {path} lack {missing}; recompute them with --mode=fid_stats")
     stats = {k: (v.item() if v.ndim == 0 else v) for k, v in stats.items()}
     if resolution is not None and int(stats["resolution"]) != int(resolution):
         raise ValueError(f"reference statistics {path} were made at resolution {stats['resolution']}, but the "

@@ -329,3 +329,70 @@ def test_extract_features_sharded_over_two_devices_matches(tmp_path):
     repo = str(pathlib.Path(__file__).resolve().parents[1])
     proc = subprocess.run([sys.executable, str(script), repo], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+
+
+# ------------------------------------------------------------------------------------------------ crafted stats files
+
+
+def _npy(header_dtype: str, shape, payload: bytes) -> bytes:
+    import io
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": header_dtype, "fortran_order": False, "shape": shape})
+    return buf.getvalue() + payload
+
+
+def _stats_zip(path, members, compression=None):
+    import zipfile
+    good = {"mu": np.zeros(2), "sigma": np.eye(2), "resolution": np.int64(8), "num_channels": np.int64(1),
+            "extractor": np.array("pixels")}
+    with zipfile.ZipFile(path, "w") as z:
+        for k, v in good.items():
+            if k not in members:
+                z.writestr(f"{k}.npy", _npy(np.lib.format.dtype_to_descr(v.dtype), v.shape, v.tobytes()))
+        for k, raw in members.items():
+            if raw is not None:
+                z.writestr(f"{k}.npy", raw, compress_type=compression or zipfile.ZIP_STORED)
+    return path
+
+
+def test_stats_file_with_a_pickled_object_array_runs_nothing(tmp_path):
+    """An object array whose pickle calls os.system("touch <flag>") is refused naming the file and the array."""
+    flag = tmp_path / "pwned"
+    evil = b"\x80\x02cos\nsystem\n(X" + len(f"touch {flag}").to_bytes(4, "little") + f"touch {flag}".encode() + b"tR."
+    path = _stats_zip(tmp_path / "stats.npz", {"features": _npy("|O", (1,), evil)})
+    with pytest.raises(ValueError, match=r"reference statistics .*stats.npz: array 'features'.*'object' refused"):
+        ev.load_stats(path, resolution=8, extractor="pixels")
+    assert not flag.exists()
+
+
+def test_stats_file_compression_bomb_is_refused_before_decompressing(tmp_path):
+    """256 MiB of zeros as a ~200-byte bzip2 member: refused from the zip directory, peak memory a few MiB."""
+    import tracemalloc
+    import zipfile
+    path = _stats_zip(tmp_path / "bomb.npz", {"features": _npy("<f4", (1 << 26,), b"\0" * (256 << 20))},
+                      zipfile.ZIP_BZIP2)
+    assert path.stat().st_size < 8192
+    tracemalloc.start()
+    with pytest.raises(ValueError, match=r"bomb.npz: zip member 'features.npy' claims \d+ bytes uncompressed"):
+        ev.load_stats(path)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 4 << 20
+
+
+@pytest.mark.parametrize("case,message", [
+    ("shape_larger_than_data", r"array 'sigma' of shape \(1000000, 1000000\) float64 needs 8000000000000 bytes"),
+    ("missing_resolution", r"lack \['resolution'\]"),
+    ("not_a_zip", "unreadable"),
+])
+def test_malformed_stats_files_are_one_line_errors_naming_the_file(tmp_path, case, message):
+    path = tmp_path / "stats.npz"
+    if case == "shape_larger_than_data":
+        _stats_zip(path, {"sigma": _npy("<f8", (10 ** 6, 10 ** 6), b"\0" * 64)})
+    elif case == "missing_resolution":
+        _stats_zip(path, {"resolution": None})
+    else:
+        path.write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(ValueError, match=message) as info:
+        ev.load_stats(path, resolution=8, extractor="pixels")
+    assert str(path) in str(info.value) and len(str(info.value).splitlines()) == 1

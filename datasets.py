@@ -289,15 +289,21 @@ def resolve_data_dir(config) -> str:
 IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
-def parse_idx(data: bytes, path: str = "<bytes>") -> np.ndarray:
-    """IDX bytes -> array: magic 0x0000 TT NN (type code, rank), NN big-endian uint32 dims, then the values."""
+def idx_header(data: bytes, path: str = "<bytes>") -> Tuple[Tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, header length) of IDX bytes: magic 0x0000 TT NN (type code, rank), NN big-endian uint32 dims."""
     if len(data) < 4 or data[:2] != b"\0\0" or data[2] not in IDX_DTYPES:
         raise ValueError(f"{path}: not an IDX file (magic bytes {data[:4].hex()!r})")
-    ndim = data[3]
-    header = 4 + 4 * ndim
+    header = 4 + 4 * data[3]
+    if len(data) < header:
+        raise ValueError(f"{path}: IDX header of rank {data[3]} is truncated")
     shape = tuple(int(d) for d in np.frombuffer(data[4:header], ">u4"))
-    dtype = np.dtype(IDX_DTYPES[data[2]])
-    expected = int(np.prod(shape)) * dtype.itemsize
+    return shape, np.dtype(IDX_DTYPES[data[2]]), header
+
+
+def parse_idx(data: bytes, path: str = "<bytes>") -> np.ndarray:
+    """IDX bytes -> array: magic 0x0000 TT NN (type code, rank), NN big-endian uint32 dims, then the values."""
+    shape, dtype, header = idx_header(data, path)
+    expected = math.prod(shape) * dtype.itemsize
     if len(data) - header != expected:
         raise ValueError(f"{path}: IDX header gives shape {shape} ({expected} bytes of data) but the file holds "
                          f"{len(data) - header} bytes; the file is truncated or has the wrong size")
@@ -305,10 +311,22 @@ def parse_idx(data: bytes, path: str = "<bytes>") -> np.ndarray:
 
 
 def read_idx(path: str) -> np.ndarray:
-    """Read an IDX file, gzip-compressed (.gz) or raw."""
+    """Read an IDX file, gzip-compressed (.gz) or raw. The header's claimed size is checked against the file
+    (x ``safe_pickle.MAX_COMPRESSION_RATIO`` when compressed) before the data is read: no gzip bomb."""
+    compressed = path.endswith(".gz")
     try:
-        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-            data = f.read()
+        with (gzip.open if compressed else open)(path, "rb") as f:
+            head = f.read(4)
+            head += f.read(4 * head[3]) if len(head) == 4 else b""
+            shape, dtype, _ = idx_header(head, path)
+            expected = math.prod(shape) * dtype.itemsize
+            disk = os.path.getsize(path)
+            limit = safe_pickle.MAX_COMPRESSION_RATIO * disk + safe_pickle.SLACK_BYTES if compressed \
+                else disk - len(head)
+            if expected > limit:
+                raise ValueError(f"{path}: IDX header claims shape {shape} ({expected} bytes), more than the "
+                                 f"{disk}-byte file holds; the file is truncated or its header is corrupt")
+            data = head + f.read(expected + 1)
     except (OSError, EOFError) as exc:
         raise ValueError(f"cannot read IDX file {path}: {exc}") from exc
     return parse_idx(data, path)
@@ -389,6 +407,7 @@ def load_cifar10_pickle(config, split: str) -> Arrays:
 # Image folders -------------------------------------------------------------------------------------------------
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+MAX_IMAGE_PIXELS = 1 << 24  # 4096 x 4096: checked from the header before decoding
 SPLIT_FOLDERS = {"train": ("train",), "test": ("test", "val", "validation", "eval")}
 
 
@@ -421,9 +440,14 @@ def read_image(path: str, size: int, channels: int) -> np.ndarray:
 
     try:
         with Image.open(path) as pil:
-            pil = pil.convert("L" if channels == 1 else "RGB")
+            width, height = pil.size
+            if width * height <= MAX_IMAGE_PIXELS:  # the header is read, nothing decoded yet
+                pil = pil.convert("L" if channels == 1 else "RGB")
     except Exception as exc:  # PIL raises many types for broken files
         raise ValueError(f"corrupt or unreadable image {path}: {type(exc).__name__}: {exc}") from exc
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ValueError(f"image {path} is {width}x{height} pixels, more than the {MAX_IMAGE_PIXELS} this reader "
+                         f"decodes (a decompression bomb, or resize it first)")
     image = np.asarray(pil, np.uint8).reshape(pil.size[1], pil.size[0], channels)
     if min(image.shape[:2]) == 0:
         raise ValueError(f"image {path} has an empty size {pil.size}")

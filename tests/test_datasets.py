@@ -284,6 +284,29 @@ def test_idx_truncated_file_is_a_clear_error(tmp_path):
         datasets.load_idx(make_config(source="idx", data_dir=str(tmp_path), image_size=5), "test")
 
 
+@pytest.mark.parametrize("case", ["gzip_tail", "huge_claim"])
+def test_idx_reads_only_what_the_header_claims_and_the_file_can_hold(tmp_path, case):
+    """A 10-image header followed by 256 MiB of gzipped zeros (~250 KB) used to be decompressed whole; a header
+    claiming 2**32 x 2**32 bytes from a tiny file is refused before reading."""
+    import gzip
+    import tracemalloc
+    path = tmp_path / "t10k-images-idx3-ubyte.gz"
+    dims = (10, 5, 5) if case == "gzip_tail" else (1 << 31, 1 << 31, 1)
+    header = b"\0\0\x08\x03" + np.array(dims, ">u4").tobytes()
+    with gzip.open(path, "wb", compresslevel=1) as f:
+        f.write(header + b"\0" * 250)
+        if case == "gzip_tail":
+            for _ in range(256):
+                f.write(b"\0" * (1 << 20))
+    tracemalloc.start()
+    with pytest.raises(ValueError, match="truncated or has the wrong size" if case == "gzip_tail"
+                       else r"claims shape \(2147483648, 2147483648, 1\)") as info:
+        datasets.read_idx(str(path))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert str(path) in str(info.value) and peak < 4 << 20
+
+
 def test_missing_directory_is_a_clear_error(tmp_path):
     missing = str(tmp_path / "nowhere")
     for source in ("idx", "cifar10_pickle", "image_folder"):
@@ -418,6 +441,21 @@ def test_image_folder_classes_resize_and_crop(tmp_path):
     gray, _ = datasets.load_image_folder(make_config(source="image_folder", data_dir=str(tmp_path),
                                                      image_size=4, num_channels=1), "train")
     assert gray.shape == (7, 4, 4, 1)
+
+
+def test_image_decompression_bomb_is_refused_from_its_header(tmp_path):
+    """A 8192x8192 black PNG is ~70 KB but decodes to 64 MiB (192 MiB as RGB): refused before decoding."""
+    import tracemalloc
+    from PIL import Image
+    path = tmp_path / "bomb.png"
+    Image.new("L", (8192, 8192)).save(path, optimize=True)
+    assert path.stat().st_size < 200_000
+    tracemalloc.start()
+    with pytest.raises(ValueError, match=r"bomb.png is 8192x8192 pixels, more than the 16777216") as info:
+        datasets.read_image(str(path), 8, 3)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert len(str(info.value).splitlines()) == 1 and peak < 4 << 20
 
 
 def test_image_folder_centre_crop_keeps_the_middle(tmp_path):

@@ -69,6 +69,23 @@ def _named_mask(name: str, h: int, w: int) -> Optional[np.ndarray]:
 NAMED_MASKS = ("left", "right", "top", "bottom", "center", "checkerboard")
 
 
+def _read_mask_image(name: str, shape) -> np.ndarray:
+    """The grey levels of an image file, refused from its header (before decoding) when larger than the data."""
+    from PIL import Image
+
+    try:
+        with Image.open(name) as pil:
+            width, height = pil.size
+            if len(shape) != 3 or (height, width) != tuple(shape[:2]):
+                raise ValueError(f"mask image {name} is {width}x{height} pixels but the data is {shape}; "
+                                 f"expected (H, W) = {tuple(shape[:2])}")
+            return np.asarray(pil.convert("L"), np.float32)
+    except ValueError:
+        raise
+    except Exception as exc:  # PIL raises many types for broken files
+        raise ValueError(f"mask image {name}: corrupt or unreadable ({type(exc).__name__}: {exc})") from None
+
+
 def load_mask(mask: Union[str, pathlib.Path, np.ndarray, Array], shape) -> np.ndarray:
     """A {0, 1} float mask (1 = known) broadcast to one example's ``shape`` (H, W, C) or (D,).
 
@@ -81,9 +98,7 @@ def load_mask(mask: Union[str, pathlib.Path, np.ndarray, Array], shape) -> np.nd
         if named is not None:
             m = named
         elif pathlib.Path(name).is_file():
-            from PIL import Image
-
-            m = (np.asarray(Image.open(name).convert("L"), np.float32) > 127).astype(np.float32)
+            m = (_read_mask_image(name, shape) > 127).astype(np.float32)
         else:
             raise ValueError(f"mask {name!r} (config.sampling.mask) is neither an image file nor one of "
                              f"{list(NAMED_MASKS)}")

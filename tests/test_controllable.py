@@ -304,6 +304,22 @@ def test_mask_from_png(tmp_path):
     np.testing.assert_array_equal(cg.load_mask(str(tmp_path / "mask.png"), (8, 8, 3))[..., 1], m / 255)
 
 
+@pytest.mark.parametrize("case,message", [("bomb", r"is 8192x8192 pixels but the data is \(8, 8, 3\)"),
+                                          ("corrupt", "corrupt or unreadable")])
+def test_mask_image_larger_than_the_data_or_corrupt_is_refused_in_one_line(tmp_path, case, message):
+    """A 8192x8192 PNG (~70 KB, 64 MiB decoded) is refused from its header; a broken file is a ValueError."""
+    from PIL import Image
+
+    path = tmp_path / "mask.png"
+    if case == "bomb":
+        Image.new("L", (8192, 8192)).save(path, optimize=True)
+    else:
+        path.write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    with pytest.raises(ValueError, match=message) as info:
+        cg.load_mask(str(path), (8, 8, 3))
+    assert str(path) in str(info.value) and len(str(info.value).splitlines()) == 1
+
+
 # ---- digits: --mode=sample end to end ------------------------------------------------------------------------------
 def _train(config, workdir, n_iters):
     import run_lib

@@ -23,7 +23,7 @@ import os
 import pickle
 import pickletools
 import zipfile
-from typing import Any, Callable, Dict, Iterable, Optional
+from typing import Any, BinaryIO, Callable, Dict, Iterable, Optional, Union
 
 import numpy as np
 
@@ -51,15 +51,22 @@ class UnsafeFileError(ValueError):
 # ---- opcode scan ------------------------------------------------------------------------------------------------
 
 
-def check_stream(data: bytes, what: str, allow_persistent: bool = False) -> None:
+def check_stream(data: Union[bytes, BinaryIO], what: str, allow_persistent: bool = False) -> None:
     """Refuse a pickle stream whose opcodes would make the unpickler allocate more than the stream holds.
 
     Memo indices must not exceed the number of entries stored so far (a pickler numbers them 0, 1, 2, ...);
     frames must fit in the remaining bytes; counted strings/bytes are checked by the scan itself (it reads them).
+    ``data``: the stream's bytes, or a seekable binary file positioned at its start (read to the end).
     """
     memo = 0
+    if isinstance(data, (bytes, bytearray)):
+        size, data = len(data), io.BytesIO(data)
+    else:
+        start = data.tell()
+        size = data.seek(0, io.SEEK_END) - start
+        data.seek(start)
     try:
-        for op, arg, pos in pickletools.genops(io.BytesIO(data)):
+        for op, arg, pos in pickletools.genops(data):
             name = op.name
             if name in _REFUSED_OPCODES or (not allow_persistent and name in ("PERSID", "BINPERSID")):
                 raise UnsafeFileError(f"{what}: pickle opcode {name} at byte {pos} is not allowed")
@@ -70,9 +77,9 @@ def check_stream(data: bytes, what: str, allow_persistent: bool = False) -> None
                 memo += int(arg) == memo
             elif name == "MEMOIZE":
                 memo += 1
-            elif name == "FRAME" and arg > len(data) - pos:
+            elif name == "FRAME" and arg > size - pos:
                 raise UnsafeFileError(f"{what}: pickle frame of {arg} bytes at byte {pos} is longer than the "
-                                      f"{len(data) - pos} bytes left")
+                                      f"{size - pos} bytes left")
     except UnsafeFileError:
         raise
     except Exception as e:  # truncated counted strings, unknown opcodes, missing STOP, bad decimal arguments ...
@@ -247,17 +254,22 @@ def plain(obj: Any) -> Any:
 # ---- whole pickles -----------------------------------------------------------------------------------------------
 
 
-def loads(data: bytes, what: str, encoding: str = "ASCII") -> Any:
-    """Unpickle ``data`` (named ``what`` in errors) allowing only builtins and plain numpy arrays."""
-    check_stream(data, what)
-    unpickler = RestrictedUnpickler(io.BytesIO(data), encoding=encoding)
+def loads(data: Union[bytes, BinaryIO], what: str, encoding: str = "ASCII") -> Any:
+    """Unpickle ``data`` (bytes, or a seekable binary file at the stream's start; named ``what`` in errors)
+    allowing only builtins and plain numpy arrays."""
+    stream = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
+    start = stream.tell()
+    check_stream(stream, what)
+    stream.seek(start)
+    unpickler = RestrictedUnpickler(stream, encoding=encoding)
     unpickler.what = what
     try:
         obj = unpickler.load()
     except UnsafeFileError as e:
         raise e if str(e).startswith(what) else UnsafeFileError(f"{what}: {e}") from e
     except Exception as e:  # malformed streams raise many types
-        raise UnsafeFileError(f"{what}: corrupt pickle, cannot unpickle it ({type(e).__name__}: {str(e)[:200]})") from e
+        raise UnsafeFileError(f"{what}: corrupt pickle, cannot unpickle it ({type(e).__name__}: "
+                              f"{str(e)[:200]})") from e
     check_nesting(obj, what)
     return plain(obj)
 
@@ -269,8 +281,7 @@ def load_file(path: str, max_bytes: int, encoding: str = "ASCII") -> Any:
         raise UnsafeFileError(f"{path}: {size / 2**20:.1f} MiB is more than the {max_bytes / 2**20:.0f} MiB "
                               f"such a file can hold")
     with open(path, "rb") as f:
-        data = f.read(max_bytes + 1)
-    return loads(data, str(path), encoding)
+        return loads(f, str(path), encoding)
 
 
 # ---- zip containers ----------------------------------------------------------------------------------------------

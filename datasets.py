@@ -364,6 +364,7 @@ def load_idx(config, split: str) -> Arrays:
 
 CIFAR_FILES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
 CIFAR_MAX_BATCH_BYTES = 64 << 20  # a real batch is ~30 MiB (10000 x 3072 bytes + labels)
+CIFAR_MAX_OPCODES = 1 << 20       # a real batch has ~5 per image (label, file name)
 
 
 def read_cifar_batch(path: str) -> Arrays:
@@ -373,7 +374,7 @@ def read_cifar_batch(path: str) -> Arrays:
     other global is imported or called) and files over ``CIFAR_MAX_BATCH_BYTES`` are refused unread.
     """
     try:
-        batch = safe_pickle.load_file(path, CIFAR_MAX_BATCH_BYTES, encoding="bytes")
+        batch = safe_pickle.load_file(path, CIFAR_MAX_BATCH_BYTES, encoding="bytes", max_ops=CIFAR_MAX_OPCODES)
         data, labels = np.asarray(batch[b"data"]), np.asarray(batch[b"labels"], np.int32)
     except safe_pickle.UnsafeFileError as exc:
         raise ValueError(f"CIFAR-10 pickle {exc}") from exc

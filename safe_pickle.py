@@ -35,6 +35,7 @@ MAX_DEPTH = 100                    # container nesting; real checkpoints and CIF
 MAX_MEMBER_BYTES = 16 << 30        # one zip member, uncompressed
 MAX_COMPRESSION_RATIO = 1100       # deflate cannot exceed ~1032:1; more is a crafted size
 SLACK_BYTES = 1 << 20              # allowance for tiny members (headers, empty storages)
+MAX_OPCODES = 1 << 22              # default opcode budget of one stream (~256 MiB of objects at worst)
 
 # Numeric and string dtypes: nothing an array of them holds can refer to Python objects.
 PLAIN_DTYPE_KINDS = "biufcSU"
@@ -51,11 +52,14 @@ class UnsafeFileError(ValueError):
 # ---- opcode scan ------------------------------------------------------------------------------------------------
 
 
-def check_stream(data: Union[bytes, BinaryIO], what: str, allow_persistent: bool = False) -> None:
+def check_stream(data: Union[bytes, BinaryIO], what: str, allow_persistent: bool = False,
+                 max_ops: int = MAX_OPCODES) -> None:
     """Refuse a pickle stream whose opcodes would make the unpickler allocate more than the stream holds.
 
     Memo indices must not exceed the number of entries stored so far (a pickler numbers them 0, 1, 2, ...);
     frames must fit in the remaining bytes; counted strings/bytes are checked by the scan itself (it reads them).
+    At most ``max_ops`` opcodes: each can create an object of ~64 bytes (``]`` is an empty list), so a caller
+    whose stream was decompressed passes a limit proportional to the file's size on disk.
     ``data``: the stream's bytes, or a seekable binary file positioned at its start (read to the end).
     """
     memo = 0
@@ -66,8 +70,11 @@ def check_stream(data: Union[bytes, BinaryIO], what: str, allow_persistent: bool
         size = data.seek(0, io.SEEK_END) - start
         data.seek(start)
     try:
-        for op, arg, pos in pickletools.genops(data):
+        for count, (op, arg, pos) in enumerate(pickletools.genops(data)):
             name = op.name
+            if count >= max_ops:
+                raise UnsafeFileError(f"{what}: more than {max_ops} pickle opcodes (each may build an object); "
+                                      f"more than a file of this size holds")
             if name in _REFUSED_OPCODES or (not allow_persistent and name in ("PERSID", "BINPERSID")):
                 raise UnsafeFileError(f"{what}: pickle opcode {name} at byte {pos} is not allowed")
             if name in _MEMO_PUTS:
@@ -254,12 +261,12 @@ def plain(obj: Any) -> Any:
 # ---- whole pickles -----------------------------------------------------------------------------------------------
 
 
-def loads(data: Union[bytes, BinaryIO], what: str, encoding: str = "ASCII") -> Any:
+def loads(data: Union[bytes, BinaryIO], what: str, encoding: str = "ASCII", max_ops: int = MAX_OPCODES) -> Any:
     """Unpickle ``data`` (bytes, or a seekable binary file at the stream's start; named ``what`` in errors)
     allowing only builtins and plain numpy arrays."""
     stream = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
     start = stream.tell()
-    check_stream(stream, what)
+    check_stream(stream, what, max_ops=max_ops)
     stream.seek(start)
     unpickler = RestrictedUnpickler(stream, encoding=encoding)
     unpickler.what = what
@@ -274,14 +281,14 @@ def loads(data: Union[bytes, BinaryIO], what: str, encoding: str = "ASCII") -> A
     return plain(obj)
 
 
-def load_file(path: str, max_bytes: int, encoding: str = "ASCII") -> Any:
+def load_file(path: str, max_bytes: int, encoding: str = "ASCII", max_ops: int = MAX_OPCODES) -> Any:
     """``loads`` of the file at ``path``, refused before reading when it is larger than ``max_bytes``."""
     size = os.path.getsize(path)
     if size > max_bytes:
         raise UnsafeFileError(f"{path}: {size / 2**20:.1f} MiB is more than the {max_bytes / 2**20:.0f} MiB "
                               f"such a file can hold")
     with open(path, "rb") as f:
-        return loads(f, str(path), encoding)
+        return loads(f, str(path), encoding, max_ops)
 
 
 # ---- zip containers ----------------------------------------------------------------------------------------------

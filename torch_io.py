@@ -281,6 +281,8 @@ class _Archive:
             raise TorchLoadError(f"{self.path}: byteorder {byteorder!r} is not supported (only little-endian)")
         self._cache: Dict[str, _StorageArray] = {}
         self.budget = VIEW_BUDGET_SLACK  # bytes all tensors together may produce: grows with each storage read
+        # torch writes data.pkl uncompressed, ~5+ bytes per opcode; a deflated pickle may not build more objects
+        self.max_ops = (1 << 16) + os.path.getsize(self.path) // 2
 
     def read(self, name: str, missing_ok: bool = False, size: Optional[int] = None):
         """Member ``name`` (its first ``size`` bytes when given: a storage's data, not what the member claims)."""
@@ -313,7 +315,7 @@ class _Archive:
         """Unpickle ``member`` (opcodes checked first), then check nesting and rebuild its tensors."""
         data = self.read(f"{self.root}{member}")
         try:
-            safe_pickle.check_stream(data, member, allow_persistent=True)
+            safe_pickle.check_stream(data, member, allow_persistent=True, max_ops=self.max_ops)
             obj = _Unpickler(data, self, storage_folder).load()
             safe_pickle.check_nesting(obj, member, children=_children)
             return _materialize(obj, "", self, {})

@@ -381,6 +381,7 @@ def test_cifar10_pickle_that_calls_os_system_runs_nothing(tmp_path):
     ("memo_bomb", "memo index"),
     ("huge_bytes_claim", "corrupt pickle"),
     ("nested", "nested more than"),
+    ("many_objects", "more than 1048576 pickle opcodes"),
 ])
 def test_cifar10_crafted_pickles_are_refused_before_allocating(tmp_path, case, message):
     import pickle
@@ -398,6 +399,8 @@ def test_cifar10_crafted_pickles_are_refused_before_allocating(tmp_path, case, m
         path.write_bytes(b"\x80\x04\x8e" + (1 << 40).to_bytes(8, "little") + b"abc.")
     elif case == "nested":
         path.write_bytes(b"\x80\x02" + b"]" * 500 + b"a" * 499 + b".")
+    elif case == "many_objects":  # 4 MiB of "]": 4 million empty lists, ~260 MiB of objects
+        path.write_bytes(b"\x80\x02(" + b"]" * (4 << 20) + b"l.")
     with pytest.raises(ValueError, match=message) as info:
         datasets.load_cifar10_pickle(config, "test")
     assert len(str(info.value).splitlines()) == 1 and str(path) in str(info.value)

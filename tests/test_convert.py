@@ -303,7 +303,7 @@ def test_ermongroup_list_layout_with_named_ema(checkpoint, converted):
         convert.convert_loaded({"foo": 1}, small_config(), "odd")
 
 
-# ---- malformed checkpoints, non-finite weights, workdir safety --------------------------------------------------------
+# ---- malformed checkpoints, non-finite weights, workdir safety ----------------------------------------------------
 
 
 def _edited(checkpoint, case):

@@ -100,6 +100,7 @@ def main(argv):
     if len(argv) > 1:
         raise checks.UserError(f"unexpected argument(s) {' '.join(argv[1:])} (flags are --name=value)")
     logging.getLogger("absl").setLevel(logging.WARNING)
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)   # "Unable to initialize backend 'tpu'"
     if FLAGS.mode == "describe":
         print(describe(FLAGS.config))
         return

@@ -65,10 +65,6 @@ def in_range(lo, hi, closed_hi: bool = False) -> Rule:
     return Rule(lambda v: _number(v) and v >= lo and below(v), f"in [{lo}, {hi}{']' if closed_hi else ')'}")
 
 
-def open_unit() -> Rule:
-    return Rule(lambda v: _number(v) and 0 < v < 1, "in (0, 1) (a time in (0, T=1))")
-
-
 def one_of(*choices) -> Rule:
     return Rule(lambda v: v in choices, f"one of {list(choices)}")
 
@@ -91,14 +87,14 @@ RULES: Dict[str, Rule] = {
     "training.keep_checkpoints": int_ge(1),
     "training.sample_freq": int_ge(1),
     "training.data_shards": int_ge(1),
-    "training.eps": open_unit(),
+    "training.eps": gt(0),                 # < the SDE's T too: checked where the SDE is built
     "training.single_sigma": gt(0),
     "training.n_projections": int_ge(1),
     "training.label_dropout": in_range(0, 1, closed_hi=True),
     # sampling
     "sampling.snr": gt(0),
     "sampling.n_steps": int_ge(0),
-    "sampling.eps": open_unit(),
+    "sampling.eps": gt(0),
     "sampling.num_samples": int_ge(1),
     "sampling.batch_size": int_ge(1),
     "sampling.num_steps": int_ge(1),
@@ -120,7 +116,7 @@ RULES: Dict[str, Rule] = {
     "eval.likelihood.rtol": gt(0),
     "eval.likelihood.atol": gt(0),
     "eval.likelihood.max_steps": int_ge(1),
-    "eval.likelihood.eps": open_unit(),
+    "eval.likelihood.eps": gt(0),
     "eval.likelihood.bits": int_ge(1),
     "eval.likelihood.num_draws": int_ge(1),
     "eval.likelihood.ddpm_num_steps": int_ge(1),
@@ -141,6 +137,7 @@ RULES: Dict[str, Rule] = {
     "model.hidden": int_ge(1),
     "model.num_layers": int_ge(1),
     "model.embed_dim": int_ge(1),
+    "model.cond_channels": int_ge(1),
     "model.num_scales": int_ge(2),
     "model.sigma_min": gt(0),
     "model.sigma_max": gt(0),
@@ -308,6 +305,9 @@ def help_table() -> Dict[str, str]:
 
 
 # ---- loading a config file with one-line errors -------------------------------------------------------------------
+MODULE_NAME = "config_config"   # the name ml_collections' --config flag gives the config module
+
+
 def load_config_file(spec: str):
     """``get_config([arg])`` of ``spec`` = "path/to/config.py[:arg]" (what ``--config=`` names), with one-line
     ``ConfigError``s for a missing file, a syntax error (file and line), a missing ``get_config`` and an error
@@ -323,10 +323,12 @@ def load_config_file(spec: str):
         raise ConfigError(f"config file {file} line {e.lineno}: {e.msg}") from e
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"config file {file} cannot be read: {e}") from e
-    module = importlib.util.module_from_spec(importlib.util.spec_from_file_location(f"{file.stem}_config", file))
+    module = importlib.util.module_from_spec(importlib.util.spec_from_file_location(MODULE_NAME, file))
+    sys.modules[MODULE_NAME] = module   # as an import does: dataclasses and pickling look the module up
     try:
         exec(code, module.__dict__)  # the config file is the user's own code (like any script they run)
     except Exception as e:
+        del sys.modules[MODULE_NAME]
         raise ConfigError(f"config file {file}{_where(e, file)}: {type(e).__name__}: {e}") from e
     if not callable(getattr(module, "get_config", None)):
         raise ConfigError(f"config file {file} defines no get_config()")

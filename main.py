@@ -69,6 +69,11 @@ def parse_flags(argv):
                                                                                                 force_gnu=False)))
     try:
         return FLAGS(argv)
+    except flags.UnrecognizedFlagError as e:
+        if str(e.flagname).startswith("config.") and FLAGS["config"].value is None:
+            raise checks.UserError(f"--{e.flagname} overrides a field of the config: give --config=<file> "
+                                   f"first") from e
+        raise checks.UserError(str(e)) from e
     except flags.Error as e:
         raise checks.UserError(str(e)) from e
 

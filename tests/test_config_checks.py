@@ -3,6 +3,7 @@ they describe (sampler options, config fields); config files load with one-line 
 import inspect
 import math
 import pathlib
+import sys
 
 import pytest
 
@@ -10,6 +11,30 @@ from configs import checks
 from configs.base import get_base_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def forget_example_registrations():
+    """Loading the example configs registers their components; remove them afterwards (and the modules), so later
+    test files see the registries they expect (as tests/test_docs.py does)."""
+    import datasets
+    import losses
+    import models
+    import samplers
+    import sde_lib
+
+    def ours(module) -> bool:
+        return module is not None and (module.startswith("examples") or module == checks.MODULE_NAME)
+
+    modules = set(sys.modules)
+    yield
+    for registry in (sde_lib.SDES, losses.LOSSES, samplers.SAMPLERS, models.MODELS, datasets.SOURCES):
+        for name in [n for n, obj in registry.items() if ours(getattr(obj, "__module__", None))]:
+            del registry[name]
+            losses.CONTINUOUS_TIME.discard(name)
+    for m in set(sys.modules) - modules:
+        if ours(m):
+            sys.modules.pop(m, None)
 
 
 def shipped_configs():

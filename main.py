@@ -99,6 +99,9 @@ def check_command_line(mode: str, config, workdir) -> None:
     if mode in NEEDS_TRAINED_WORKDIR and not os.path.isdir(workdir):
         raise checks.UserError(f"workdir {workdir} does not exist; --mode={mode} reads a trained workdir "
                                f"(make one with --mode=train or --mode=convert)")
+    if mode in NEEDS_TRAINED_WORKDIR and not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        raise checks.UserError(f"workdir {workdir} has no checkpoints/; --mode={mode} reads a trained workdir "
+                               f"(make one with --mode=train or --mode=convert)")
 
 
 def main(argv):

@@ -214,20 +214,36 @@ def _sampling_keys() -> Tuple[str, ...]:
     return tuple(k.split(".", 1)[1] for k in help_table() if k.startswith("sampling."))
 
 
+# config.eval.likelihood options of each likelihood.METHODS method (likelihood.likelihood_settings reads them)
+LIKELIHOOD_OPTIONS: Dict[str, Tuple[str, ...]] = {
+    "ode": ("divergence", "num_probes", "rtol", "atol", "solver", "max_steps", "eps", "dequantization",
+            "num_draws"),
+    "ddpm_bound": ("ddpm_variance", "ddpm_num_steps"),
+}
+
+
+def _option_tables() -> Dict[str, Dict[str, Tuple[str, ...]]]:
+    """Section -> {its ``method``: the options of the section that method reads}."""
+    return {"sampling": method_options(), "eval.likelihood": LIKELIHOOD_OPTIONS}
+
+
 def _check_method_options(config, explicit: Iterable[str]) -> list:
-    """Options set on the command line that the chosen ``sampling.method`` does not read."""
-    if "sampling" not in config or "method" not in config.sampling:
-        return []
-    table, method = method_options(), config.sampling.method
-    if method not in table:
-        return [f"config sampling.method={method!r} must be {_one_of_text(sorted(table))}"]
-    used = {o for opts in table.values() for o in opts}
+    """An unknown ``sampling.method`` / ``eval.likelihood.method``, and options set on the command line that the
+    chosen method of their section does not read."""
     errors = []
-    for path in explicit:
-        section, _, key = path.partition(".")
-        if section == "sampling" and key in used and key not in table[method]:
-            users = ", ".join(m for m, opts in table.items() if key in opts)
-            errors.append(f"config sampling.{key} applies to method(s) {users}, not {method}")
+    for section, table in _option_tables().items():
+        method = get(config, f"{section}.method")
+        if method is None:
+            continue
+        if method not in table:
+            errors.append(f"config {section}.method={method!r} must be {_one_of_text(sorted(table))}")
+            continue
+        used = {o for opts in table.values() for o in opts}
+        for path in explicit:
+            head, _, key = path.rpartition(".")
+            if head == section and key in used and key not in table[method]:
+                users = ", ".join(m for m, opts in table.items() if key in opts)
+                errors.append(f"config {path} applies to method(s) {users}, not {method}")
     return errors
 
 
@@ -440,7 +456,8 @@ def describe(config, mode: Optional[str] = None) -> str:
         extra += [f"must be {op} {b}" for a, op, b in PAIR_RULES if a == path]
         text = "; ".join(filter(None, [helps.get(path, "")] + extra))
         lines.append(f"  {path} = {_fmt(value)}" + (f"    # {text}" if text else ""))
-    lines.append("\n[sampling.method: options of config.sampling each method reads; others are an error when set]")
-    for method, opts in method_options().items():
-        lines.append(f"  {method}: {', '.join(opts)}")
+    for section, table in _option_tables().items():
+        lines.append(f"\n[{section}.method: the options of config.{section} each method reads; setting another "
+                     f"method's option is an error]")
+        lines += [f"  {method}: {', '.join(opts)}" for method, opts in table.items()]
     return "\n".join(lines).lstrip("\n")

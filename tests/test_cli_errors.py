@@ -102,6 +102,16 @@ def test_refused_config_leaves_an_existing_workdir_unchanged(tmp_path):
     assert sorted((p.relative_to(workdir), p.stat().st_mtime_ns) for p in workdir.rglob("*")) == before
 
 
+def test_sample_on_a_workdir_without_checkpoints_writes_nothing(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    for mode in ("sample", "eval", "likelihood"):
+        out = run_main(TOY, f"--workdir={tmp_path}", f"--mode={mode}")
+        assert out.returncode == 2 and stderr_lines(out) == [f"error: workdir {tmp_path} has no checkpoints/; "
+                                                             f"--mode={mode} reads a trained workdir (make one with "
+                                                             f"--mode=train or --mode=convert)"], out.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
 def test_score_debug_shows_the_traceback(tmp_path):
     out = run_main(TOY, f"--workdir={tmp_path / 'run'}", "--config.optim.lr=0", env_extra={"SCORE_DEBUG": "1"})
     assert out.returncode != 0

@@ -233,3 +233,16 @@ def test_describe_mentions_every_field_and_method():
         assert f"  {path} = " in text
     for method in checks.METHOD_OPTIONS:
         assert f"  {method}: " in text
+
+
+def test_likelihood_options_per_method():
+    import likelihood
+
+    assert set(checks.LIKELIHOOD_OPTIONS) == set(likelihood.METHODS)
+    lik_keys = set(get_base_config().eval.likelihood.keys())
+    assert {o for opts in checks.LIKELIHOOD_OPTIONS.values() for o in opts} <= lik_keys
+    config = get_base_config()
+    config.eval.likelihood.method = "ddpm_bound"
+    checks.validate(config, "likelihood", explicit=["eval.likelihood.ddpm_num_steps", "eval.likelihood.split"])
+    with pytest.raises(checks.ConfigError, match=r"eval.likelihood.rtol applies to method\(s\) ode, not ddpm_bound"):
+        checks.validate(config, "likelihood", explicit=["eval.likelihood.rtol"])

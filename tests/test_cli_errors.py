@@ -50,6 +50,7 @@ CASES = [
     (["--config={import_error}"], "import_error.py line 1: ModuleNotFoundError"),
     (["--config=configs/toy.py:spiral"], "unknown toy dataset 'spiral'"),
     ([], "--config is required"),
+    (["--config.training.n_iters=2"], "--config.training.n_iters overrides a field of the config: give --config="),
     ([TOY, "--mode=dance"], "unknown --mode='dance'"),
     ([TOY, "--workdirr=x"], "Unknown command line flag 'workdirr'"),
     ([TOY, "stray_argument"], "unexpected argument(s) stray_argument"),
@@ -156,3 +157,12 @@ def test_unraisable_event_loop_noise_is_dropped_and_other_reports_kept():
             "A('Event loop is closed'); gc.collect()\nA('another problem'); gc.collect()\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert "another problem" in out.stderr and "Event loop is closed" not in out.stderr, out.stderr
+
+
+def test_os_errors_are_one_line_naming_the_file():
+    import main
+
+    disk_full = OSError(28, "No space left on device", "/w/checkpoints/40/state")
+    assert main.one_line(disk_full) == "[Errno 28] No space left on device: '/w/checkpoints/40/state'"
+    assert main.one_line(KeyError("unknown key 'x'")) == "unknown key 'x'"
+    assert main.one_line(ValueError("two\nlines")) == "two lines"

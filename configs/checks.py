@@ -4,8 +4,12 @@
 and its valid range ("config sde.sigma_min=50 must be < sde.sigma_max=1"). ``RULES`` holds single-field ranges,
 ``MODE_RULES`` those that hold for one ``--mode`` only, ``PAIR_RULES`` relations between two fields, and
 ``METHOD_OPTIONS`` which ``config.sampling`` options each sampler method reads (the names of its builder's
-parameters in ``samplers.SAMPLERS``; ``tests/test_config_checks.py`` keeps the two equal). This module imports
-nothing heavy (no JAX), so ``main.py`` runs it before importing the modes, and ``--help`` stays fast.
+parameters in ``samplers.SAMPLERS``; ``tests/test_config_checks.py`` keeps the two equal), ``LIKELIHOOD_OPTIONS``
+the same for ``config.eval.likelihood``: an option of another method set on the command line is an error.
+``help_table()`` reads each field's help from the comments of ``configs/base.py``; ``describe`` prints it all
+(``--mode=describe``). ``load_config_file`` and ``check_override_keys`` turn a broken config file or an unknown
+``--config.a.b`` key into one line. ``UserError`` is the base of every error a user can fix (``main.py`` prints
+it as one line). This module imports nothing heavy (no JAX): ``main.py`` runs it before importing the modes.
 
 A ``None`` value (a placeholder) always passes: it means "the default".
 """

@@ -10,6 +10,7 @@ import importlib
 import logging
 import os
 import sys
+import threading
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -168,15 +169,19 @@ def _is_event_loop_noise(message) -> bool:
 
 
 def quiet_known_noise() -> None:
-    """Drop orbax's "RuntimeError: Event loop is closed" reports (from its async writers, after a failed restore
-    or at exit) and nothing else: an unraisable-exception hook and an asyncio log filter."""
-    default_hook = sys.unraisablehook
+    """Drop orbax's "RuntimeError: Event loop is closed" reports (from tasks of its closed event loops, after a
+    failed restore or at exit) and nothing else: in finalisers, background threads and the asyncio log."""
+    default_hook, default_thread_hook = sys.unraisablehook, threading.excepthook
 
     def hook(unraisable):
         if not _is_event_loop_noise(unraisable.exc_value):
             default_hook(unraisable)
 
-    sys.unraisablehook = hook
+    def thread_hook(args):
+        if not _is_event_loop_noise(args.exc_value):
+            default_thread_hook(args)
+
+    sys.unraisablehook, threading.excepthook = hook, thread_hook
 
     class _Filter(logging.Filter):
         def filter(self, record):

@@ -154,9 +154,12 @@ def test_unraisable_event_loop_noise_is_dropped_and_other_reports_kept():
     code = ("import gc, main\nmain.quiet_known_noise()\n"
             "class A:\n    def __init__(self, msg): self.msg = msg\n"
             "    def __del__(self): raise RuntimeError(self.msg)\n"
-            "A('Event loop is closed'); gc.collect()\nA('another problem'); gc.collect()\n")
+            "A('Event loop is closed'); gc.collect()\nA('another problem'); gc.collect()\n"
+            "import threading\nfor m in ('Event loop is closed', 'thread trouble'):\n"
+            "    t = threading.Thread(target=lambda: A.__del__(A(m))); t.start(); t.join()\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert "another problem" in out.stderr and "Event loop is closed" not in out.stderr, out.stderr
+    assert "another problem" in out.stderr and "thread trouble" in out.stderr, out.stderr
+    assert "Event loop is closed" not in out.stderr, out.stderr
 
 
 def test_os_errors_are_one_line_naming_the_file():

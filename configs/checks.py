@@ -226,6 +226,29 @@ LIKELIHOOD_OPTIONS: Dict[str, Tuple[str, ...]] = {
 }
 
 
+# method "pc": config.sampling options its predictor / corrector (samplers.PREDICTORS / CORRECTORS) read
+PC_PARTS: Dict[str, Dict[str, Tuple[str, ...]]] = {
+    "predictor": {"euler_maruyama": (), "reverse_diffusion": (), "ancestral_sampling": ("ancestral_variance",),
+                  "none": ()},
+    "corrector": {"langevin": ("snr", "n_steps"), "ald": ("snr", "n_steps", "ald_step_size"), "none": ()},
+}
+
+
+def _check_pc_parts(config, explicit: Iterable[str]) -> list:
+    """Options set on the command line that the chosen (known) predictor or corrector of method "pc" ignores."""
+    if get(config, "sampling.method") != "pc":
+        return []
+    errors = []
+    for part, table in PC_PARTS.items():
+        chosen, used = get(config, f"sampling.{part}"), {o for opts in table.values() for o in opts}
+        for path in explicit:
+            head, _, key = path.rpartition(".")
+            if head == "sampling" and key in used and chosen in table and key not in table[chosen]:
+                users = ", ".join(name for name, opts in table.items() if key in opts)
+                errors.append(f"config {path} applies to {part}(s) {users}, not {chosen}")
+    return errors
+
+
 def _option_tables() -> Dict[str, Dict[str, Tuple[str, ...]]]:
     """Section -> {its ``method``: the options of the section that method reads}."""
     return {"sampling": method_options(), "eval.likelihood": LIKELIHOOD_OPTIONS}
@@ -293,7 +316,8 @@ def validate(config, mode: Optional[str] = None, explicit: Iterable[str] = ()) -
     """Raise ``ConfigError`` (one line, every broken rule) when ``config`` breaks a rule of this module.
     ``mode``: the ``--mode`` (adds ``MODE_RULES[mode]``); ``explicit``: the field paths set on the command line
     ("sampling.eta"), refused when the chosen sampler method does not read them."""
-    errors = rule_errors(config, mode) + _check_method_options(config, explicit)
+    explicit = list(explicit)
+    errors = rule_errors(config, mode) + _check_method_options(config, explicit) + _check_pc_parts(config, explicit)
     if errors:
         raise ConfigError("; ".join(errors))
 
@@ -460,6 +484,9 @@ def describe(config, mode: Optional[str] = None) -> str:
         extra += [f"must be {op} {b}" for a, op, b in PAIR_RULES if a == path]
         text = "; ".join(filter(None, [helps.get(path, "")] + extra))
         lines.append(f"  {path} = {_fmt(value)}" + (f"    # {text}" if text else ""))
+    for part, table in PC_PARTS.items():
+        lines.append(f"\n[sampling.{part} of method pc: the options each reads]")
+        lines += [f"  {name}: {', '.join(opts) or '-'}" for name, opts in table.items()]
     for section, table in _option_tables().items():
         lines.append(f"\n[{section}.method: the options of config.{section} each method reads; setting another "
                      f"method's option is an error]")

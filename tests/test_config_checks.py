@@ -246,3 +246,20 @@ def test_likelihood_options_per_method():
     checks.validate(config, "likelihood", explicit=["eval.likelihood.ddpm_num_steps", "eval.likelihood.split"])
     with pytest.raises(checks.ConfigError, match=r"eval.likelihood.rtol applies to method\(s\) ode, not ddpm_bound"):
         checks.validate(config, "likelihood", explicit=["eval.likelihood.rtol"])
+
+
+def test_pc_parts_match_the_predictor_and_corrector_registries():
+    import samplers
+
+    keys = set(get_base_config().sampling.keys())
+    for part, registry in (("predictor", samplers.PREDICTORS), ("corrector", samplers.CORRECTORS)):
+        derived = {name: {p for p in inspect.signature(f).parameters if p in keys} for name, f in registry.items()}
+        assert {n: set(o) for n, o in checks.PC_PARTS[part].items()} == derived
+    config = get_base_config()
+    config.sampling.corrector = "none"
+    checks.validate(config, "sample", explicit=["sampling.predictor"])
+    with pytest.raises(checks.ConfigError, match=r"^config sampling.snr applies to corrector\(s\) langevin, ald, "
+                                                 r"not none$"):
+        checks.validate(config, "sample", explicit=["sampling.snr"])
+    config.sampling.method = "annealed_langevin"   # reads snr itself
+    checks.validate(config, "sample", explicit=["sampling.snr"])

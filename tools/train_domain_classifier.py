@@ -17,16 +17,25 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--cache_dir", required=True)
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default: evaluation.DOMAIN_STEPS)")
+    return parser
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()   # --help and bad arguments answer before JAX is imported
+
 import evaluation  # noqa: E402
 import utils  # noqa: E402
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--cache_dir", required=True)
-    parser.add_argument("--steps", type=int, default=evaluation.DOMAIN_STEPS)
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
+    args.steps = evaluation.DOMAIN_STEPS if args.steps is None else args.steps
     config = utils.load_config_file(args.config)
     path = evaluation.domain_classifier_path(config, args.cache_dir)
     if path.exists():

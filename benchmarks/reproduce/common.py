@@ -15,7 +15,6 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 RESULTS_DIR = ROOT / "benchmarks" / "results"
@@ -169,6 +168,7 @@ def draw(cfg, ev, method: str, options: dict, n: int, seed: int, N: Optional[int
     batch_index): uint8 images, NFE, compile and sampling seconds (the sampler is compiled ahead, so
     ``sample_s`` excludes compilation)."""
     import datasets
+    import jax
     import samplers
 
     sde = ev.sde if N is None else dataclasses.replace(ev.sde, N=int(N))

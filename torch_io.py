@@ -355,6 +355,8 @@ def _materialize(obj: Any, name: str, archive: _Archive, done: Dict[int, np.ndar
         return done[id(obj)]
     if isinstance(obj, safe_pickle.CheckedArray):
         return obj.view(np.ndarray)
+    if isinstance(obj, _StorageArray):  # a storage handed to something we keep as a record: its read-only array
+        return obj.array
     if isinstance(obj, dict):
         for k in list(obj):
             if isinstance(k, _LazyTensor):

@@ -145,6 +145,17 @@ def test_unknown_classes_are_inert_records(tmp_path):
     assert (out["args"].module, out["args"].name, out["args"].args) == ("os", "system", ("echo pwned",))
 
 
+def test_records_of_unknown_rebuilders_keep_their_storages_as_arrays(tmp_path):
+    """e.g. ``torch._utils._rebuild_qtensor(storage, ...)``: the record's args hold the storage's values."""
+    pid = b"(" + _frag("storage") + _global("torch", "FloatStorage") + _frag("0") + _frag("cpu") + _frag(3) + b"t"
+    body = _global("torch._utils", "_rebuild_qtensor") + b"(" + pid + b"Q" + _frag(0) + b"tR"
+    path = _write_archive(tmp_path / "q.pth", {"q": body}, {"0": np.arange(3, dtype="<f4").tobytes()})
+    record = torch_io.load(path)["q"]
+    assert isinstance(record, torch_io.PickledObject) and record.name == "_rebuild_qtensor"
+    np.testing.assert_array_equal(record.args[0], [0, 1, 2])
+    assert record.args[1] == 0
+
+
 @pytest.mark.parametrize("case,message", [
     ("missing", "no such file"),
     ("not_zip", "not a torch zip archive"),

@@ -331,13 +331,15 @@ def _npz_member(zf: zipfile.ZipFile, name: str, path: str) -> np.ndarray:
         if nbytes != left:
             raise UnsafeFileError(f"{path}: array {name[:-4]!r} of shape {tuple(shape)} {dtype} needs {nbytes} "
                                   f"bytes but its member holds {left}; truncated or corrupt file")
-        buf, n = bytearray(nbytes), 0
-        while n < nbytes:
-            got = f.readinto(memoryview(buf)[n:])
-            if not got:
+        out = np.empty(nbytes, np.uint8)
+        view, n = memoryview(out), 0
+        while n < nbytes:  # 1 MiB reads: one huge read of a zip member is ~3x slower
+            chunk = f.read(min(1 << 20, nbytes - n))
+            if not chunk:
                 raise UnsafeFileError(f"{path}: array {name[:-4]!r} is truncated")
-            n += got
-    return np.frombuffer(buf, dtype).reshape(shape, order="F" if fortran else "C")
+            view[n:n + len(chunk)] = chunk
+            n += len(chunk)
+    return out.view(dtype).reshape(shape, order="F" if fortran else "C")
 
 
 def load_npz(path, what: str = "npz file") -> Dict[str, np.ndarray]:

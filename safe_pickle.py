@@ -244,18 +244,24 @@ def check_nesting(obj: Any, what: str, max_depth: int = MAX_DEPTH, children: Cal
             stack.append((child, iter(kids), 0))
 
 
-def plain(obj: Any) -> Any:
-    """``obj`` with every ``CheckedArray`` replaced by a plain ``np.ndarray`` view (after ``check_nesting``)."""
+def plain(obj: Any, seen: Optional[Dict[int, tuple]] = None) -> Any:
+    """``obj`` with every ``CheckedArray`` replaced by a plain ``np.ndarray`` view (after ``check_nesting``).
+    Shared sub-containers are converted once (``seen``: id -> (original, result)), so a DAG costs linear time."""
+    seen = {} if seen is None else seen
+    if id(obj) in seen:
+        return seen[id(obj)][1]
+    result = obj
     if isinstance(obj, CheckedArray):
-        return obj.view(np.ndarray)
-    if isinstance(obj, dict):
+        result = obj.view(np.ndarray)
+    elif isinstance(obj, dict):
         for k, v in obj.items():
-            obj[k] = plain(v)
+            obj[k] = plain(v, seen)
     elif isinstance(obj, list):
-        obj[:] = [plain(v) for v in obj]
+        obj[:] = [plain(v, seen) for v in obj]
     elif isinstance(obj, tuple):
-        return type(obj)(plain(v) for v in obj) if not hasattr(obj, "_fields") else obj
-    return obj
+        result = tuple(plain(v, seen) for v in obj)
+    seen[id(obj)] = (obj, result)  # keeps ``obj`` alive, so its id is not reused during the walk
+    return result
 
 
 # ---- whole pickles -----------------------------------------------------------------------------------------------

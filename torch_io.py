@@ -341,23 +341,25 @@ def _children(obj) -> list:
     return []
 
 
-def _materialize(obj: Any, name: str, archive: _Archive, done: Dict[int, np.ndarray]) -> Any:
+def _materialize(obj: Any, name: str, archive: _Archive, done: Dict[int, tuple]) -> Any:
     """``obj`` with each ``_LazyTensor`` replaced by its array, after checking the bytes it produces against its
-    storage and the archive's remaining budget (``name``: the path of ``obj``, e.g. ``['model']['conv.weight']``)."""
+    storage and the archive's remaining budget (``name``: the path of ``obj``, e.g. ``['model']['conv.weight']``).
+    Shared objects are handled once (``done``: id -> (original, result)), so a DAG costs linear time."""
+    if id(obj) in done:
+        return done[id(obj)][1]
+    result = obj
     if isinstance(obj, _LazyTensor):
-        if id(obj) not in done:
-            storage, nbytes = _view_nbytes(obj, name or "<top level>")
-            if nbytes > archive.budget:
-                raise TorchLoadError(f"tensor {name} would take the tensors' total past {VIEW_BUDGET_FACTOR} x "
-                                     f"the storage bytes in the file; crafted views of shared storages?")
-            archive.budget -= nbytes
-            done[id(obj)] = _strided_view(storage, obj.offset, obj.size, obj.stride)
-        return done[id(obj)]
-    if isinstance(obj, safe_pickle.CheckedArray):
-        return obj.view(np.ndarray)
-    if isinstance(obj, _StorageArray):  # a storage handed to something we keep as a record: its read-only array
-        return obj.array
-    if isinstance(obj, dict):
+        storage, nbytes = _view_nbytes(obj, name or "<top level>")
+        if nbytes > archive.budget:
+            raise TorchLoadError(f"tensor {name} would take the tensors' total past {VIEW_BUDGET_FACTOR} x "
+                                 f"the storage bytes in the file; crafted views of shared storages?")
+        archive.budget -= nbytes
+        result = _strided_view(storage, obj.offset, obj.size, obj.stride)
+    elif isinstance(obj, safe_pickle.CheckedArray):
+        result = obj.view(np.ndarray)
+    elif isinstance(obj, _StorageArray):  # a storage handed to something we keep as a record: its read-only array
+        result = obj.array
+    elif isinstance(obj, dict):
         for k in list(obj):
             if isinstance(k, _LazyTensor):
                 raise TorchLoadError(f"{name or 'a dict'} uses a tensor as a key")
@@ -365,7 +367,7 @@ def _materialize(obj: Any, name: str, archive: _Archive, done: Dict[int, np.ndar
     elif isinstance(obj, list):
         obj[:] = [_materialize(v, f"{name}[{i}]", archive, done) for i, v in enumerate(obj)]
     elif isinstance(obj, tuple):
-        return tuple(_materialize(v, f"{name}[{i}]", archive, done) for i, v in enumerate(obj))
+        result = tuple(_materialize(v, f"{name}[{i}]", archive, done) for i, v in enumerate(obj))
     elif isinstance(obj, (set, frozenset)) and any(isinstance(v, _LazyTensor) for v in obj):
         raise TorchLoadError(f"{name or 'a set'} holds tensors")
     elif isinstance(obj, PickledObject):
@@ -373,7 +375,8 @@ def _materialize(obj: Any, name: str, archive: _Archive, done: Dict[int, np.ndar
         obj.state = _materialize(obj.state, f"{name}.state", archive, done)
     elif isinstance(obj, ScriptObject):
         obj.state = _materialize(obj.state, f"{name}.{obj.qualified_name}" if not name else name, archive, done)
-    return obj
+    done[id(obj)] = (obj, result)  # keeps ``obj`` alive, so its id is not reused during the walk
+    return result
 
 
 def _describe_non_zip(path: str) -> str:

@@ -69,6 +69,18 @@ def test_shared_subtrees_are_checked_once_by_their_longest_path():
         safe_pickle.check_nesting([deep, x], "t")
 
 
+def test_a_pickled_dag_of_2_to_the_60_paths_loads_in_linear_time():
+    """pickle memoises shared objects: 60 levels of [x, x] are ~400 bytes; every walk visits each list once."""
+    x = [np.arange(3)]
+    for _ in range(60):
+        x = [x, x]
+    out = safe_pickle.loads(pickle.dumps(x, protocol=2), "t")
+    for _ in range(60):
+        assert out[0] is out[1]
+        out = out[0]
+    assert type(out[0]) is np.ndarray
+
+
 def test_load_file_refuses_oversized_files_unread(tmp_path):
     path = tmp_path / "big.pkl"
     with open(path, "wb") as f:

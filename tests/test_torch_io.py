@@ -273,6 +273,23 @@ def test_deflated_pickle_of_many_objects_is_refused_before_unpickling(tmp_path):
     assert _peak_bytes(lambda: torch_io.load(path)) < 8 << 20
 
 
+def test_shared_containers_are_walked_once(tmp_path):
+    """data.pkl of 60 levels of [x, x] around one tensor (2**60 paths, ~600 bytes): loads at once, one array."""
+    pkl = b"\x80\x02" + _tensor("FloatStorage", "0", 4, 0, (4,), (1,)) + b"q\x01"  # the fragments use memo 0
+    for level in range(1, 61):  # memo[level + 1] = (memo[level], memo[level])
+        pkl += b"h" + bytes([level]) + b"h" + bytes([level]) + b"\x86" + b"q" + bytes([level + 1])
+    pkl += b"."
+    path = tmp_path / "dag.pth"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("archive/data.pkl", pkl)
+        z.writestr("archive/data/0", np.arange(4, dtype="<f4").tobytes())
+    out = torch_io.load(path)
+    for _ in range(60):
+        assert out[0] is out[1]
+        out = out[0]
+    np.testing.assert_array_equal(out, np.arange(4))
+
+
 def test_unused_tail_of_a_storage_member_is_not_decompressed(tmp_path):
     """Only the bytes the pickle's storage record needs are read (a 4-element tensor from a 64 MiB member)."""
     path = tmp_path / "tail.pth"

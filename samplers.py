@@ -222,12 +222,67 @@ def _shard(x: Array, sharding) -> Array:
     return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
 
 
-def _jit(fn: Callable, sharding) -> SamplerFn:
-    """jit a ``key -> (x, nfe)`` function, with x sharded over the batch when ``sharding`` is given."""
+def _jit(fn: Callable, sharding, trajectory: bool = False) -> SamplerFn:
+    """jit a ``(key, x_init=None) -> (x, nfe[, trajectory])`` function, with x (and the trajectory's x) sharded
+    over the batch when ``sharding`` is given."""
     if sharding is None:
         return jax.jit(fn)
     replicated = NamedSharding(sharding.mesh, PartitionSpec())
-    return jax.jit(fn, out_shardings=(sharding, replicated))
+    out = (sharding, replicated)
+    if trajectory:
+        out += ({"t": replicated, "x": NamedSharding(sharding.mesh, PartitionSpec(None, *sharding.spec))},)
+    return jax.jit(fn, out_shardings=out)
+
+
+def _initial(sde: SDE, key: Array, shape, x_init: Optional[Array], sharding) -> Array:
+    """The sampler's starting point: ``x_init`` when given (its shape must be ``shape``), else a prior sample
+    drawn from ``key``."""
+    if x_init is None:
+        return _shard(sde.prior_sampling(key, shape), sharding)
+    if tuple(jnp.shape(x_init)) != tuple(shape):
+        raise ValueError(f"x_init has shape {tuple(jnp.shape(x_init))} but the sample shape is {tuple(shape)}")
+    return _shard(jnp.asarray(x_init, jnp.float32), sharding)
+
+
+def _outputs(x: Array, nfe, ts: Array, x0: Array, xs: Optional[Array]) -> tuple:
+    """``(x, nfe)``, plus ``{"t": ts (K,), "x": (K, *shape)}`` (x at every grid time, from the start x0 to
+    before denoising) when the loop recorded its steps ``xs``."""
+    if xs is None:
+        return x, jnp.asarray(nfe)
+    return x, jnp.asarray(nfe), {"t": ts, "x": jnp.concatenate([x0[None], xs])}
+
+
+def _with_default_x_init(run: Callable, x_init: Optional[Array]) -> Callable:
+    """``run(key, x_init=None)`` whose missing x_init falls back to the builder's ``x_init``."""
+    if x_init is None:
+        return run
+    default = x_init
+
+    def fn(key, x_init=None):
+        return run(key, default if x_init is None else x_init)
+
+    return fn
+
+
+# ---- time grids passed as arrays ------------------------------------------------------------------------------
+def check_time_array(sde: SDE, ts) -> Array:
+    """A user's time grid: a strictly decreasing 1-D array of >= 2 times in (0, T] (shape (K,), float32)."""
+    ts = np.asarray(ts, np.float64)
+    if ts.ndim != 1 or len(ts) < 2:
+        raise ValueError(f"a time grid array must be 1-D with >= 2 times, got shape {ts.shape}")
+    if not np.all(np.isfinite(ts)) or not np.all(np.diff(ts) < 0):
+        raise ValueError(f"a time grid array must be finite and strictly decreasing (T towards 0), got {ts}")
+    if ts[0] > sde.T * (1 + 1e-6) or ts[-1] <= 0:
+        raise ValueError(f"time grid times must lie in (0, T={sde.T}], got [{ts[-1]:g}, {ts[0]:g}]")
+    return jnp.asarray(ts, jnp.float32)
+
+
+def resolve_grid(sde: SDE, grid, num_steps: int, eps: Optional[float]) -> Array:
+    """The times T..eps a grid sampler visits: ``grid`` names a kind of ``time_grid`` (``num_steps`` nodes down
+    to ``eps``) or is the times themselves as an array (which then fixes the number of steps and eps)."""
+    if isinstance(grid, str):
+        return time_grid(sde, int(num_steps), check_eps(sde, eps), grid)
+    return check_time_array(sde, grid)
 
 
 # ---- the predictor-corrector sampler ---------------------------------------------------------------------------
@@ -244,22 +299,24 @@ def pc_step_fn(sde: SDE, score_fn: ScoreFn, predictor: Predictor, corrector: Cor
 def build_pc(sde: SDE, score_fn: ScoreFn, shape, predictor: str = "euler_maruyama", corrector: str = "langevin",
              snr: float = 0.16, n_steps: int = 1, num_steps: Optional[int] = None, denoise: bool = True,
              eps: Optional[float] = None, ald_step_size: Optional[float] = None,
-             ancestral_variance: Optional[str] = None, grid: str = "uniform",
-             mesh="auto", project: Optional[Callable] = None) -> Tuple[SamplerFn, int]:
-    """PC sampler on ``num_steps`` (default ``sde.N``) times t_i from T to eps (``grid``, see ``time_grid``;
-    "uniform" is t_i = linspace(T, eps, num_steps), the only one for chain predictors): at each t_i run the
-    corrector, then predict to t_{i+1}; at t = eps run the corrector and (``denoise``) Tweedie's denoiser.
+             ancestral_variance: Optional[str] = None, grid="uniform", mesh="auto",
+             project: Optional[Callable] = None, x_init: Optional[Array] = None,
+             trajectory: bool = False) -> Tuple[SamplerFn, int]:
+    """PC sampler on ``num_steps`` (default ``sde.N``) times t_i from T to eps (``grid``, see ``resolve_grid``:
+    a kind, "uniform" is t_i = linspace(T, eps, num_steps) and the only one for chain predictors, or an array of
+    times): at each t_i run the corrector, then predict to t_{i+1}; at t = eps run the corrector and (``denoise``)
+    Tweedie's denoiser. Starts from ``x_init`` (builder or call argument) or a prior sample; ``trajectory``:
+    also return x at every grid time (see ``_outputs``).
 
     NFE = (num_steps - 1)·P + num_steps·C·n_steps + denoise, with P, C the per-step costs (0 for "none").
     ``project(key, x, t) -> x`` (optional) runs on the prior sample and after every corrector and predictor step,
     at the time that step ends at (e.g. inpainting's replacement of the known pixels); not after denoising."""
-    eps = check_eps(sde, eps)
-    num_steps = sde.N if num_steps is None else int(num_steps)
-    _positive("num_steps", num_steps)
+    ts = resolve_grid(sde, grid, sde.N if num_steps is None else num_steps, eps)
+    num_steps, eps = len(ts), float(ts[-1])
     if n_steps < 0:
         raise ValueError(f"sampling option 'n_steps' (corrector steps per level) must be >= 0, got {n_steps}")
     pred = _lookup(PREDICTORS, predictor, "predictor")(sde, score_fn, ancestral_variance=ancestral_variance)
-    if pred.chain and (num_steps != sde.N or grid != "uniform"):
+    if pred.chain and (num_steps != sde.N or not isinstance(grid, str) or grid != "uniform"):
         raise ValueError(f"predictor {predictor!r} follows the SDE's discrete chain of sde.N={sde.N} uniform steps "
                          f"but num_steps={num_steps}, grid={grid!r}; build the SDE with N={num_steps} or use "
                          f"'euler_maruyama'")
@@ -269,26 +326,26 @@ def build_pc(sde: SDE, score_fn: ScoreFn, shape, predictor: str = "euler_maruyam
     if project is not None:
         pred, corr = _projected(pred, corr, project)
     sharding = batch_sharding(shape, mesh)
-    ts = time_grid(sde, num_steps, eps, grid)
     step = pc_step_fn(sde, score_fn, pred, corr)
     nfe = (num_steps - 1) * pred.nfe + num_steps * corr.nfe + int(denoise)
 
-    def run(key):
+    def run(key, x_init=None):
         k_prior, k_loop = jax.random.split(key)
-        x = _shard(sde.prior_sampling(k_prior, shape), sharding)
+        x = x0 = _initial(sde, k_prior, shape, x_init, sharding)
         if project is not None:
-            x = project(jax.random.fold_in(k_prior, 1), x, ts[0])
+            x = x0 = project(jax.random.fold_in(k_prior, 1), x, ts[0])
 
         def body(x, i):
-            return step(jax.random.fold_in(k_loop, i), x, ts[i], ts[i + 1]), None
+            x = step(jax.random.fold_in(k_loop, i), x, ts[i], ts[i + 1])
+            return x, (x if trajectory else None)
 
-        x, _ = jax.lax.scan(body, x, jnp.arange(num_steps - 1))
+        x, xs = jax.lax.scan(body, x, jnp.arange(num_steps - 1))
         x = corr.step(jax.random.fold_in(k_loop, num_steps - 1), x, ts[-1])
         if denoise:
             x = tweedie(sde, score_fn, x, ts[-1])
-        return x, jnp.asarray(nfe)
+        return _outputs(x, nfe, ts, x0, xs)
 
-    return _jit(run, sharding), nfe
+    return _jit(_with_default_x_init(run, x_init), sharding, trajectory), nfe
 
 
 def _projected(pred: Predictor, corr: Corrector, project: Callable) -> Tuple[Predictor, Corrector]:
@@ -342,25 +399,27 @@ GRIDS = {"uniform": "uniform in t", "log_snr": "uniform in λ = log(α/σ)", "ka
 
 
 def _grid_sampler(sde, score_fn, shape, ts, step, init_state, denoise, sharding, x_init=None,
-                  project: Optional[Callable] = None) -> SamplerFn:
-    """Shared loop: x ~ prior at ts[0]; ``(x, state) = step(key, x, state, i, ts[i], ts[i+1])`` over the grid;
-    then Tweedie at ts[-1] when ``denoise``. ``project(key, x, t)`` (optional) runs on the prior sample and after
-    every step, at the time it ends at (as in ``build_pc``). Returns ``key -> x``."""
+                  project: Optional[Callable] = None, trajectory: bool = False) -> Callable:
+    """Shared loop: x = ``x_init`` or a prior sample at ts[0]; ``(x, state) = step(key, x, state, i, ts[i],
+    ts[i+1])`` over the grid; then Tweedie at ts[-1] when ``denoise``. ``project(key, x, t)`` (optional) runs on
+    the start and after every step, at the time it ends at (as in ``build_pc``). Returns ``run(key, x_init=None)
+    -> (x, nfe placeholder 0[, trajectory])``; ``_with_nfe`` fills in the NFE."""
     if project is not None:
         step = _projected_grid_step(step, project)
 
-    def run(key):
+    def run(key, x_init_=None):
         k_prior, k_loop = jax.random.split(key)
-        x = sde.prior_sampling(k_prior, shape) if x_init is None else jnp.asarray(x_init, jnp.float32)
-        x = _shard(x, sharding)
+        x = x0 = _initial(sde, k_prior, shape, x_init if x_init_ is None else x_init_, sharding)
         if project is not None:
-            x = project(jax.random.fold_in(k_prior, 1), x, ts[0])
+            x = x0 = project(jax.random.fold_in(k_prior, 1), x, ts[0])
 
         def body(carry, i):
-            return step(jax.random.fold_in(k_loop, i), *carry, i, ts[i], ts[i + 1]), None
+            x, state = step(jax.random.fold_in(k_loop, i), *carry, i, ts[i], ts[i + 1])
+            return (x, state), (x if trajectory else None)
 
-        (x, _), _ = jax.lax.scan(body, (x, init_state(x)), jnp.arange(len(ts) - 1))
-        return tweedie(sde, score_fn, x, ts[-1]) if denoise else x
+        (x, _), xs = jax.lax.scan(body, (x, init_state(x)), jnp.arange(len(ts) - 1))
+        x = tweedie(sde, score_fn, x, ts[-1]) if denoise else x
+        return _outputs(x, 0, ts, x0, xs)
 
     return run
 
@@ -375,8 +434,14 @@ def _projected_grid_step(step: Callable, project: Callable) -> Callable:
     return projected
 
 
-def _with_nfe(run: Callable, nfe: int, sharding) -> Tuple[SamplerFn, int]:
-    return _jit(lambda key: (run(key), jnp.asarray(nfe)), sharding), nfe
+def _with_nfe(run: Callable, nfe: int, sharding, trajectory: bool = False) -> Tuple[SamplerFn, int]:
+    """The jitted ``(key, x_init=None) -> (x, nfe[, trajectory])`` of a ``_grid_sampler`` loop."""
+
+    def fn(key, x_init=None):
+        out = run(key, x_init)
+        return (out[0], jnp.asarray(nfe)) + tuple(out[2:])
+
+    return _jit(fn, sharding, trajectory), nfe
 
 
 # ---- DDIM --------------------------------------------------------------------------------------------------------
@@ -394,17 +459,17 @@ def ddim_step(sde: SDE, score_fn: ScoreFn, eta: float) -> Callable:
     return step
 
 
-def build_ddim(sde: SDE, score_fn: ScoreFn, shape, num_steps: int = 100, eta: float = 0.0, grid: str = "uniform",
-               denoise: bool = True, eps: Optional[float] = None, mesh="auto",
-               project: Optional[Callable] = None) -> Tuple[SamplerFn, int]:
-    """DDIM over ``num_steps`` grid times T..eps (η=0: deterministic, η=1: DDPM-like). NFE = num_steps - 1 +
-    denoise (the final Tweedie step is DDIM's last x̂0)."""
+def build_ddim(sde: SDE, score_fn: ScoreFn, shape, num_steps: int = 100, eta: float = 0.0, grid="uniform",
+               denoise: bool = True, eps: Optional[float] = None, mesh="auto", project: Optional[Callable] = None,
+               x_init: Optional[Array] = None, trajectory: bool = False) -> Tuple[SamplerFn, int]:
+    """DDIM over ``num_steps`` grid times T..eps (η=0: deterministic, η=1: DDPM-like; ``grid`` a kind or an
+    array of times). NFE = num_steps - 1 + denoise (the final Tweedie step is DDIM's last x̂0)."""
     if eta < 0:
         raise ValueError(f"sampling option 'eta' must be >= 0, got {eta}")
-    ts, sharding = time_grid(sde, num_steps, check_eps(sde, eps), grid), batch_sharding(shape, mesh)
+    ts, sharding = resolve_grid(sde, grid, num_steps, eps), batch_sharding(shape, mesh)
     run = _grid_sampler(sde, score_fn, shape, ts, ddim_step(sde, score_fn, eta), lambda x: (), denoise, sharding,
-                        project=project)
-    return _with_nfe(run, num_steps - 1 + int(denoise), sharding)
+                        x_init, project, trajectory)
+    return _with_nfe(run, len(ts) - 1 + int(denoise), sharding, trajectory)
 
 
 # ---- DPM-Solver++ (multistep, data prediction) --------------------------------------------------------------------
@@ -453,16 +518,18 @@ def dpmpp_step(sde: SDE, score_fn: ScoreFn, order: int, n_steps_total: int) -> C
 
 
 def build_dpm_solver_pp(sde: SDE, score_fn: ScoreFn, shape, num_steps: int = 20, order: int = 2,
-                        grid: str = "log_snr", denoise: bool = True, eps: Optional[float] = None,
-                        mesh="auto", project: Optional[Callable] = None) -> Tuple[SamplerFn, int]:
-    """DPM-Solver++(2M / 3M) over ``num_steps`` grid times (default uniform in λ). NFE = num_steps - 1 + denoise."""
+                        grid="log_snr", denoise: bool = True, eps: Optional[float] = None, mesh="auto",
+                        project: Optional[Callable] = None, x_init: Optional[Array] = None,
+                        trajectory: bool = False) -> Tuple[SamplerFn, int]:
+    """DPM-Solver++(2M / 3M) over ``num_steps`` grid times (default uniform in λ; or an array of times).
+    NFE = num_steps - 1 + denoise."""
     if order not in (1, 2, 3):
         raise ValueError(f"sampling option 'order' of dpm_solver++ must be 1, 2 or 3, got {order}")
-    ts, sharding = time_grid(sde, num_steps, check_eps(sde, eps), grid), batch_sharding(shape, mesh)
-    step = dpmpp_step(sde, score_fn, order, num_steps - 1)
+    ts, sharding = resolve_grid(sde, grid, num_steps, eps), batch_sharding(shape, mesh)
+    step = dpmpp_step(sde, score_fn, order, len(ts) - 1)
     init = lambda x: (jnp.zeros((2,) + x.shape, x.dtype), jnp.zeros((2,), jnp.float32))
-    run = _grid_sampler(sde, score_fn, shape, ts, step, init, denoise, sharding, project=project)
-    return _with_nfe(run, num_steps - 1 + int(denoise), sharding)
+    run = _grid_sampler(sde, score_fn, shape, ts, step, init, denoise, sharding, x_init, project, trajectory)
+    return _with_nfe(run, len(ts) - 1 + int(denoise), sharding, trajectory)
 
 
 # ---- Heun (EDM) ----------------------------------------------------------------------------------------------------
@@ -482,15 +549,16 @@ def heun_step(sde: SDE, score_fn: ScoreFn) -> Callable:
     return step
 
 
-def build_heun(sde: SDE, score_fn: ScoreFn, shape, num_steps: int = 18, grid: str = "karras",
-               denoise: bool = True, eps: Optional[float] = None, mesh="auto",
-               project: Optional[Callable] = None) -> Tuple[SamplerFn, int]:
-    """EDM's deterministic Heun sampler on the Karras (ρ=7) grid of ``num_steps`` times T..eps; the final
-    Euler step to σ̃ = 0 is Tweedie's denoiser. NFE = 2 (num_steps - 1) + denoise (35 for the default 18)."""
-    ts, sharding = time_grid(sde, num_steps, check_eps(sde, eps), grid), batch_sharding(shape, mesh)
+def build_heun(sde: SDE, score_fn: ScoreFn, shape, num_steps: int = 18, grid="karras", denoise: bool = True,
+               eps: Optional[float] = None, mesh="auto", project: Optional[Callable] = None,
+               x_init: Optional[Array] = None, trajectory: bool = False) -> Tuple[SamplerFn, int]:
+    """EDM's deterministic Heun sampler on the Karras (ρ=7) grid of ``num_steps`` times T..eps (or an array of
+    times); the final Euler step to σ̃ = 0 is Tweedie's denoiser. NFE = 2 (num_steps - 1) + denoise (35 for the
+    default 18)."""
+    ts, sharding = resolve_grid(sde, grid, num_steps, eps), batch_sharding(shape, mesh)
     run = _grid_sampler(sde, score_fn, shape, ts, heun_step(sde, score_fn), lambda x: (), denoise, sharding,
-                        project=project)
-    return _with_nfe(run, 2 * (num_steps - 1) + int(denoise), sharding)
+                        x_init, project, trajectory)
+    return _with_nfe(run, 2 * (len(ts) - 1) + int(denoise), sharding, trajectory)
 
 
 # ---- probability-flow ODE (diffrax) ---------------------------------------------------------------------------------
@@ -506,11 +574,12 @@ def _ode_nfe(solver: str, stats) -> Array:
 
 
 def solve_flow(sde: SDE, score_fn: ScoreFn, x: Array, t0: float, t1: float, solver: str = "tsit5",
-               rtol: float = 1e-5, atol: float = 1e-5, num_steps: int = 100,
-               max_steps: int = 16384) -> Tuple[Array, Array]:
+               rtol: float = 1e-5, atol: float = 1e-5, num_steps: int = 100, max_steps: int = 16384,
+               save_ts: Optional[Array] = None) -> Tuple[Array, Array]:
     """Integrate the probability-flow ODE dx/dt = f(x, t) - ½ g(t)² s(x, t) from t0 to t1 (either direction).
     Tsit5/Dopri5 are adaptive (PID controller on rtol/atol, first step (t1-t0)/num_steps); Euler/Heun take
-    ``num_steps`` fixed steps. Returns (x(t1), nfe)."""
+    ``num_steps`` fixed steps. Returns (x(t1), nfe), or with ``save_ts`` (times ending at t1) (x at save_ts
+    (K, ...), nfe)."""
     cls, adaptive = _lookup(ODE_SOLVERS, solver, "ODE solver")
     _positive("num_steps", num_steps)
     rsde = sde.reverse(score_fn, probability_flow=True)
@@ -521,27 +590,31 @@ def solve_flow(sde: SDE, score_fn: ScoreFn, x: Array, t0: float, t1: float, solv
         controller = diffrax.PIDController(rtol=rtol, atol=atol)
     else:
         controller = diffrax.ConstantStepSize()
+    saveat = diffrax.SaveAt(t1=True) if save_ts is None else diffrax.SaveAt(ts=save_ts)
     sol = diffrax.diffeqsolve(term, cls(), t0, t1, (t1 - t0) / num_steps, x, stepsize_controller=controller,
-                              max_steps=max_steps)
-    return sol.ys[-1], _ode_nfe(solver, sol.stats)
+                              max_steps=max_steps, saveat=saveat)
+    return (sol.ys[-1] if save_ts is None else sol.ys), _ode_nfe(solver, sol.stats)
 
 
 def build_ode(sde: SDE, score_fn: ScoreFn, shape, solver: str = "tsit5", rtol: float = 1e-5, atol: float = 1e-5,
-              num_steps: int = 100, denoise: bool = True, eps: Optional[float] = None,
-              mesh="auto") -> Tuple[SamplerFn, None]:
-    """Probability-flow ODE sampler: x(T) ~ prior, solve to eps, then Tweedie's denoiser. NFE from diffrax's
-    step counts (+1 for denoising); it is only known after solving, so the returned static NFE is None."""
+              num_steps: int = 100, denoise: bool = True, eps: Optional[float] = None, mesh="auto",
+              x_init: Optional[Array] = None, trajectory: bool = False) -> Tuple[SamplerFn, None]:
+    """Probability-flow ODE sampler: x(T) = ``x_init`` or a prior sample, solve to eps, then Tweedie's denoiser.
+    NFE from diffrax's step counts (+1 for denoising); it is only known after solving, so the returned static
+    NFE is None. ``trajectory``: x at ``num_steps`` times uniform in [eps, T] (the solver's own steps differ)."""
     eps, sharding = check_eps(sde, eps), batch_sharding(shape, mesh)
     _lookup(ODE_SOLVERS, solver, "ODE solver")
+    ts = jnp.linspace(sde.T, eps, num_steps) if trajectory else None
 
-    def run(key):
-        x = _shard(sde.prior_sampling(jax.random.split(key)[0], shape), sharding)
-        x, nfe = solve_flow(sde, score_fn, x, sde.T, eps, solver, rtol, atol, num_steps)
+    def run(key, x_init=None):
+        x0 = _initial(sde, jax.random.split(key)[0], shape, x_init, sharding)
+        xs, nfe = solve_flow(sde, score_fn, x0, sde.T, eps, solver, rtol, atol, num_steps, save_ts=ts)
+        x = xs if ts is None else xs[-1]
         if denoise:
             x, nfe = tweedie(sde, score_fn, x, eps), nfe + 1
-        return x, nfe
+        return _outputs(x, nfe, ts, x0, None if ts is None else xs[1:])
 
-    return _jit(run, sharding), None
+    return _jit(_with_default_x_init(run, x_init), sharding, trajectory), None
 
 
 def ode_encode(sde: SDE, score_fn: ScoreFn, x: Array, eps: Optional[float] = None, **ode_options):
@@ -561,7 +634,7 @@ def ode_decode(sde: SDE, score_fn: ScoreFn, z: Array, eps: Optional[float] = Non
 # ---- Langevin dynamics ----------------------------------------------------------------------------------------------
 def build_langevin(sde: SDE, score_fn: ScoreFn, shape, num_steps: int = 1000, step_size: Optional[float] = None,
                    t: Optional[float] = None, x_init: Optional[Array] = None, denoise: bool = False,
-                   mesh="auto") -> Tuple[SamplerFn, int]:
+                   mesh="auto", trajectory: bool = False) -> Tuple[SamplerFn, int]:
     """Plain Langevin dynamics with the score at ONE noise level t (default eps): K = ``num_steps`` steps
     x ← x + ε s(x, t) + √(2ε) z from ``x_init`` (default a prior sample). Default ε = 0.1 σ(t)² is stable but slow
     when the data are much wider than σ(t): pass ``step_size`` for your data scale. NFE = K + denoise."""
@@ -569,14 +642,13 @@ def build_langevin(sde: SDE, score_fn: ScoreFn, shape, num_steps: int = 1000, st
     eps_step = 0.1 * float(_alpha_sigma(sde, t)[1]) ** 2 if step_size is None else step_size
     _positive("step_size", eps_step)
     _positive("num_steps", num_steps)
-    if x_init is not None and tuple(jnp.shape(x_init)) != tuple(shape):
-        raise ValueError(f"x_init has shape {tuple(jnp.shape(x_init))} but the sample shape is {tuple(shape)}")
     sharding = batch_sharding(shape, mesh)
     loop = _langevin_loop(score_fn, lambda x, tb, s, z: jnp.full_like(tb, eps_step), 1)
     ts = jnp.full((num_steps + 1,), t, jnp.float32)
     step = lambda key, x, state, i, t_i, t_next: (loop(key, x, t_i), state)
-    run = _grid_sampler(sde, score_fn, shape, ts, step, lambda x: (), denoise, sharding, x_init)
-    return _with_nfe(run, num_steps + int(denoise), sharding)
+    run = _grid_sampler(sde, score_fn, shape, ts, step, lambda x: (), denoise, sharding, x_init,
+                        trajectory=trajectory)
+    return _with_nfe(run, num_steps + int(denoise), sharding, trajectory)
 
 
 ALD_SIGMA_MIN = 0.01   # NCSN's smallest noise level σ_L (data in [0, 1] or [-1, 1])
@@ -584,13 +656,17 @@ ALD_SIGMA_MIN = 0.01   # NCSN's smallest noise level σ_L (data in [0, 1] or [-1
 
 def build_annealed_langevin(sde: SDE, score_fn: ScoreFn, shape, num_steps: int = 100, n_steps: int = 10,
                             snr: float = 0.4, ald_step_size: Optional[float] = None, step_rule: str = "ncsn",
-                            grid: str = "log_snr", denoise: bool = True, eps: Optional[float] = None,
-                            mesh="auto") -> Tuple[SamplerFn, int]:
+                            grid="log_snr", denoise: bool = True, eps: Optional[float] = None,
+                            mesh="auto", x_init: Optional[Array] = None,
+                            trajectory: bool = False) -> Tuple[SamplerFn, int]:
     """Annealed Langevin dynamics (NCSN, Song & Ermon 2019, Alg. 1) over L = ``num_steps`` noise levels
     σ_i = σ(t_i) on a geometric ladder (``grid="log_snr"``: σ/α geometric, exactly NCSN's for VE), ``n_steps``
     steps of size ε σ_i²/σ_L² per level, then Tweedie's denoiser (NCSNv2). ``step_rule="ncsnv2"`` picks ε by NCSNv2's rule (``ncsnv2_step_size``).
     NFE = L·n_steps + denoise. Default ``eps``: the SDE's, raised where needed so that the smallest level is
     σ/α ≥ 0.01 (NCSN's σ_L; sub-VP's σ(1e-3) ≈ 1e-4 would spend a third of the ladder below any data scale)."""
+    if not isinstance(grid, str):
+        ts = check_time_array(sde, grid)
+        num_steps, eps = len(ts), float(ts[-1])
     if eps is None:
         eps = max(sde.eps, float(t_from_log_snr(sde, jnp.array([-np.log(ALD_SIGMA_MIN)]))[0]))
     eps = check_eps(sde, eps)
@@ -602,7 +678,7 @@ def build_annealed_langevin(sde: SDE, score_fn: ScoreFn, shape, num_steps: int =
         ald_step_size = ncsnv2_step_size(sigma_L, gamma, n_steps)
     return build_pc(sde, score_fn, shape, predictor="none", corrector="ald", snr=snr, n_steps=n_steps,
                     num_steps=num_steps, denoise=denoise, eps=eps, ald_step_size=ald_step_size, grid=grid,
-                    mesh=mesh)
+                    mesh=mesh, x_init=x_init, trajectory=trajectory)
 
 
 # ---- entry points -------------------------------------------------------------------------------------------------
@@ -612,8 +688,10 @@ SAMPLERS: Dict[str, Callable] = {"pc": build_pc, "ode": build_ode, "ddim": build
 
 
 def build_sampler(sde: SDE, score_fn: ScoreFn, shape, method: str = "pc", **options) -> Tuple[SamplerFn, object]:
-    """The jitted sampler ``key -> (x, nfe)`` of ``method`` and its NFE (an int, or None when it is only known
-    after solving, as for adaptive ODE solvers). Unknown options raise a ValueError listing the valid ones."""
+    """The jitted sampler ``fn(key, x_init=None) -> (x, nfe)`` of ``method`` and its NFE (an int, or None when it
+    is only known after solving, as for adaptive ODE solvers). Build once, call with many keys; ``x_init`` (same
+    shape as the samples) replaces the prior sample; with option ``trajectory=True`` fn returns a third value
+    {"t": (K,), "x": (K, *shape)}. Unknown options raise a ValueError listing the valid ones."""
     builder = _lookup(SAMPLERS, method, "sampling method")
     valid = [p for p in inspect.signature(builder).parameters if p not in ("sde", "score_fn", "shape")]
     unknown = sorted(set(options) - set(valid))
@@ -624,10 +702,10 @@ def build_sampler(sde: SDE, score_fn: ScoreFn, shape, method: str = "pc", **opti
 
 def sample(key: Array, sde: SDE, score_fn: ScoreFn, shape, method: str = "pc", **options) -> Tuple[Array, int]:
     """Draw samples of ``shape`` (batch first) with ``method``; returns (x, nfe) with nfe the number of
-    batched score evaluations."""
+    batched score evaluations, and the trajectory dict third when ``trajectory=True``."""
     fn, _ = build_sampler(sde, score_fn, shape, method, **options)
-    x, nfe = fn(key)
-    return x, int(nfe)
+    out = fn(key)
+    return (out[0], int(out[1])) + tuple(out[2:])
 
 
 def options_from_config(sampling_cfg, method: Optional[str] = None) -> dict:

@@ -332,3 +332,66 @@ def test_sharding_over_forced_host_devices():
     out = subprocess.run([sys.executable, "-c", SHARDING_SCRIPT], env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
+
+
+# ---- the Python API: x_init, time grids as arrays, trajectories -------------------------------------------------
+API_OPTIONS = {"pc": dict(num_steps=8), "ode": dict(solver="euler", num_steps=8), "ddim": dict(num_steps=8),
+               "dpm_solver++": dict(num_steps=8), "heun": dict(num_steps=5), "langevin": dict(num_steps=8),
+               "annealed_langevin": dict(num_steps=5, n_steps=2)}
+
+
+@pytest.mark.parametrize("method", sorted(samplers.SAMPLERS))
+def test_every_sampler_takes_x_init_and_records_its_trajectory(method):
+    """x_init = the prior sample the sampler would draw from the same key gives identical output; another x_init
+    changes it and starts the trajectory; the trajectory ({"t", "x"}) starts at the start point and, without
+    denoising, ends at the output; a wrong x_init shape is one clear error."""
+    assert set(API_OPTIONS) == set(samplers.SAMPLERS), "add the new sampler to API_OPTIONS"
+    sde, shape, key = sde_lib.VPSDE(N=50), (6, 2), jax.random.key(3)
+    fn, _ = samplers.build_sampler(sde, MIX2.score_fn(sde), shape, method, trajectory=True, denoise=False,
+                                   **API_OPTIONS[method])
+    x_ref, _, traj = fn(key)
+    prior = sde.prior_sampling(jax.random.split(key)[0], shape)
+    assert traj["x"].shape == (len(traj["t"]),) + shape and len(traj["t"]) >= 5
+    np.testing.assert_array_equal(np.asarray(traj["x"][0]), np.asarray(prior))
+    if method not in ("pc", "annealed_langevin"):   # PC ends with a corrector step at the last time
+        np.testing.assert_allclose(np.asarray(traj["x"][-1]), np.asarray(x_ref), atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(fn(key, x_init=prior)[0]), np.asarray(x_ref))
+    other, _, traj = fn(key, x_init=prior + 1.0)
+    np.testing.assert_array_equal(np.asarray(traj["x"][0]), np.asarray(prior + 1.0))
+    assert not np.array_equal(np.asarray(other), np.asarray(x_ref))  # stochastic samplers forget most of it
+    with pytest.raises(ValueError, match=r"x_init has shape \(3, 2\) but the sample shape is \(6, 2\)"):
+        fn(key, x_init=prior[:3])
+
+
+@pytest.mark.parametrize("method", ["pc", "ddim"])
+def test_x_init_given_at_build_time(method):
+    sde, shape, key = sde_lib.VPSDE(N=50), (6, 2), jax.random.key(3)
+    prior = sde.prior_sampling(jax.random.split(key)[0], shape)
+    x_ref = samplers.sample(key, sde, MIX2.score_fn(sde), shape, method, **API_OPTIONS[method])[0]
+    x = samplers.sample(key, sde, MIX2.score_fn(sde), shape, method, x_init=prior, **API_OPTIONS[method])[0]
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(x_ref))
+
+
+@pytest.mark.parametrize("method", ["pc", "ddim", "dpm_solver++", "heun", "annealed_langevin"])
+def test_time_grid_as_an_array_equals_the_named_grid(method):
+    sde, shape, key = sde_lib.VPSDE(N=50), (6, 2), jax.random.key(0)
+    kind = {"pc": "uniform", "ddim": "uniform", "heun": "karras"}.get(method, "log_snr")
+    opts = {k: v for k, v in API_OPTIONS[method].items() if k != "num_steps"}
+    n = API_OPTIONS[method]["num_steps"]
+    eps = None if method != "annealed_langevin" else 0.05
+    named = samplers.sample(key, sde, MIX2.score_fn(sde), shape, method, grid=kind, num_steps=n,
+                            eps=eps, **opts)
+    ts = np.asarray(samplers.time_grid(sde, n, eps or sde.eps, kind))
+    arr = samplers.sample(key, sde, MIX2.score_fn(sde), shape, method, grid=ts, **opts)
+    np.testing.assert_allclose(np.asarray(arr[0]), np.asarray(named[0]), atol=1e-5)
+    assert arr[1] == named[1]
+    _, fewer = samplers.build_sampler(sde, MIX2.score_fn(sde), shape, method, grid=ts[::2], **opts)
+    assert fewer < named[1]
+
+
+def test_time_grid_array_errors():
+    sde = sde_lib.VPSDE()
+    for bad, msg in (([0.5, 0.7], "strictly decreasing"), ([1.0], "1-D with >= 2 times"),
+                     ([2.0, 0.5], r"must lie in \(0, T=1"), ([1.0, 0.0], r"must lie in \(0, T=1")):
+        with pytest.raises(ValueError, match=msg):
+            samplers.build_sampler(sde, MIX2.score_fn(sde), (4, 2), "ddim", grid=np.array(bad))

@@ -243,6 +243,24 @@ def test_continuous_gaussian_bits_per_dim_through_the_ode():
     np.testing.assert_allclose(out["bpd"], expected, atol=0.01 / math.log(2))
 
 
+def test_bits_per_dim_needs_the_change_of_units():
+    """The footgun: a model-space density of 8-bit data read as bits/dim comes out negative. bits_per_dim
+    refuses to run without log_det; bits_per_dim_of_data dequantizes and adds log|det T'| = D log(2/256)."""
+    sde, gm, space = SDES["vp"], GaussianMixture([1.0], [[0.0] * 4], [0.1]), likelihood.DataSpace(8, True)
+    k = np.clip(np.round(127.5 + 12.75 * np.random.default_rng(0).standard_normal((6, 4))), 0, 255)
+    x = np.asarray(space.lattice(k))
+    logp, _, _ = likelihood.log_likelihood(jax.random.key(0), sde, gm.score_fn(sde), x)
+    with pytest.raises(ValueError, match="needs log_det=.*bits_per_dim_of_data"):
+        likelihood.bits_per_dim(logp, 4)
+    naive = np.asarray(likelihood.bits_per_dim(logp, 4, log_det=0.0))
+    assert np.all(naive < 0), naive   # what the bare call used to return silently
+    out = likelihood.bits_per_dim_of_data(jax.random.key(0), sde, gm.score_fn(sde), x, dequantization="none")
+    np.testing.assert_allclose(np.asarray(out["bpd"]), naive + 7.0, atol=1e-4)   # -log2(2/256) = 7 bits/dim
+    assert np.all(np.asarray(out["bpd"]) > 0)
+    dequantized = likelihood.bits_per_dim_of_data(jax.random.key(1), sde, gm.score_fn(sde), x, num_draws=2)
+    assert np.all(np.abs(np.asarray(dequantized["bpd"]) - np.asarray(out["bpd"])) < 0.5)
+
+
 # ---- the DDPM bound ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("variance", ["beta", "posterior"])

@@ -1,7 +1,8 @@
-"""Sample-quality evaluation: FID, Inception Score, KID, and a domain classifier for small grayscale data.
+"""Sample-quality evaluation: FID, KID, the Inception Score formula, and a domain classifier for small grayscale data.
 
     FID  (Heusel et al. 2017)   d² = |μ₁ - μ₂|² + tr(Σ₁ + Σ₂ - 2 (Σ₁ Σ₂)^½)
-    IS   (Salimans et al. 2016) exp E_x KL(p(y|x) ‖ p(y)), averaged over 10 splits
+    IS   (Salimans et al. 2016) exp E_x KL(p(y|x) ‖ p(y)), averaged over 10 splits; computed here with a domain
+         classifier's classes, so results are named ``classifier_score`` (the Inception network gives no logits)
     KID  (Bińkowski et al. 2018) unbiased MMD² with k(x, y) = (xᵀy / d + 1)³, averaged over subsets
 
 Images enter every metric as uint8 exactly as they would be saved (``quantize_uint8``), NHWC.
@@ -195,21 +196,36 @@ def digits_features_logits(params: Dict[str, np.ndarray], images_uint8) -> Tuple
     return h, h @ params["W2"] + params["b2"]
 
 
+CLASSIFIER_SCORE_NOTE = ("classifier_score: the Inception Score formula exp E KL(p(y|x) || p(y)) over a domain "
+                         "classifier's classes, not Inception; at most the number of classes")
+SMALL_SAMPLE = 10_000   # below this many samples FID/KID are biased and noisy (FID's usual 50k; KID less biased)
+
+
+def sample_size_note(n: int) -> Optional[str]:
+    """A caveat for figures computed from ``n`` samples, or None when n is large enough to compare with papers."""
+    if n >= SMALL_SAMPLE:
+        return None
+    return (f"from {n} samples: FID is biased upward and noisy at this size; compare only figures of the same "
+            f"sample size (papers use 50000)")
+
+
 def classifier_quality(logits, feats, ref_mu, ref_sigma) -> Dict[str, Any]:
-    """Entropy, confidence, class histogram, IS and domain FID of one set of classifier outputs."""
+    """Entropy, confidence, class histogram, classifier score (IS formula, domain classifier) and domain FID of
+    one set of classifier outputs, with their sample size."""
     logp = _log_softmax(np.asarray(logits, np.float64))
     p = np.exp(logp)
     n = len(p)
-    is_mean, is_std = inception_score(logits, splits=min(10, n))
+    cs_mean, cs_std = inception_score(logits, splits=min(10, n))
     return {
         "num_samples": int(n),
         "mean_entropy": float(-(p * logp).sum(axis=1).mean()),
         "mean_confidence": float(p.max(axis=1).mean()),
         "class_histogram": np.bincount(p.argmax(axis=1), minlength=p.shape[1]).tolist(),
-        "inception_score": is_mean,
-        "inception_score_std": is_std,
-        "inception_score_1split": inception_score(logits, splits=1)[0],
+        "classifier_score": cs_mean,
+        "classifier_score_std": cs_std,
+        "classifier_score_1split": inception_score(logits, splits=1)[0],
         "domain_fid": frechet_distance(*feature_statistics(feats), ref_mu, ref_sigma),
+        "notes": [CLASSIFIER_SCORE_NOTE] + [m for m in [sample_size_note(n)] if m],
     }
 
 
@@ -832,19 +848,26 @@ def run_fid_stats(config, workdir: str) -> None:
 
 
 def evaluate_features(feats, logits, stats: Dict[str, Any], kid_subsets: int = 100) -> Dict[str, Any]:
-    """FID (and KID when ``stats`` holds features, IS when ``logits`` exist) of sample features vs reference stats."""
-    out = {"fid": frechet_distance(*feature_statistics(feats), stats["mu"], stats["sigma"])}
+    """FID (and KID when ``stats`` holds features; the classifier score, IS's formula, when a domain classifier
+    gives ``logits``) of sample features vs reference stats, with the sample size and its caveats."""
+    n = len(feats)
+    out = {"fid": frechet_distance(*feature_statistics(feats), stats["mu"], stats["sigma"]), "num_samples": n}
     if "features" in stats:
         out["kid"], out["kid_std"] = kernel_inception_distance(feats, stats["features"], num_subsets=kid_subsets)
+    notes = [m for m in [sample_size_note(n)] if m]
     if logits is not None:
-        out["inception_score"], out["inception_score_std"] = inception_score(logits, splits=min(10, len(logits)))
+        out["classifier_score"], out["classifier_score_std"] = inception_score(logits, splits=min(10, n))
+        notes.append(CLASSIFIER_SCORE_NOTE)
+    if notes:
+        out["notes"] = notes
     return out
 
 
 def evaluate_samples(config, workdir, samples_uint8, num_samples: Optional[int] = None) -> Dict[str, Any]:
     """Metrics of uint8 samples (N, H, W, C) for every extractor of ``default_extractors(config)``.
 
-    Returns {"<extractor>": {fid, kid, kid_std[, inception_score...], reference_stats, reference_sha256}, ...,
+    Returns {"<extractor>": {fid, kid, kid_std, num_samples[, classifier_score...], notes, reference_stats,
+    reference_sha256}, ...,
     "num_samples": n}. Raises when fewer than ``num_samples`` (default config.eval.num_samples) are given.
     """
     samples = np.asarray(samples_uint8)

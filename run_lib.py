@@ -238,6 +238,17 @@ def warn_ema_keeps_init(ema_rate: float, n_iters: int, limit: float = 0.05) -> f
     return share
 
 
+def warn_warmup_longer_than_run(warmup: int, n_iters: int) -> bool:
+    """Warns (naming config.optim.warmup) when the linear warm-up does not finish within the run: the learning
+    rate then never reaches config.optim.lr. Returns whether it warned."""
+    if int(warmup) <= int(n_iters):
+        return False
+    logging.warning("config.optim.warmup=%d is longer than config.training.n_iters=%d: the learning rate only "
+                    "reaches %.0f%% of config.optim.lr; lower the warm-up (e.g. --config.optim.warmup=%d)",
+                    warmup, n_iters, 100 * n_iters / warmup, max(int(n_iters) // 10, 0))
+    return True
+
+
 def train(config, workdir: str) -> TrainState:
     """Train ``config`` in ``workdir``, resuming from its latest readable checkpoint; returns the final state.
 
@@ -256,6 +267,7 @@ def train(config, workdir: str) -> TrainState:
           f"({jax.process_count()} processes), global batch {config.training.batch_size}, "
           f"lr {config.optim.lr:g} (warm-up {config.optim.warmup}), EMA rate {config.model.ema_rate}", flush=True)
     warn_ema_keeps_init(config.model.ema_rate, config.training.n_iters)
+    warn_warmup_longer_than_run(config.optim.warmup, config.training.n_iters)
     step_fn = jit_sharded_step(make_train_step(exp.loss_fn(), exp.optimizer, config.model.ema_rate,
                                                config.seed), mesh)
     logger = utils.MetricLogger(workdir, config.training.n_iters, start, config.training.log_freq, enabled=is_main)
@@ -339,7 +351,18 @@ def report_quality(config, samples, workdir: pathlib.Path, step: int) -> dict:
         print("sample quality (samples vs held-out real data):")
         for k, v in _flatten(figures).items():
             print(f"  {k:45s} {v:.4f}" if isinstance(v, float) else f"  {k:45s} {v}")
+        for note in _notes(figures):
+            print(f"  note: {note}")
     return figures
+
+
+def _notes(d: dict) -> list:
+    """The distinct caveats (``notes`` lists) anywhere in a nested dict of figures, in order."""
+    out = list(d.get("notes", []))
+    for v in d.values():
+        if isinstance(v, dict):
+            out += [n for n in _notes(v) if n not in out]
+    return out
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -469,14 +492,21 @@ def evaluate_checkpoint(config, workdir: str, exp: Experiment, ev: EvalState) ->
     if jax.process_index() == 0:
         path = pathlib.Path(workdir) / "eval" / f"step_{ev.step}.json"
         utils.atomic_write_json(path, {"metrics": metrics, "provenance": provenance})
-        print(f"step {ev.step}: " + "  ".join(f"{k} {v:.4g}" for k, v in _headline(metrics).items())
-              + f"  -> {path}", flush=True)
+        print(f"step {ev.step} ({eval_weights(config)}; {int(config.eval.num_samples)} samples): "
+              + "  ".join(f"{k} {v:.4g}" for k, v in _headline(metrics).items()) + f"  -> {path}", flush=True)
+        for note in _notes(metrics):
+            print(f"  note: {note}")
     return {"metrics": metrics, "provenance": provenance}
+
+
+def eval_weights(config) -> str:
+    """Which parameters an evaluation uses, in words."""
+    return "EMA weights" if config.eval.use_ema else "raw (non-EMA) weights"
 
 
 def _headline(metrics: dict) -> dict:
     """The figures worth a console line: losses, bits/dim, FID/KID/IS, distances, confidences."""
-    words = ("loss", "bpd", "fid", "kid", "inception_score", "wasserstein", "confidence", "entropy")
+    words = ("loss", "bpd", "fid", "kid", "classifier_score", "wasserstein", "confidence", "entropy")
     return {k: v for k, v in _flatten(metrics).items()
             if isinstance(v, float) and any(w in k for w in words) and not k.endswith(("stderr", "_std"))}
 

@@ -106,7 +106,9 @@ def test_digits_quality_real_vs_noise_and_cache(tmp_path):
     assert (tmp_path / ev.DIGITS_CLASSIFIER_FILE).exists()
     assert res["classifier"]["test_accuracy"] > 0.88
     assert res["samples"] == res["real_heldout"]  # the held-out set is the same 100 images here
-    assert res["samples"]["mean_confidence"] > 0.85 and res["samples"]["inception_score_1split"] > 7
+    assert res["samples"]["mean_confidence"] > 0.85 and res["samples"]["classifier_score_1split"] > 7
+    assert "inception_score" not in res["samples"] and res["samples"]["num_samples"] == 100
+    assert any("not Inception" in n for n in res["samples"]["notes"])
     noise = np.random.default_rng(0).integers(0, 256, (100, 8, 8, 1), dtype=np.uint8)
     ev.load_digits_classifier.cache_clear()  # force a reload from the cache file
     res_noise = ev.digits_quality(noise, cache_dir=tmp_path)
@@ -290,7 +292,9 @@ def test_domain_classifier_trains_saves_loads_and_gives_domain_fid(digits_config
     noise = np.random.default_rng(0).integers(0, 256, (200, 8, 8, 1), dtype=np.uint8)
     res_noise = ev.evaluate_samples(digits_config, tmp_path, noise, num_samples=200)["domain"]
     assert res_noise["fid"] > 5 * res_real["fid"] and res_noise["kid"] > 5 * abs(res_real["kid"])
-    assert res_real["inception_score"] > 6 and res_noise["inception_score"] < res_real["inception_score"]
+    assert res_real["classifier_score"] > 6 and res_noise["classifier_score"] < res_real["classifier_score"]
+    assert res_real["num_samples"] == 200 and any("not Inception" in n for n in res_real["notes"])
+    assert any("from 200 samples" in n for n in res_real["notes"])
     with pytest.raises(FileNotFoundError, match="train_domain_classifier"):
         ev.load_domain_classifier(tmp_path / "nothing.npz")
 

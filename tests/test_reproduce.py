@@ -247,3 +247,27 @@ def test_seed_spread_difference_and_its_standard_error():
     d = seeds.difference(seeds.summarize([1.0, 3.0, 2.0]), seeds.summarize([0.0, 3.0, 0.0]))
     assert d["paired_stderr"] == pytest.approx(np.std([-1.0, 0.0, -2.0], ddof=1) / np.sqrt(3))
     assert seeds.difference(seeds.summarize([1.0]), pc)["stderr"] is None  # one set: no spread to speak of
+
+
+@pytest.mark.parametrize("script", ["table1", "table_objectives", "table_likelihood", "seeds"])
+def test_report_only_computes_nothing(script, tmp_path, monkeypatch):
+    """--report_only on a new workdir renders pending tables without training, sampling, classifier statistics
+    or likelihoods: every expensive entry point is made to raise."""
+    import importlib
+
+    import evaluation
+    import likelihood
+    import run_lib
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("--report_only computed something")
+
+    for module, name in ((common, "quality"), (common, "ensure_model"), (common, "draw"), (common, "bits_per_dim"),
+                         (evaluation, "dataset_uint8"), (evaluation, "run_fid_stats"), (run_lib, "train"),
+                         (likelihood, "run")):
+        monkeypatch.setattr(module, name, forbidden)
+    module = importlib.import_module(f"benchmarks.reproduce.{script}")
+    args = dict(seeds=2) if script == "seeds" else {}
+    res = module.run(str(tmp_path), "cpu", report_only=True, **args)
+    assert res.get("fid_real_heldout") is None
+    assert not list(tmp_path.rglob("cells/*.json"))

@@ -328,10 +328,12 @@ def tensorboard_scalars(directory: pathlib.Path) -> dict:
     return out
 
 
-def test_eval_mode_evaluates_every_checkpoint_with_provenance(tmp_path):
+def test_eval_mode_evaluates_every_checkpoint_with_provenance(tmp_path, capsys):
     config = tiny_config(4, **{"training.snapshot_freq": 2})
     run_lib.train(config, str(tmp_path))
     results = run_lib.evaluate(config, str(tmp_path))
+    out = capsys.readouterr().out
+    assert f"step 2 (EMA weights; {config.eval.num_samples} samples):" in out, out[-2000:]
     assert sorted(results) == [2, 4]
     for step in (2, 4):
         saved = json.loads((tmp_path / "eval" / f"step_{step}.json").read_text())
@@ -394,4 +396,17 @@ def test_ema_keeping_the_init_is_warned(caplog):
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         run_lib.warn_ema_keeps_init(0.99, 2000)
+    assert caplog.text == ""
+
+
+def test_warmup_longer_than_the_run_is_warned(caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        assert run_lib.warn_warmup_longer_than_run(500, 300)
+    assert "config.optim.warmup=500 is longer than config.training.n_iters=300" in caplog.text
+    assert "60% of config.optim.lr" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert not run_lib.warn_warmup_longer_than_run(100, 300)
     assert caplog.text == ""

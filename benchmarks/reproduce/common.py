@@ -198,7 +198,7 @@ def quality(cfg, workdir: pathlib.Path, images: np.ndarray) -> dict:
     if cfg.data.source == "digits":
         q = evaluation.digits_quality(images)
         return {"fid": q["samples"]["domain_fid"], "fid_real_heldout": q["real_heldout"]["domain_fid"],
-                "inception_score": q["samples"]["inception_score"]}
+                "classifier_score": q["samples"]["classifier_score"]}
     cfg = _fid_config(cfg, workdir)
     if not evaluation.stats_path(cfg, workdir, "domain").exists():
         evaluation.run_fid_stats(cfg, str(workdir))
@@ -209,16 +209,18 @@ def quality(cfg, workdir: pathlib.Path, images: np.ndarray) -> dict:
 REAL_SUBSETS = 8  # disjoint sets of held-out real images behind the reference figure and its spread
 
 
-def real_reference(setting: Setting, workdir: pathlib.Path) -> Optional[dict]:
+def real_reference(setting: Setting, workdir: pathlib.Path, report_only: bool = False) -> Optional[dict]:
     """The quality figure of real held-out test images, the floor a sampler can reach, and how much it moves
     between sets of the cells' size: ``{"fid": mean, "fid_std": std, "fid_subsets": [...], "size": n}`` over
     ``REAL_SUBSETS`` disjoint sets of ``setting.num_samples`` test images (std: the noise of one cell's FID that
     comes from using only n images). Computed once into ``<workdir>/fid/real_heldout_<setting>.json``; None for
-    digits, whose cells carry their own reference."""
+    digits, whose cells carry their own reference. ``report_only``: only what is stored (None if nothing)."""
     if setting.base == "digits":
         return None
     path = pathlib.Path(workdir) / "fid" / f"real_heldout_{setting.name}.json"
     stored = json.loads(path.read_text()) if path.exists() else {}
+    if report_only:
+        return stored or None
     if "fid_subsets" not in stored:  # also upgrades a file written before the spread was recorded
         import evaluation
 

@@ -68,7 +68,7 @@ def run(workdir: str, setting_name: str = "cpu", seeds: int = 5, sdes: Optional[
                        if sde in sdes else cached(store, k) for s, k in enumerate(keys)]
             fids = [r["fid"] for r in results if "fid" in r]
             cells.setdefault(sde, {})[row["label"]] = summarize(fids) if fids else {"pending": True}
-    real = common.real_reference(setting, workdir)
+    real = common.real_reference(setting, workdir, report_only)
     results = {"setting": setting.__dict__, "rows": [r["label"] for r in rows], "cells": cells,
                "seeds": seeds, "fid_real_heldout": real}
     stem = f"table1_seeds_{setting.name}"

@@ -75,7 +75,7 @@ def run(workdir: str, setting_name: str = "tiny", publish: bool = False,
             cells.setdefault(row["label"], {})[sde_label] = store.run(
                 key, _cell(models, workdir, model, row, setting.num_samples))
     train = {m: common.ensure_or_read_model(workdir, setting, m, report_only) for m in SDES.values()}
-    real = common.real_reference(setting, workdir)
+    real = common.real_reference(setting, workdir, report_only)
     results = {"setting": setting.__dict__, "rows": rows, "cells": cells, "models": train,
                "computed_cells": store.computed, "pending_cells": store.pending, "fid_real_heldout": real}
     common.write_outputs(out_dir, f"table1_{setting.name}", markdown(cells, rows, setting, real), results,

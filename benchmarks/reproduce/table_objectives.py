@@ -56,7 +56,7 @@ def run(workdir: str, setting_name: str = "tiny", publish: bool = False,
             cells.setdefault(label, {})[column] = store.run(f"{model}__{column}",
                                                             _compute(models, workdir, setting, model, column))
     train = {m: common.ensure_or_read_model(workdir, setting, m, report_only) for m in OBJECTIVES.values()}
-    real = common.real_reference(setting, workdir)
+    real = common.real_reference(setting, workdir, report_only)
     results = {"setting": setting.__dict__, "cells": cells, "models": train, "computed_cells": store.computed,
                "pending_cells": store.pending, "sampler": sampler(setting.N), "fid_real_heldout": real}
     common.write_outputs(out_dir, f"table_objectives_{setting.name}", markdown(cells, setting, train, real),

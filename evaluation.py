@@ -890,6 +890,121 @@ def evaluate_samples(config, workdir, samples_uint8, num_samples: Optional[int] 
     return out
 
 
+# --------------------------------------------------------------------------------------------------------------
+# ``--mode=eval_samples``: metrics of samples made elsewhere (a samples.npz or a folder of PNGs)
+# --------------------------------------------------------------------------------------------------------------
+
+MAX_SAMPLE_IMAGES = 200_000   # more images than any FID protocol uses; bounds the memory a samples file can claim
+_NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+
+
+def _npz_header(path: pathlib.Path, key: str) -> Tuple[tuple, np.dtype]:
+    """Shape and dtype of array ``key`` of an npz, read from its header without loading the data."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = [n[:-4] for n in z.namelist() if n.endswith(".npy")]
+            if key not in names:
+                raise ValueError(f"{path} holds no array {key!r} (arrays: {names})")
+            with z.open(f"{key}.npy") as f:
+                version = np.lib.format.read_magic(f)
+                if version not in _NPY_HEADERS:
+                    raise ValueError(f"{path}: unsupported .npy format version {version}")
+                shape, _, dtype = _NPY_HEADERS[version](f)
+    except zipfile.BadZipFile as e:
+        raise ValueError(f"{path} is not an .npz file: {e}") from e
+    return shape, dtype
+
+
+def load_samples_npz(path, key: str = "samples", max_images: int = MAX_SAMPLE_IMAGES) -> np.ndarray:
+    """uint8 samples (N, H, W, C) from an npz as ``--mode=sample`` writes it; the header is checked (dtype,
+    rank, count) before anything is read, and nothing is unpickled."""
+    path = pathlib.Path(path)
+    shape, dtype = _npz_header(path, key)
+    if dtype != np.uint8 or len(shape) != 4:
+        raise ValueError(f"{path}: {key!r} must be uint8 images (N, H, W, C) as --mode=sample writes them, got "
+                         f"{dtype} {shape}")
+    if shape[0] > max_images:
+        raise ValueError(f"{path} holds {shape[0]} images, more than the limit of {max_images}")
+    with np.load(path, allow_pickle=False) as f:
+        return np.asarray(f[key])
+
+
+def load_samples_folder(directory, size: int, channels: int, max_images: int = MAX_SAMPLE_IMAGES) -> np.ndarray:
+    """uint8 (N, size, size, channels) from the PNG files of a folder (sorted names). Each image must already be
+    size × size (checked from its header before decoding: metrics of resized images would measure the resizing)."""
+    from PIL import Image
+
+    paths = sorted(pathlib.Path(directory).glob("*.png"))
+    if not paths:
+        raise FileNotFoundError(f"no .png images in {directory}")
+    if len(paths) > max_images:
+        raise ValueError(f"{directory} holds {len(paths)} PNG images, more than the limit of {max_images}")
+    out = np.empty((len(paths), size, size, channels), np.uint8)
+    for i, p in enumerate(paths):
+        with Image.open(p) as pil:
+            if pil.size != (size, size):
+                raise ValueError(f"image {p} is {pil.size[0]}x{pil.size[1]}, expected {size}x{size} "
+                                 f"(config.data.image_size)")
+            out[i] = np.asarray(pil.convert("L" if channels == 1 else "RGB"), np.uint8).reshape(size, size, channels)
+    return out
+
+
+def load_samples(source, size: int, channels: int, max_images: int = MAX_SAMPLE_IMAGES) -> np.ndarray:
+    """Samples from a ``samples.npz`` or a folder of PNGs, checked to be (N, size, size, channels) uint8."""
+    source = pathlib.Path(source)
+    if source.is_dir():
+        samples = load_samples_folder(source, size, channels, max_images)
+    elif source.is_file():
+        samples = load_samples_npz(source, max_images=max_images)
+    else:
+        raise FileNotFoundError(f"samples {source} do not exist (config.eval.samples: a samples.npz or a folder "
+                                f"of PNG images)")
+    if samples.shape[1:] != (size, size, channels):
+        raise ValueError(f"samples {source} have shape {samples.shape[1:]} per image, but the config's data are "
+                         f"{(size, size, channels)} (config.data.image_size / num_channels)")
+    return samples
+
+
+def _check_reference_stats(config, workdir) -> list:
+    """The reference statistics files ``evaluate_samples`` will read; a missing one is an error naming it."""
+    paths = [stats_path(config, workdir, name) for name in default_extractors(config)]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"reference statistics {missing} do not exist; write them with --mode=fid_stats "
+                                f"or point --config.eval.fid_stats_dir at them")
+    return paths
+
+
+def run_eval_samples(config, workdir: str) -> Dict[str, Any]:
+    """``--mode=eval_samples``: FID/KID (and the classifier score) of ``config.eval.samples`` (a samples.npz or
+    a folder of PNGs) against the reference statistics of ``default_extractors`` (written by ``--mode=fid_stats``;
+    ``config.eval.fid_stats_dir``). Written to ``<workdir>/eval_samples/<name>_<sha256[:8]>.json``."""
+    source = config.eval.get("samples", None)
+    if not source:
+        raise ValueError("--mode=eval_samples needs --config.eval.samples=<samples.npz or a folder of PNGs>")
+    refs = _check_reference_stats(config, workdir)
+    samples = load_samples(source, int(config.data.image_size), int(config.data.num_channels))
+    print(f"evaluating {len(samples)} samples from {source} against {', '.join(map(str, refs))}", flush=True)
+    metrics = evaluate_samples(config, workdir, samples, len(samples))
+    digest = hashlib.sha256(samples.tobytes()).hexdigest()
+    provenance = {k: None for k in PROVENANCE_KEYS}
+    provenance.update(num_samples=len(samples), samples=str(pathlib.Path(source).absolute()), samples_sha256=digest,
+                      reference_stats=[str(p) for p in refs])
+    name = pathlib.Path(source).stem if pathlib.Path(source).is_file() else pathlib.Path(source).name
+    path = write_result_json(pathlib.Path(workdir) / "eval_samples" / f"{name}_{digest[:8]}.json", metrics,
+                             provenance)
+    for extractor in default_extractors(config):
+        m = metrics[extractor]
+        kid = f", KID {m['kid']:.4g}" if "kid" in m else ""
+        print(f"{extractor}: FID {m['fid']:.4g}{kid} ({m['num_samples']} samples)")
+        for note in m.get("notes", []):
+            print(f"  note: {note}")
+    print(f"wrote {path}")
+    return {"metrics": metrics, "provenance": provenance, "path": str(path)}
+
+
 PROVENANCE_KEYS = ("num_samples", "reference_stats", "reference_sha256", "sampler", "sampler_options", "nfe",
                    "ema", "denoise", "seed", "checkpoint_step")
 

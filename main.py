@@ -23,6 +23,7 @@ MODES = {
     "sample": "run_lib:sample",
     "likelihood": "likelihood:run",
     "fid_stats": "evaluation:run_fid_stats",
+    "eval_samples": "evaluation:run_eval_samples",
     "convert": "convert:run",
     "describe": None,
 }

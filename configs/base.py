@@ -95,6 +95,7 @@ def _eval_section():
     evaluate.fid_stats_dir = placeholder(str)      # None: <workdir>/fid_stats
     evaluate.classifier_dir = placeholder(str)     # None: <workdir>/classifiers (domain classifiers)
     evaluate.inception_weights = placeholder(str)  # None: $SCORE_INCEPTION_WEIGHTS, cache, ../shared/data
+    evaluate.samples = placeholder(str)    # --mode=eval_samples: a samples.npz or a folder of PNG images
     evaluate.likelihood = lik = ml_collections.ConfigDict()  # --mode=likelihood (likelihood.py)
     lik.method = "ode"                     # ode (probability-flow ODE) | ddpm_bound (DDPM variational bound)
     lik.split = "test"                     # batches of config.eval.batch_size

@@ -1,4 +1,7 @@
 """Tests of evaluation.py: FID/IS/KID closed forms, the digits classifier, the Inception extractor."""
+import json
+import pathlib
+
 import jax
 import numpy as np
 import pytest
@@ -400,3 +403,62 @@ def test_malformed_stats_files_are_one_line_errors_naming_the_file(tmp_path, cas
     with pytest.raises(ValueError, match=message) as info:
         ev.load_stats(path, resolution=8, extractor="pixels")
     assert str(path) in str(info.value) and len(str(info.value).splitlines()) == 1
+
+
+# ------------------------------------------------------------------------------------- --mode=eval_samples
+
+
+def test_eval_samples_of_an_npz_and_a_png_folder_match_the_direct_metrics(digits_config, tmp_path, capsys):
+    from PIL import Image
+
+    import main
+
+    assert main.MODES["eval_samples"] == "evaluation:run_eval_samples"
+    ev.run_fid_stats(digits_config, str(tmp_path))
+    test, _ = ev.digits_uint8("test")
+    noise = np.random.default_rng(0).integers(0, 256, (20, 8, 8, 1), dtype=np.uint8)
+    samples = np.concatenate([test[:30], noise])
+    np.savez(tmp_path / "samples.npz", samples=samples, nfe=np.int64(7))
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    for i, image in enumerate(samples):
+        Image.fromarray(image[..., 0]).save(folder / f"{i:05d}.png")
+    stats = ev.load_stats(ev.stats_path(digits_config, tmp_path, "pixels"))
+    direct = ev.evaluate_features(*_PixelExtractor()(samples), stats)
+    for source in (tmp_path / "samples.npz", folder):
+        digits_config.eval.samples = str(source)
+        out = ev.run_eval_samples(digits_config, str(tmp_path))
+        got = out["metrics"]["pixels"]
+        assert got["fid"] == pytest.approx(direct["fid"], rel=1e-9) and got["kid"] == pytest.approx(direct["kid"])
+        assert got["num_samples"] == 50 and any("from 50 samples" in n for n in got["notes"])
+        saved = json.loads(pathlib.Path(out["path"]).read_text())
+        assert saved["provenance"]["samples"] == str(source.absolute())
+    assert "pixels: FID" in capsys.readouterr().out
+    digits_config.eval.fid_stats_dir = str(tmp_path / "elsewhere")
+    with pytest.raises(FileNotFoundError, match="--mode=fid_stats"):
+        ev.run_eval_samples(digits_config, str(tmp_path))
+
+
+def test_eval_samples_loading_is_safe_and_bounded(tmp_path):
+    from PIL import Image
+
+    np.savez(tmp_path / "objects.npz", samples=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(ValueError, match="must be uint8 images"):
+        ev.load_samples(tmp_path / "objects.npz", 8, 1)
+    np.savez(tmp_path / "many.npz", samples=np.zeros((5, 8, 8, 1), np.uint8))
+    with pytest.raises(ValueError, match="5 images, more than the limit of 4"):
+        ev.load_samples(tmp_path / "many.npz", 8, 1, max_images=4)
+    with pytest.raises(ValueError, match=r"shape \(8, 8, 1\) per image.*\(16, 16, 1\)"):
+        ev.load_samples(tmp_path / "many.npz", 16, 1)
+    with pytest.raises(ValueError, match="no array 'samples'"):
+        np.savez(tmp_path / "other.npz", x=np.zeros(3))
+        ev.load_samples(tmp_path / "other.npz", 8, 1)
+    (tmp_path / "broken.npz").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="is not an .npz file"):
+        ev.load_samples(tmp_path / "broken.npz", 8, 1)
+    (tmp_path / "pngs").mkdir()
+    Image.fromarray(np.zeros((9, 8), np.uint8)).save(tmp_path / "pngs" / "a.png")
+    with pytest.raises(ValueError, match=r"is 8x9, expected 8x8"):
+        ev.load_samples(tmp_path / "pngs", 8, 1)
+    with pytest.raises(FileNotFoundError, match="config.eval.samples"):
+        ev.load_samples(tmp_path / "missing.npz", 8, 1)

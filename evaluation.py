@@ -793,11 +793,13 @@ def load_stats(path, *, resolution: Optional[int] = None, extractor: Optional[st
 
 
 def stats_path(config, workdir, extractor: str, split: Optional[str] = None) -> pathlib.Path:
-    """``config.eval.fid_stats_dir`` (default ``<workdir>/fid_stats``)/<dataset>_<split>_<res>px_<extractor>.npz."""
+    """``config.eval.fid_stats_dir`` (default ``<workdir>/fid_stats``)/<dataset>_<split>[<n>]_<res>px_<extractor>.npz
+    with n = ``config.eval.fid_num_images`` when the statistics cover only the first n images."""
     split = split or config.eval.get("fid_split", "train")
     directory = config.eval.get("fid_stats_dir", None) or pathlib.Path(workdir) / "fid_stats"
+    n = config.eval.get("fid_num_images", None)
     d = config.data
-    return pathlib.Path(directory) / f"{d.dataset}_{split}_{d.image_size}px_{extractor}.npz"
+    return pathlib.Path(directory) / f"{d.dataset}_{split}{n or ''}_{d.image_size}px_{extractor}.npz"
 
 
 def default_extractors(config) -> Tuple[str, ...]:
@@ -827,14 +829,18 @@ EXTRACTORS = {
 
 
 def run_fid_stats(config, workdir: str) -> None:
-    """``--mode=fid_stats``: statistics of every image of ``config.eval.fid_split`` (default "train"), as stored
-    (uint8), for each extractor of ``default_extractors``; written by process 0 to ``stats_path``."""
+    """``--mode=fid_stats``: statistics of every image (or the first ``config.eval.fid_num_images``) of
+    ``config.eval.fid_split`` (default "train"), as stored (uint8), for each extractor of ``default_extractors``;
+    written by process 0 to ``stats_path``."""
 
-    split = config.eval.get("fid_split", "train")
-    for name in default_extractors(config):
+    split, limit = config.eval.get("fid_split", "train"), config.eval.get("fid_num_images", None)
+    names = default_extractors(config)
+    print(f"FID reference statistics over {'every image' if limit is None else f'the first {limit} images'} of "
+          f"{config.data.dataset}/{split} with {', '.join(names)} features (config.eval.fid_num_images)", flush=True)
+    for name in names:
         extractor = get_extractor(name, config, workdir)
         images = (x for x, _ in dataset_batches_uint8(config, split))
-        feats, _ = extract_features(extractor, images, config.eval.batch_size)
+        feats, _ = extract_features(extractor, images, config.eval.batch_size, limit)
         if jax.process_index() == 0:
             path = save_stats(stats_path(config, workdir, name, split), feats, dataset=config.data.dataset,
                               split=split, resolution=int(config.data.image_size),

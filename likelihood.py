@@ -512,6 +512,19 @@ def likelihood_settings(config, sde) -> dict:
             "is_bound": dequantization == "uniform"}
 
 
+def likelihood_work(settings: dict, limit: Optional[int]) -> str:
+    """One line saying how much work ``run`` is about to do, before it starts."""
+    what = (f"the first {limit}" if limit is not None else "every") + f" {settings['split']} example" + \
+        ("s" if limit != 1 else "")
+    if settings["method"] == "ddpm_bound":
+        return (f"DDPM bound on {what}: {settings['ddpm_num_steps']} network evaluations each "
+                f"(config.eval.likelihood.num_examples, .ddpm_num_steps)")
+    return (f"likelihood on {what} ({settings['solver']}, rtol {settings['rtol']:g}, {settings['estimator']} "
+            f"divergence, {settings['num_draws']} dequantization draw(s)): one adaptive ODE solve per example and "
+            f"draw, whose network evaluations grow as rtol shrinks (config.eval.likelihood.num_examples, .rtol; "
+            f"the result records nfe_mean)")
+
+
 def _batch_evaluator(config, ev, settings: dict, space: DataSpace, mesh: Optional[Mesh]) -> Callable:
     """``evaluate(key, x) -> (bpd (b,), nfe (b,))`` for one batch of model-space data as loaded."""
     score_fn_of = functools.partial(_model_score_fn, ev.model, ev.sde)
@@ -608,6 +621,8 @@ def run(config, workdir: str) -> dict:
                          f"divisible by its {n_local} devices")
     limit = config.eval.likelihood.num_examples
     local_limit = None if limit is None else -(-int(limit) // jax.process_count())
+    if jax.process_index() == 0:
+        print(likelihood_work(settings, limit), flush=True)
     start = time.time()
     bpd, nfe = _evaluate_split(config, _batch_evaluator(config, ev, settings, space, mesh), space,
                                settings["split"], local_limit)

@@ -377,9 +377,26 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 # ---- sampling and evaluation ------------------------------------------------------------------------------------
+def sampling_work(exp: Experiment, n: int) -> str:
+    """One line saying how much work drawing ``n`` samples with ``config.sampling`` is, before it starts:
+    network evaluations (NFE) per sample, their total and the batches. Builds the sampler without compiling."""
+    cfg = exp.config.sampling
+    size = min(int(cfg.get("batch_size", n) or n), n)
+    batches = -(-n // size)
+    _, nfe = samplers.build_sampler(exp.sde, lambda x, t: x, (size,) + exp.data_shape, cfg.method, mesh=None,
+                                    **samplers.options_from_config(cfg))
+    what = f"{n} {'images' if len(exp.data_shape) == 3 else 'points'} with {cfg.method}"
+    if nfe is None:
+        return (f"sampling {what} (adaptive {cfg.solver}, rtol {cfg.rtol:g}: its NFE are known only after "
+                f"solving) in {batches} batch{'es' if batches > 1 else ''} of {size}")
+    return (f"sampling {what}: {nfe} NFE each = {n * nfe / 1e6:.3g}M network evaluations in {batches} "
+            f"batch{'es' if batches > 1 else ''} of {size}")
+
+
 def draw_samples(exp: Experiment, params, n: int, key) -> tuple:
     """``n`` samples in batches of ``config.sampling.batch_size`` (batch ``i`` uses ``fold_in(key, i)``), as a
     host array, with the NFE of one batch."""
+    print(sampling_work(exp, n), flush=True)
     size = int(exp.config.sampling.get("batch_size", n) or n)
     out, nfe = [], None
     for i in range(-(-n // size)):
@@ -403,6 +420,7 @@ def write_samples(exp: Experiment, params, outdir: pathlib.Path, seed_step: int,
     if size and n > size:   # several batches of config.sampling.batch_size
         x, nfe = draw_samples(exp, params, n, key)
     else:
+        print(sampling_work(exp, n), flush=True)
         x, nfe = exp.sample(key, params, n)
     out = to_output(exp, np.asarray(jax.device_get(x)))
     if write:

@@ -92,6 +92,7 @@ def _eval_section():
     evaluate.enable_sampling = True        # --mode=eval: eval.num_samples samples and their quality figures
     evaluate.fid_extractors = placeholder(str)     # comma list of evaluation.FEATURE_EXTRACTORS; None: by dataset
     evaluate.fid_split = "train"                   # reference split of the dataset statistics
+    evaluate.fid_num_images = placeholder(int)     # reference statistics over the first n images; None: all
     evaluate.fid_stats_dir = placeholder(str)      # None: <workdir>/fid_stats
     evaluate.classifier_dir = placeholder(str)     # None: <workdir>/classifiers (domain classifiers)
     evaluate.inception_weights = placeholder(str)  # None: $SCORE_INCEPTION_WEIGHTS, cache, ../shared/data

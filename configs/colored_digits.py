@@ -9,13 +9,14 @@ Every palette colour has the same channel sum, so a digit's gray image says noth
 colorization must pick one of the six colours and paint the whole digit with it.
 """
 from configs.default import get_config as get_default_config
+from configs.presets import apply_presets
 
 
-def get_config():
+def get_config(preset: str = ""):
     config = get_default_config()
     config.data.source = "colored_digits"
     config.data.dataset = "colored_digits"
     config.data.num_channels = 3
     config.training.n_iters = 2000
     config.training.snapshot_freq = 2000
-    return config
+    return apply_presets(config, preset)

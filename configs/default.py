@@ -3,9 +3,10 @@
 Finishes in a few minutes on 2 CPU cores and writes a checkpoint, a PNG grid of samples and a quality figure.
 """
 from configs.base import get_base_config
+from configs.presets import apply_presets
 
 
-def get_config():
+def get_config(preset: str = ""):
     config = get_base_config()
     training = config.training
     training.batch_size = 128
@@ -26,4 +27,4 @@ def get_config():
     config.sampling.num_samples = 64
     config.sampling.snr = 0.16
     config.sde.N = 500
-    return config
+    return apply_presets(config, preset)

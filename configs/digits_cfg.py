@@ -7,9 +7,10 @@ dropout (loss ``dsm_cfg``). Sample with guidance w:
         --config.sampling.task=cfg --config.sampling.guidance_scale=1.0
 """
 from configs.default import get_config as get_default_config
+from configs.presets import apply_presets
 
 
-def get_config():
+def get_config(preset: str = ""):
     config = get_default_config()
     config.training.loss = "dsm_cfg"           # controllable_generation.get_cfg_dsm_loss
     config.training.label_dropout = 0.1        # p(y -> ∅), ∅ = config.data.num_classes
@@ -18,4 +19,4 @@ def get_config():
     config.model.cond_channels = 4
     config.sampling.task = "cfg"
     config.sampling.guidance_scale = 1.0
-    return config
+    return apply_presets(config, preset)

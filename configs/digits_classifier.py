@@ -7,9 +7,10 @@ configs/default.py). Train it, then sample class-conditionally with a score mode
         --config.sampling.label=3 --config.sampling.guidance_scale=2.0
 """
 from configs.default import get_config as get_default_config
+from configs.presets import apply_presets
 
 
-def get_config():
+def get_config(preset: str = ""):
     config = get_default_config()
     config.training.loss = "classifier"        # controllable_generation.get_classifier_loss
     config.training.n_iters = 2000
@@ -20,4 +21,4 @@ def get_config():
     config.model.ch_mult = (1, 2)
     config.model.embed_dim = 32
     config.model.ema_rate = 0.99
-    return config
+    return apply_presets(config, preset)

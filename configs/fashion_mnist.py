@@ -16,6 +16,7 @@ TensorFlow Datasets: ``--config.data.source=tfds --config.data.dataset=fashion_m
 import os
 
 from configs.base import get_base_config
+from configs.presets import apply_presets
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FASHION_MNIST_DIRS = (
@@ -29,7 +30,7 @@ def default_data_dir() -> str:
     return next((d for d in FASHION_MNIST_DIRS if os.path.isdir(d)), FASHION_MNIST_DIRS[0])
 
 
-def get_config():
+def get_config(preset: str = ""):
     config = get_base_config()
     data = config.data
     data.source = "idx"
@@ -66,4 +67,4 @@ def get_config():
     config.sampling.predictor = "euler_maruyama"
     config.sampling.corrector = "none"  # predictor-only, as the SDE paper's VP configs
     config.eval.batch_size = 256
-    return config
+    return apply_presets(config, preset)

@@ -1,15 +1,17 @@
-"""2-D toy experiments: ``configs/toy.py:<dataset>[,<sde>]``, dataset one of swiss_roll, two_moons, 8gaussians,
-checkerboard; sde one of vpsde (default), subvpsde, vesde. Example:
+"""2-D toy experiments: ``configs/toy.py:<dataset>[,<sde>][,<preset>]``, dataset one of swiss_roll, two_moons,
+8gaussians, checkerboard; sde one of vpsde (default), subvpsde, vesde; preset from ``configs/presets.py``. Example:
 
     python main.py --config=configs/toy.py:two_moons,vesde --workdir=/tmp/moons
 """
 from configs.base import get_base_config
+from configs.presets import apply_presets, split_presets
 
 TOY_DATASETS = ("swiss_roll", "two_moons", "8gaussians", "checkerboard")
 
 
 def get_config(spec: str = "swiss_roll"):
-    dataset, _, sde = spec.partition(",")
+    spec, presets = split_presets(spec)
+    dataset, _, sde = (spec or "swiss_roll").partition(",")
     if dataset not in TOY_DATASETS:
         raise ValueError(f"unknown toy dataset {dataset!r} in configs/toy.py:<dataset>; choose from {TOY_DATASETS}")
     config = get_base_config()
@@ -43,4 +45,4 @@ def get_config(spec: str = "swiss_roll"):
         config.model.time_input = "sigma"
     config.sampling.num_samples = 1000
     config.sampling.corrector = "none"
-    return config
+    return apply_presets(config, ",".join(presets))

@@ -4,9 +4,10 @@ Images come from a folder of PNG/JPEG files (``--config.data.data_dir=/path/to/c
 (the largest pairwise distance of the data, Technique 1 of Song & Ermon 2020), 2000 noise scales.
 """
 from configs import paper
+from configs.presets import apply_presets
 
 
-def get_config():
+def get_config(preset: str = ""):
     config = paper.high_res(256)
     config.data.dataset = "celebahq_256"
     config.sde.sigma_max = 348.0
@@ -16,4 +17,4 @@ def get_config():
     model.num_res_blocks = 2
     model.progressive = "output_skip"
     model.progressive_input = "input_skip"
-    return config
+    return apply_presets(config, preset)

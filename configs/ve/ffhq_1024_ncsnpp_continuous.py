@@ -4,9 +4,10 @@ Images come from a folder (``--config.data.data_dir=/path/to/ffhq1024``); σ_max
 Training at this size needs accelerators with large memory; the batch size of the paper is 8.
 """
 from configs import paper
+from configs.presets import apply_presets
 
 
-def get_config():
+def get_config(preset: str = ""):
     config = paper.high_res(1024)
     config.data.dataset = "ffhq_1024"
     config.sde.sigma_max = 1348.0
@@ -18,4 +19,4 @@ def get_config():
     model.num_res_blocks = 1
     model.progressive = "output_skip"
     model.progressive_input = "input_skip"
-    return config
+    return apply_presets(config, preset)

@@ -3,9 +3,10 @@ sampling. The U-Net has 35.22M parameters (nf 128, ch_mult (1, 2, 2, 2), 2 block
 dropout 0.1) and predicts ε from the step index.
 """
 from configs import paper
+from configs.presets import apply_presets
 
 
-def get_config():
+def get_config(preset: str = ""):
     config = paper.cifar10()
     training = config.training
     training.loss = "ddpm"
@@ -31,4 +32,4 @@ def get_config():
     model.conditional = True
     model.scale_by_sigma = False
     model.nonlinearity = "swish"
-    return config
+    return apply_presets(config, preset)

@@ -1,8 +1,9 @@
 """DDPM++ cont. (deep, VP) on CIFAR-10: 8 residual blocks per resolution, 106.63M parameters."""
 from configs import paper
+from configs.presets import apply_presets
 
 
-def get_config():
+def get_config(preset: str = ""):
     config = paper.ddpmpp(paper.cifar10(), sde="vpsde")
     config.model.num_res_blocks = 8
-    return config
+    return apply_presets(config, preset)

@@ -3,13 +3,14 @@ InstanceNorm++ (nf 128), annealed Langevin dynamics with ε = 2e-5 and 100 steps
 200k iterations, no EMA (evaluation uses the raw weights)."""
 from configs import paper
 from configs.ve import ncsn
+from configs.presets import apply_presets
 
 
-def get_config():
+def get_config(preset: str = ""):
     config = ncsn.ncsn_family(paper.cifar10(), image_size=32, sigma_max=1.0, num_scales=10, step_size=2e-5,
                               n_steps=100)
     config.model.name = "ncsn"
     config.training.n_iters = 200_001
     config.optim.lr = 1e-3
     config.eval.use_ema = False
-    return config
+    return apply_presets(config, preset)

@@ -514,8 +514,8 @@ def likelihood_settings(config, sde) -> dict:
 
 def likelihood_work(settings: dict, limit: Optional[int]) -> str:
     """One line saying how much work ``run`` is about to do, before it starts."""
-    what = (f"the first {limit}" if limit is not None else "every") + f" {settings['split']} example" + \
-        ("s" if limit != 1 else "")
+    what = f"every {settings['split']} example" if limit is None else \
+        f"the first {limit} {settings['split']} example{'s' if limit != 1 else ''}"
     if settings["method"] == "ddpm_bound":
         return (f"DDPM bound on {what}: {settings['ddpm_num_steps']} network evaluations each "
                 f"(config.eval.likelihood.num_examples, .ddpm_num_steps)")
@@ -633,6 +633,7 @@ def run(config, workdir: str) -> dict:
     out = pathlib.Path(workdir) / "likelihood" / f"step_{ev.step}_{settings['method']}_{settings['split']}.json"
     if jax.process_index() == 0:
         utils.atomic_write_json(out, result)
-        print(f"{settings['method']} bits/dim on {settings['split']} ({len(bpd)} examples, step {ev.step}): "
+        print(f"{settings['method']} bits/dim on {settings['split']} ({len(bpd)} examples, step {ev.step}, "
+              f"{'EMA' if settings['ema'] else 'raw (non-EMA)'} weights): "
               f"{result['bpd']:.4f} ± {result['bpd_stderr'] or 0:.4f}; wrote {out}")
     return result

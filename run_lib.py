@@ -348,7 +348,7 @@ def report_quality(config, samples, workdir: pathlib.Path, step: int) -> dict:
     figures = quality_figures(config, samples)
     if figures:
         utils.atomic_write_json(workdir / "samples" / f"step_{step}" / "quality.json", figures)
-        print("sample quality (samples vs held-out real data):")
+        print(f"sample quality ({len(samples)} samples of the EMA weights vs held-out real data):")
         for k, v in _flatten(figures).items():
             print(f"  {k:45s} {v:.4f}" if isinstance(v, float) else f"  {k:45s} {v}")
         for note in _notes(figures):
@@ -625,7 +625,8 @@ def quality_figures(config, samples: np.ndarray) -> dict:
         real = _collect(config, "test", 2 * len(samples))
         key = jax.random.key(0)
         return {"sliced_wasserstein_samples": float(sliced_wasserstein(key, samples, real[:len(samples)])),
-                "sliced_wasserstein_real": float(sliced_wasserstein(key, real[len(samples):], real[:len(samples)]))}
+                "sliced_wasserstein_real": float(sliced_wasserstein(key, real[len(samples):], real[:len(samples)])),
+                "num_samples": int(len(samples))}
     return {}
 
 

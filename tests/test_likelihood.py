@@ -320,7 +320,7 @@ def _checkpointed(config, workdir):
     return exp
 
 
-def test_run_writes_the_figure_with_every_setting(tmp_path):
+def test_run_writes_the_figure_with_every_setting(tmp_path, capsys):
     """Toy (continuous) data: the JSON figure equals -log p / (D ln 2) of log_likelihood on the same points."""
     import json
 
@@ -333,6 +333,9 @@ def test_run_writes_the_figure_with_every_setting(tmp_path):
     lik.divergence, lik.rtol, lik.atol = "exact", 1e-4, 1e-4
     exp = _checkpointed(config, tmp_path)
     result = likelihood.run(config, str(tmp_path))
+    out = capsys.readouterr().out
+    assert "likelihood on every test example (tsit5, rtol 0.0001, exact divergence" in out   # said before starting
+    assert "examples, step 0, EMA weights)" in out
     written = json.loads(next((tmp_path / "likelihood").glob("*.json")).read_text())
     assert written == pytest.approx(result)
     for key in ("bpd", "estimator", "num_probes", "rtol", "atol", "dequantization", "num_draws", "nfe_mean",

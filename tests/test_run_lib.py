@@ -340,6 +340,7 @@ def test_eval_mode_evaluates_every_checkpoint_with_provenance(tmp_path, capsys):
         assert saved["provenance"]["checkpoint_step"] == step
         assert saved["metrics"]["num_test_examples"] == 128
         assert np.isfinite(saved["metrics"]["test_loss"]) and "sliced_wasserstein_samples" in saved["metrics"]
+        assert saved["metrics"]["num_samples"] == config.eval.num_samples
         assert {"config_sha256", "git_commit", "nfe", "seed", "ema"} <= set(saved["provenance"])
     assert results[2]["metrics"]["test_loss"] != results[4]["metrics"]["test_loss"]
 

@@ -316,10 +316,7 @@ def build_pc(sde: SDE, score_fn: ScoreFn, shape, predictor: str = "euler_maruyam
     if n_steps < 0:
         raise ValueError(f"sampling option 'n_steps' (corrector steps per level) must be >= 0, got {n_steps}")
     pred = _lookup(PREDICTORS, predictor, "predictor")(sde, score_fn, ancestral_variance=ancestral_variance)
-    if pred.chain and (num_steps != sde.N or not isinstance(grid, str) or grid != "uniform"):
-        raise ValueError(f"predictor {predictor!r} follows the SDE's discrete chain of sde.N={sde.N} uniform steps "
-                         f"but num_steps={num_steps}, grid={grid!r}; build the SDE with N={num_steps} or use "
-                         f"'euler_maruyama'")
+    _check_chain(sde, pred, predictor, num_steps, grid)
     sigma_L = float(_alpha_sigma(sde, eps)[1])
     corr = _lookup(CORRECTORS, corrector, "corrector")(sde, score_fn, snr=snr, n_steps=n_steps, sigma_L=sigma_L,
                                                        ald_step_size=ald_step_size)
@@ -346,6 +343,14 @@ def build_pc(sde: SDE, score_fn: ScoreFn, shape, predictor: str = "euler_maruyam
         return _outputs(x, nfe, ts, x0, xs)
 
     return _jit(_with_default_x_init(run, x_init), sharding, trajectory), nfe
+
+
+def _check_chain(sde: SDE, pred: Predictor, name: str, num_steps: int, grid) -> None:
+    """A chain predictor (``Predictor.chain``) runs only on the SDE's own uniform grid of sde.N steps."""
+    if pred.chain and (num_steps != sde.N or not isinstance(grid, str) or grid != "uniform"):
+        raise ValueError(f"predictor {name!r} follows the SDE's discrete chain of sde.N={sde.N} uniform steps "
+                         f"but num_steps={num_steps}, grid={grid!r}; build the SDE with N={num_steps} or use "
+                         f"'euler_maruyama'")
 
 
 def _projected(pred: Predictor, corr: Corrector, project: Callable) -> Tuple[Predictor, Corrector]:

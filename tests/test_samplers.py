@@ -340,12 +340,13 @@ API_OPTIONS = {"pc": dict(num_steps=8), "ode": dict(solver="euler", num_steps=8)
                "annealed_langevin": dict(num_steps=5, n_steps=2)}
 
 
-@pytest.mark.parametrize("method", sorted(samplers.SAMPLERS))
+@pytest.mark.parametrize("method", sorted(API_OPTIONS))
 def test_every_sampler_takes_x_init_and_records_its_trajectory(method):
     """x_init = the prior sample the sampler would draw from the same key gives identical output; another x_init
     changes it and starts the trajectory; the trajectory ({"t", "x"}) starts at the start point and, without
     denoising, ends at the output; a wrong x_init shape is one clear error."""
-    assert set(API_OPTIONS) == set(samplers.SAMPLERS), "add the new sampler to API_OPTIONS"
+    built_in = {m for m, build in samplers.SAMPLERS.items() if build.__module__ == "samplers"}
+    assert set(API_OPTIONS) == built_in, "add the new sampler to API_OPTIONS"
     sde, shape, key = sde_lib.VPSDE(N=50), (6, 2), jax.random.key(3)
     fn, _ = samplers.build_sampler(sde, MIX2.score_fn(sde), shape, method, trajectory=True, denoise=False,
                                    **API_OPTIONS[method])

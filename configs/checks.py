@@ -115,6 +115,7 @@ RULES: Dict[str, Rule] = {
     "eval.batch_size": int_ge(1),
     "eval.num_samples": int_ge(1),
     "eval.checkpoint": int_ge(0),
+    "eval.fid_num_images": int_ge(1),
     "eval.likelihood.num_examples": int_ge(1),
     "eval.likelihood.num_probes": int_ge(1),
     "eval.likelihood.rtol": gt(0),

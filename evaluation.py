@@ -933,8 +933,7 @@ def load_samples_npz(path, key: str = "samples", max_images: int = MAX_SAMPLE_IM
                          f"{dtype} {shape}")
     if shape[0] > max_images:
         raise ValueError(f"{path} holds {shape[0]} images, more than the limit of {max_images}")
-    with np.load(path, allow_pickle=False) as f:
-        return np.asarray(f[key])
+    return safe_pickle.load_npz(path, "samples")[key]
 
 
 def load_samples_folder(directory, size: int, channels: int, max_images: int = MAX_SAMPLE_IMAGES) -> np.ndarray:

@@ -39,6 +39,8 @@ flags.DEFINE_string("coordinator_address", None, "multi-host: host:port of proce
                     "default $JAX_COORDINATOR_ADDRESS")
 flags.DEFINE_integer("num_processes", None, "multi-host: number of processes; default $JAX_NUM_PROCESSES")
 flags.DEFINE_integer("process_id", None, "multi-host: index of this process; default $JAX_PROCESS_ID")
+flags.DEFINE_string("compilation_cache", None, "directory of the persistent compilation cache, or 'off'; default "
+                    "$SCORE_SDE_JAX_CACHE, else ~/.cache/score_sde_jax/jax_cache (under $XDG_CACHE_HOME if set)")
 
 
 class _ConfigFileParser(flags.ArgumentParser):
@@ -119,6 +121,7 @@ def main(argv):
     import utils
 
     utils.check_workdir_writable(FLAGS.workdir)
+    utils.enable_compilation_cache(FLAGS.compilation_cache)
     init_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     run(FLAGS.config, FLAGS.workdir)
 

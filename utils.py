@@ -355,3 +355,76 @@ def save_scatter(x: np.ndarray, path, reference: Optional[np.ndarray] = None):
     fig.tight_layout()
     _atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100), suffix=".png")
     plt.close(fig)
+
+
+# ---- compilation cache and start-up time -----------------------------------------------------------------------
+CACHE_ENV = "SCORE_SDE_JAX_CACHE"
+# programs that compile faster than this are not written to the cache (jax's own variable may override it)
+CACHE_MIN_COMPILE_S = float(os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", 0.2))
+_IMPORTED_AT = time.time()
+_cache_events = {"hits": 0, "misses": 0}
+
+
+def compilation_cache_dir(setting: Optional[str] = None) -> Optional[pathlib.Path]:
+    """The persistent compilation cache directory: ``setting`` (a directory, or "off"), else
+    ``$SCORE_SDE_JAX_CACHE`` (the same), else ``$XDG_CACHE_HOME/score_sde_jax/jax_cache`` (``~/.cache/...``).
+    None when off."""
+    setting = setting or os.environ.get(CACHE_ENV) or "default"
+    if setting.strip().lower() in ("off", "none", "false", "0"):
+        return None
+    if setting == "default":
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        return pathlib.Path(base) / "score_sde_jax" / "jax_cache"
+    return pathlib.Path(setting).expanduser().absolute()
+
+
+def enable_compilation_cache(setting: Optional[str] = None) -> Optional[pathlib.Path]:
+    """Turn on JAX's persistent compilation cache in ``compilation_cache_dir(setting)`` (a second run of the same
+    programs loads them instead of compiling). Entries are keyed by the program, the compiler options, the jax
+    version and the device, so a stale entry is never used; several processes may share the directory (a reader
+    that meets an entry being written recompiles). Returns the directory, or None when off or not writable (then
+    it says so in one line and runs without a cache)."""
+    path = compilation_cache_dir(setting)
+    if path is None:
+        return None
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise PermissionError("not writable")
+    except OSError as e:
+        print(f"compilation cache {path} is unusable ({e}); running without it (--compilation_cache=off or "
+              f"${CACHE_ENV}=off silences this)", flush=True)
+        return None
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", CACHE_MIN_COMPILE_S)
+    _count_cache_events()
+    return path
+
+
+def _count_cache_events():
+    """Count persistent-cache hits and misses from jax's monitoring events (registered once)."""
+    if _cache_events.get("registered"):
+        return
+    names = {"/jax/compilation_cache/cache_hits": "hits", "/jax/compilation_cache/cache_misses": "misses"}
+
+    def listener(event, **kwargs):
+        if event in names:
+            _cache_events[names[event]] += 1
+
+    jax.monitoring.register_event_listener(listener)
+    _cache_events["registered"] = True
+
+
+def compilation_cache_hits() -> int:
+    """Programs loaded from the persistent compilation cache so far in this process."""
+    return _cache_events["hits"]
+
+
+def process_age() -> float:
+    """Seconds since this process started (from /proc where available, else since this module was imported)."""
+    try:
+        ticks = float(pathlib.Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(pathlib.Path("/proc/uptime").read_text().split()[0])
+        return max(uptime - ticks / os.sysconf("SC_CLK_TCK"), 0.0)
+    except (OSError, ValueError, IndexError):
+        return time.time() - _IMPORTED_AT

@@ -9,6 +9,10 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+# Tests never read or fill the user's persistent compilation cache (main.py subprocesses inherit this); tests of the
+# cache pass their own directory.
+os.environ["SCORE_SDE_JAX_CACHE"] = "off"
+
 SHARED_DATA = pathlib.Path(os.environ.get("SCORE_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 

@@ -1,0 +1,110 @@
+"""Start-up speed: the persistent compilation cache (a second identical run loads its programs), the initial state
+compiled cheaply and its abstract template, the first-step log line."""
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import run_lib
+import utils
+from configs import toy
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_cache_dir_flag_then_environment_then_user_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.delenv(utils.CACHE_ENV, raising=False)
+    assert utils.compilation_cache_dir() == tmp_path / "xdg" / "score_sde_jax" / "jax_cache"
+    monkeypatch.setenv(utils.CACHE_ENV, str(tmp_path / "env"))
+    assert utils.compilation_cache_dir() == tmp_path / "env"
+    assert utils.compilation_cache_dir(str(tmp_path / "flag")) == tmp_path / "flag"
+    assert utils.compilation_cache_dir("off") is None
+    monkeypatch.setenv(utils.CACHE_ENV, "off")
+    assert utils.compilation_cache_dir() is None
+
+
+def test_tests_do_not_use_the_user_cache():
+    assert os.environ[utils.CACHE_ENV] == "off"
+    assert utils.compilation_cache_dir() is None
+
+
+def test_unwritable_cache_dir_is_one_line_and_no_cache(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert utils.enable_compilation_cache(str(blocker / "cache")) is None
+    out = capsys.readouterr().out
+    assert "running without it" in out and len(out.strip().splitlines()) == 1
+
+
+def run_main(workdir, cache):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    return subprocess.run([sys.executable, "main.py", "--config=configs/toy.py:8gaussians", f"--workdir={workdir}",
+                           "--config.training.n_iters=2", "--config.training.snapshot_sampling=False",
+                           f"--compilation_cache={cache}"], cwd=REPO, capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+def test_second_identical_run_loads_the_train_step_from_the_cache(tmp_path):
+    """Two fresh processes, same config and cache directory: the first compiles and fills the cache, the second
+    loads the train step from it (jax's own cache-hit counter) instead of compiling."""
+    cache = tmp_path / "cache"
+    first = run_main(tmp_path / "a", cache)
+    assert first.returncode == 0, first.stderr
+    line = re.search(r"first step after .*", first.stdout).group(0)
+    assert "from the compilation cache" not in line, line
+    assert any(cache.iterdir()), "the first run wrote nothing to the cache"
+    second = run_main(tmp_path / "b", cache)
+    assert second.returncode == 0, second.stderr
+    line = re.search(r"first step after .*", second.stdout).group(0)
+    assert re.search(r"compile [0-9.]+ s from the compilation cache", line), line
+    assert re.search(r"\(import [0-9.]+ s, init [0-9.]+ s, compile", line), line
+
+
+def test_compilation_cache_off_writes_nothing(tmp_path):
+    out = run_main(tmp_path / "a", "off")
+    assert out.returncode == 0, out.stderr
+    line = re.search(r"first step after .*", out.stdout).group(0)
+    assert "from the compilation cache" not in line
+
+
+def small_config():
+    config = toy.get_config("8gaussians")
+    config.model.hidden, config.model.num_layers = 16, 2
+    return config
+
+
+def test_initial_state_agrees_with_a_fully_optimised_compile():
+    """The initial state is compiled without LLVM optimisation on CPU; it must equal the optimised program's
+    result to float rounding (and be the same tree)."""
+    config = small_config()
+    exp = run_lib.Experiment.from_config(config)
+    fast = run_lib.init_train_state(config, exp.model, exp.optimizer, exp.data_shape)
+    init = run_lib._init_fn(exp.model, exp.optimizer, exp.data_shape)
+    reference = jax.jit(init)(run_lib._init_key(config))
+    assert jax.tree.structure(fast) == jax.tree.structure(reference)
+    for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(reference)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+    assert float(np.std(np.asarray(fast.params["Dense_0"]["kernel"]))) > 0.01   # really random, not zeros
+
+
+def test_abstract_state_is_the_template_of_the_real_one():
+    config = small_config()
+    exp = run_lib.Experiment.from_config(config)
+    real = run_lib.init_train_state(config, exp.model, exp.optimizer, exp.data_shape)
+    abstract = run_lib.abstract_train_state(config, exp.model, exp.optimizer, exp.data_shape)
+    assert jax.tree.structure(abstract) == jax.tree.structure(real)
+    for a, b in zip(jax.tree.leaves(abstract), jax.tree.leaves(real)):
+        assert isinstance(a, np.ndarray) and a.shape == b.shape and a.dtype == b.dtype and not a.any()
+
+
+def test_first_step_line():
+    line = run_lib.first_step_line({"import": 2.0, "init": 1.5, "compile": 0.25, "cached": True, "first step": 0.25})
+    assert line == ("first step after 4.0 s (import 2.0 s, init 1.5 s, compile 0.2 s from the compilation cache, "
+                    "step 0.2 s)")
+    assert run_lib.first_step_line({"init": 1.0, "compile": 2.0, "first step": 0.5}).startswith("first step after 3.5 s")

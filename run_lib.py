@@ -216,6 +216,7 @@ class Experiment:
     model: models.ScoreModel
     optimizer: optax.GradientTransformation
     data_shape: tuple
+    compiled_samplers: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)  # ``sampler``
 
     @classmethod
     def from_config(cls, config) -> "Experiment":
@@ -232,9 +233,50 @@ class Experiment:
         if jax.process_count() > 1 and mesh == "auto":
             mesh = Mesh(np.array(jax.local_devices()), ("data",))
             params = jax.device_get(params)
-        score_fn = self.model.score_fn(params, self.sde)
-        return samplers.sample_from_config(key, self.sde, score_fn, (n,) + self.data_shape, self.config.sampling,
-                                           mesh=mesh)
+        return self.sampler(n, mesh)(params, key)
+
+    def sampler(self, n: int, mesh="auto") -> Callable:
+        """The jitted ``(params, key) -> (x, nfe)`` of ``config.sampling`` for batches of ``n``: built once per
+        (n, mesh, sampling settings) and kept, so new parameters, keys and batches reuse one compilation (snapshot
+        and final samples of a run, every batch of ``--mode=sample``). Says so before its first (long) compile."""
+        cfg = self.config.sampling
+        cache_key = (int(n), mesh, json.dumps(cfg.to_dict(), sort_keys=True, default=str))
+        if cache_key not in self.compiled_samplers:
+            shape, options = (int(n),) + self.data_shape, samplers.options_from_config(cfg)
+
+            def run(params, key):
+                with jax.ensure_compile_time_eval():  # the sampler's set-up (time grids, checks) stays concrete
+                    fn, _ = samplers.build_sampler(self.sde, self.model.score_fn(params, self.sde), shape,
+                                                   cfg.method, mesh=mesh, **options)
+                return fn(key)
+
+            self.compiled_samplers[cache_key] = _announce_first_call(jax.jit(run), sampler_description(
+                cfg.method, options, self.sde, int(n)))
+        return self.compiled_samplers[cache_key]
+
+
+def sampler_description(method: str, options: dict, sde: sde_lib.SDE, n: int) -> str:
+    """E.g. ``PC sampler (N=1000, batch 128)`` or ``ODE sampler (tsit5, rtol 1e-05, atol 1e-05, batch 64)``."""
+    if method == "ode":
+        opts = {"solver": "tsit5", "rtol": 1e-5, "atol": 1e-5, **options}
+        return f"ODE sampler ({opts['solver']}, rtol {opts['rtol']:g}, atol {opts['atol']:g}, batch {n})"
+    name = {"pc": "PC"}.get(method, method)
+    steps = options.get("num_steps", sde.N if method == "pc" else None)
+    return f"{name} sampler ({f'N={steps}, ' if steps else ''}batch {n})"
+
+
+def _announce_first_call(fn: Callable, description: str) -> Callable:
+    """``fn`` that prints "compiling <description>…" before its first call (when it compiles)."""
+    state = {"first": True}
+
+    def call(*args):
+        if state["first"]:
+            print(f"compiling {description}…", flush=True)
+            state["first"] = False
+        return fn(*args)
+
+    call.jitted = fn
+    return call
 
 
 @dataclasses.dataclass

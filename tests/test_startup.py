@@ -66,13 +66,6 @@ def test_second_identical_run_loads_the_train_step_from_the_cache(tmp_path):
     assert re.search(r"\(import [0-9.]+ s, init [0-9.]+ s, compile", line), line
 
 
-def test_compilation_cache_off_writes_nothing(tmp_path):
-    out = run_main(tmp_path / "a", "off")
-    assert out.returncode == 0, out.stderr
-    line = re.search(r"first step after .*", out.stdout).group(0)
-    assert "from the compilation cache" not in line
-
-
 def small_config():
     config = toy.get_config("8gaussians")
     config.model.hidden, config.model.num_layers = 16, 2
@@ -108,3 +101,30 @@ def test_first_step_line():
     assert line == ("first step after 4.0 s (import 2.0 s, init 1.5 s, compile 0.2 s from the compilation cache, "
                     "step 0.2 s)")
     assert run_lib.first_step_line({"init": 1.0, "compile": 2.0, "first step": 0.5}).startswith("first step after 3.5 s")
+
+
+def test_sampling_batches_compiles_the_sampler_once(capsys):
+    """Three batches, then a new key and new parameters: one compilation of the PC sampler, announced once."""
+    config = small_config()
+    config.sde.N = 8
+    config.sampling.num_samples, config.sampling.batch_size = 12, 4
+    exp = run_lib.Experiment.from_config(config)
+    params = run_lib.init_train_state(config, exp.model, exp.optimizer, exp.data_shape).params
+    x, nfe = run_lib.draw_samples(exp, params, 12, jax.random.key(0))
+    assert x.shape == (12, 2) and np.all(np.isfinite(x))
+    assert not np.allclose(x[:4], x[4:8])                          # each batch draws its own noise
+    assert capsys.readouterr().out.count("compiling PC sampler (N=8, batch 4)…") == 1
+    compiles = []
+    listener = lambda event, duration, **kw: compiles.append(event) if event.endswith("backend_compile_duration") \
+        else None
+    other = jax.block_until_ready(jax.tree.map(lambda p: p * 1.01, params))
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        y, _ = run_lib.draw_samples(exp, other, 12, jax.random.key(1))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == [], f"{len(compiles)} programs compiled for a new key and new parameters"
+    assert not np.allclose(x, y)
+    (fn,) = exp.compiled_samplers.values()
+    assert fn.jitted._cache_size() == 1
+    assert "compiling" not in capsys.readouterr().out

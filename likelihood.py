@@ -79,6 +79,7 @@ DIVERGENCES = {
 SOLVERS = {
     "tsit5": diffrax.Tsit5,
     "dopri5": diffrax.Dopri5,
+    "rk45": diffrax.Dopri5,      # scipy's solve_ivp RK45 (score_sde's likelihood): see samplers.ODE_SOLVERS
     "dopri8": diffrax.Dopri8,
     "heun": diffrax.Heun,
 }

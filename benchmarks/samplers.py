@@ -1,6 +1,7 @@
 """Samplers on exact Gaussian-mixture scores: error vs NFE for every method, and wall time of the design choices.
 
-    python benchmarks/samplers.py [--parts nfe,pc_loop,ode,langevin] [--sde vpsde] [--n 8192] [--out docs/figures]
+    python benchmarks/samplers.py [--parts nfe,pc_loop,ode,ode_tol,langevin] [--sde vpsde] [--n 8192]
+                                  [--out docs/figures]
 
 Parts:
   nfe       sliced W1 to the 2-D mixture vs NFE for every method (printed, and ``samplers_error_vs_nfe.png``);
@@ -13,6 +14,9 @@ Parts:
             on the host with a jitted vector field (score_sde's likelihood/ODE code), at equal rtol/atol; the
             accuracy of each is the max abs error against a tight-tolerance reference solve; diffrax also runs
             at tol/2, tol/5, tol/10, and the speed-up is also reported at equal (or better) accuracy.
+  ode_tol   NFE and accuracy at equal rtol = atol (1e-3, 1e-5) of scipy RK45 and of the diffrax settings: "tsit5"
+            (the default), "dopri5" (diffrax's I controller) and "rk45" (Dopri5 with scipy's rule and a PI term),
+            on a VP and a VE problem; accuracy = max abs error against a tight reference solve.
   langevin  ``langevin_vs_annealed.png``: plain Langevin with the data score vs annealed Langevin on
             0.2 N((-5,-5), I) + 0.8 N((5,5), I) (Song & Ermon 2019, Fig. 3).
 Timings exclude compilation (each jitted function is run once first) and block on results.
@@ -30,7 +34,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def build_parser() -> argparse.ArgumentParser:
     """The flags (``--sde`` is checked against ``sde_lib.SDES`` once that is imported)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--parts", default="nfe,pc_loop,ode,langevin")
+    p.add_argument("--parts", default="nfe,pc_loop,ode,ode_tol,langevin")
     p.add_argument("--sde", default="vpsde", help="key of sde_lib.SDES")
     p.add_argument("--n", type=int, default=8192, help="samples for the error-vs-NFE sweep")
     p.add_argument("--batch", type=int, default=256, help="batch of the timing parts")
@@ -197,7 +201,7 @@ def ode_timing(sde_name: str, batch: int, dim: int, tol: float) -> dict:
     rows = {}
     x_sp, nfe_sp = scipy_solve()
     rows["scipy RK45 (host)"] = (_timeit(scipy_solve, 7), nfe_sp, float(np.max(np.abs(x_sp - np.asarray(ref)))))
-    for solver in ("dopri5", "tsit5"):
+    for solver in ("dopri5", "tsit5", "rk45"):
         for tl in (tol, tol / 2, tol / 5, tol / 10):
             fn = jax.jit(lambda x, s=solver, tl=tl: samplers.solve_flow(sde, score, x, sde.T, sde.eps, s, tl, tl))
             x, nfe = jax.block_until_ready(fn(x_T))
@@ -208,10 +212,64 @@ def ode_timing(sde_name: str, batch: int, dim: int, tol: float) -> dict:
     for name, (t, nfe, err) in rows.items():
         print(f"{name:26s} {t * 1e3:9.2f} ms  NFE {nfe:5d}  max|x - ref| {err:.2e}  speed-up vs scipy "
               f"{base / t:.1f}x")
-    for solver in ("dopri5", "tsit5"):   # the loosest diffrax tolerance at least as accurate as scipy
+    for solver in ("dopri5", "tsit5", "rk45"):   # the loosest diffrax tolerance at least as accurate as scipy
         ok = [(k, v) for k, v in rows.items() if k.startswith(f"diffrax {solver}") and v[2] <= base_err]
         if ok:
             print(f"at equal accuracy: {ok[0][0]} is {base / ok[0][1][0]:.1f}x faster than scipy RK45")
+    return rows
+
+
+# ---- NFE at equal tolerance: scipy RK45 vs the diffrax settings ------------------------------------------------------
+ODE_SETTINGS = ("tsit5", "dopri5", "rk45")
+
+
+def scipy_rk45(sde, score, x_T, tol: float):
+    """score_sde's ODE solve: scipy RK45 on the flattened batch in float64, the drift jitted in float32.
+    Returns (x(eps), nfev)."""
+    import scipy.integrate
+
+    shape = x_T.shape
+    rsde = sde.reverse(score, probability_flow=True)
+    drift = jax.jit(lambda x, t: rsde.sde(x, jnp.full((shape[0],), t))[0])
+
+    def f(t, y):
+        return np.asarray(drift(jnp.asarray(y, jnp.float32).reshape(shape), t), np.float64).reshape(-1)
+
+    sol = scipy.integrate.solve_ivp(f, (sde.T, sde.eps), np.asarray(x_T, np.float64).reshape(-1), rtol=tol,
+                                    atol=tol, method="RK45")
+    return sol.y[:, -1].reshape(shape), int(sol.nfev)
+
+
+def ode_problem(sde_name: str, batch: int, dim: int, seed: int = 0):
+    """(sde, exact score, prior sample, reference x(eps) by Dopri5 at rtol = atol = 1e-8) of a 3-component
+    mixture in ``dim`` dimensions."""
+    rng = np.random.default_rng(seed)
+    sde = make_sde(sde_name)
+    gm = GaussianMixture(weights=[0.2, 0.3, 0.5], means=rng.normal(size=(3, dim)) * 2.0, stds=[0.3, 0.5, 0.2])
+    score = gm.score_fn(sde)
+    x_T = sde.prior_sampling(jax.random.key(seed), (batch, dim))
+    ref, _ = jax.jit(lambda x: samplers.solve_flow(sde, score, x, sde.T, sde.eps, "dopri5", 1e-8, 1e-8))(x_T)
+    return sde, score, x_T, np.asarray(ref)
+
+
+def ode_tolerances(sde_names=("vpsde", "vesde"), batch: int = 32, dim: int = 64, tols=(1e-3, 1e-5)) -> dict:
+    """NFE and max error of scipy RK45 and each of ``ODE_SETTINGS`` at rtol = atol = tol."""
+    rows = {}
+    print(f"\n== probability-flow ODE T -> eps at equal rtol = atol: NFE (ratio to scipy RK45) and max|x - ref|, "
+          f"batch ({batch}, {dim}) ==")
+    for name in sde_names:
+        sde, score, x_T, ref = ode_problem(name, batch, dim)
+        for tol in tols:
+            x, nfe = scipy_rk45(sde, score, x_T, tol)
+            row = {"scipy RK45": (nfe, float(np.max(np.abs(x - ref))))}
+            for solver in ODE_SETTINGS:
+                fn = jax.jit(lambda x, s=solver: samplers.solve_flow(sde, score, x, sde.T, sde.eps, s, tol, tol))
+                y, n = fn(x_T)
+                row[solver] = (int(n), float(np.max(np.abs(np.asarray(y) - ref))))
+            rows[(name, tol)] = row
+            base = row["scipy RK45"][0]
+            print(f"{name:6s} tol {tol:g}: " + " | ".join(f"{k} {n} ({n / base:.2f}x) {e:.1e}"
+                                                         for k, (n, e) in row.items()), flush=True)
     return rows
 
 
@@ -258,6 +316,8 @@ def main(argv=None):
         pc_loop_timing(args.sde, args.batch, args.dim)
     if "ode" in parts:
         ode_timing(args.sde, args.batch, args.dim, args.tol)
+    if "ode_tol" in parts:
+        ode_tolerances()
     if "langevin" in parts:
         langevin_figure(out)
 

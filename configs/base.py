@@ -62,7 +62,7 @@ def _sampling_section():
     # options of the other methods (samplers.SAMPLERS); a None placeholder keeps the method's own default
     sampling.num_steps = placeholder(int)  # noise levels / time nodes (pc: sde.N, ddim 100, dpm_solver++ 20, heun 18)
     sampling.grid = placeholder(str)       # time grid: uniform | log_snr | karras (EDM ρ=7)
-    sampling.solver = "tsit5"              # ode: tsit5 | dopri5 (adaptive, rtol/atol) | euler | heun (num_steps)
+    sampling.solver = "tsit5"              # ode: tsit5 | dopri5 = rk45 (adaptive, rtol/atol) | euler | heun (num_steps)
     sampling.rtol = 1e-5
     sampling.atol = 1e-5
     sampling.eta = 0.0                     # ddim: 0 deterministic, 1 DDPM-like
@@ -105,7 +105,7 @@ def _eval_section():
     lik.num_probes = 1                     # Hutchinson probes per example, averaged
     lik.rtol = 1e-5
     lik.atol = 1e-5
-    lik.solver = "tsit5"                   # key of likelihood.SOLVERS
+    lik.solver = "tsit5"                   # key of likelihood.SOLVERS; "rk45": score_sde's NFE at equal rtol/atol
     lik.max_steps = 16384
     lik.eps = placeholder(float)           # start time of the ODE; None: the SDE's eps
     lik.bits = 8                           # bits of the data (ignored for continuous toy data)

@@ -8,6 +8,7 @@ number of devices and a resumed run draws the same noise as an uninterrupted one
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import pathlib
@@ -318,21 +319,54 @@ def warn_warmup_longer_than_run(warmup: int, n_iters: int) -> bool:
 def train(config, workdir: str) -> TrainState:
     """Train ``config`` in ``workdir``, resuming from its latest readable checkpoint; returns the final state.
 
-    SIGTERM/SIGINT save a checkpoint after the current step and return; a NaN/inf loss raises
-    ``FloatingPointError`` without saving, so the last good checkpoint stays the latest."""
+    Nothing is written before the checks pass (config, batch size, the checkpoint to resume, the first batch of
+    data); one trainer per workdir (``utils.WorkdirLock``). SIGTERM/SIGINT save a checkpoint after the current step
+    and return; a NaN/inf loss raises ``FloatingPointError`` without saving, so the last good checkpoint stays the
+    latest."""
     timings = {"import": utils.process_age()} if _run_by_main() else {}
     t0 = time.time()
     exp = Experiment.from_config(config)
     mesh = make_mesh()
     check_batch_size(config.training.batch_size, shards=num_data_shards(config))
     workdir, is_main = pathlib.Path(workdir), jax.process_index() == 0
-    if is_main:
-        utils.write_config(workdir, config)
+    with utils.WorkdirLock(workdir, enabled=is_main) as lock:
+        ckpt, state, first, stream = _resume(config, workdir, exp, mesh)
+        timings["init"] = time.time() - t0
+        logger = None
+        try:
+            lock.acquire(create=True)  # the checks passed: from here on the workdir is written
+            run = _start_run(config, workdir, exp, mesh, ckpt, int(state.step), is_main, timings)
+            logger = run.logger
+            with utils.StopSignal() as stop:
+                state = _train_loop(run, replicate(state, mesh), itertools.chain([first], stream), stop)
+        finally:
+            ckpt.wait()
+            ckpt.close()
+            if logger is not None:
+                logger.close()
+            stream.close()
+    return state
+
+
+def _resume(config, workdir: pathlib.Path, exp: Experiment, mesh: Mesh) -> tuple:
+    """The checks that need the workdir, writing nothing: the checkpoint to resume from (compatible, finite) and
+    the first batch of data. Returns (ckpt, state, first batch, the stream of the following batches)."""
     ckpt = utils.CheckpointManager(workdir / "checkpoints", config)
     init = abstract_train_state if ckpt.steps() else init_train_state  # a restore needs only the structure
-    state = ckpt.restore_or(lambda: init(config, exp.model, exp.optimizer, exp.data_shape))
-    timings["init"] = time.time() - t0
-    start = int(state.step)
+    try:
+        state = ckpt.restore_or(lambda: init(config, exp.model, exp.optimizer, exp.data_shape))
+        stream = train_batches(config, mesh, int(state.step))
+        return ckpt, state, next(stream), stream
+    except BaseException:
+        ckpt.close()
+        raise
+
+
+def _start_run(config, workdir: pathlib.Path, exp: Experiment, mesh: Mesh, ckpt: utils.CheckpointManager,
+               start: int, is_main: bool, timings: dict) -> Run:
+    """Write the config, open the metric log and compile the step: the first writes of a run."""
+    if is_main:
+        utils.write_config(workdir, config)
     print(f"training steps {start}..{config.training.n_iters} on {jax.device_count()} devices "
           f"({jax.process_count()} processes), global batch {config.training.batch_size}, "
           f"lr {config.optim.lr:g} (warm-up {config.optim.warmup}), EMA rate {config.model.ema_rate}", flush=True)
@@ -341,17 +375,7 @@ def train(config, workdir: str) -> TrainState:
     step_fn = jit_sharded_step(make_train_step(exp.loss_fn(), exp.optimizer, config.model.ema_rate,
                                                config.seed), mesh)
     logger = utils.MetricLogger(workdir, config.training.n_iters, start, config.training.log_freq, enabled=is_main)
-    run = Run(exp, workdir, ckpt, logger, learning_rate_schedule(config.optim), step_fn, is_main, timings)
-    data = train_batches(config, mesh, start)
-    try:
-        with utils.StopSignal() as stop:
-            state = _train_loop(run, replicate(state, mesh), data, stop)
-    finally:
-        ckpt.wait()
-        ckpt.close()
-        logger.close()
-        data.close()
-    return state
+    return Run(exp, workdir, ckpt, logger, learning_rate_schedule(config.optim), step_fn, is_main, timings)
 
 
 def _train_loop(run: Run, state: TrainState, data: Iterator, stop: utils.StopSignal) -> TrainState:

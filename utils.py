@@ -1,10 +1,14 @@
 """Workdir I/O: config files, checkpoints with conventions, metric logs and image grids. All writes are atomic."""
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import logging
 import os
 import pathlib
+import shutil
 import signal
 import tempfile
 import threading
@@ -136,24 +140,83 @@ class CheckpointManager:
         self.config = config
         self.restored_meta: Optional[dict] = None
         self.unreadable: set = set()
+        self._pending: Optional[int] = None
         keep = max_to_keep or config.training.get("keep_checkpoints", 3)
         self.manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=True, create=True))
+            max_to_keep=keep, enable_async_checkpointing=True, create=False))  # created by the first save
 
     def save(self, step: int, state):
-        """Start writing ``state`` as checkpoint ``step`` (a no-op when that step exists)."""
-        if step in self.manager.all_steps():
-            if step not in self.unreadable:
-                return
-            self.manager.delete(step)  # replace the corrupt checkpoint restore fell back from
+        """Start writing ``state`` as checkpoint ``step`` (a no-op when that step exists). Every save is checked:
+        a non-finite state is refused (``FloatingPointError``), and a save orbax declines or fails to write
+        (e.g. disk full) raises ``CheckpointNotSaved`` in one line; ``wait`` checks the written directory."""
+        self.wait()  # orbax waits for the previous save anyway; this also verifies it
+        if step in self.manager.all_steps() and step not in self.unreadable:
+            return
+        host = serialization.to_state_dict(jax.device_get(state))
+        bad = non_finite_parts(host)
+        if bad:
+            raise FloatingPointError(f"not saving checkpoint {step}: non-finite values in {', '.join(bad)}; "
+                                     f"the last good checkpoint is {self._last_good()}")
+        self._move_aside_unreadable(step)
         meta = {"step": step, "conventions": conventions(self.config),
                 "hyperparameters": hyperparameters(self.config), "config": self.config.to_dict()}
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(serialization.to_state_dict(jax.device_get(state))),
-            meta=ocp.args.JsonSave(json.loads(json.dumps(meta, default=_json_default)))))
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with self._saving(step):
+            saved = self.manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(host),
+                meta=ocp.args.JsonSave(json.loads(json.dumps(meta, default=_json_default)))))
+        if not saved:
+            higher = [self.directory / str(s) for s in self.manager.all_steps() if s >= step]
+            raise CheckpointNotSaved(f"checkpoint {self.directory / str(step)} was not saved: orbax saves only "
+                                     f"steps above the latest, and {', '.join(map(str, higher))} exists; move it "
+                                     "out of the way and resume")
+        self._pending = step
+
+    def _last_good(self) -> str:
+        good = [s for s in self.steps() if s not in self.unreadable]
+        return f"step {good[-1]} in {self.directory}" if good else f"none (no checkpoint in {self.directory})"
+
+    def _move_aside_unreadable(self, step: int):
+        """Unreadable checkpoints (restore fell back from them) numbered ``step`` or above would make orbax decline
+        this save: rename them to ``<n>.unreadable`` (kept for inspection, ignored as checkpoints)."""
+        moved = False
+        for s in sorted(self.unreadable):
+            if s >= step and (self.directory / str(s)).exists():
+                target = self.directory / f"{s}.unreadable"
+                while target.exists():
+                    target = target.with_name(target.name + "_")
+                os.replace(self.directory / str(s), target)
+                print(f"moved the unreadable checkpoint {self.directory / str(s)} to {target}", flush=True)
+                self.unreadable.discard(s)
+                moved = True
+        if moved:
+            self.manager.reload()
+
+    @contextlib.contextmanager
+    def _saving(self, step: int):
+        """Turn a failed write (an ``OSError`` such as a full disk, possibly wrapped by orbax) into one line."""
+        try:
+            yield
+        except Exception as e:
+            cause = _os_error(e)
+            if cause is None:
+                raise
+            for tmp in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+                shutil.rmtree(tmp, ignore_errors=True)
+            self._pending = None
+            raise CheckpointNotSaved(f"could not write checkpoint {self.directory / str(step)}: "
+                                     f"{cause.strerror or cause}; the last good checkpoint is "
+                                     f"{self._last_good()}") from e
 
     def wait(self):
-        self.manager.wait_until_finished()
+        """Wait for the pending save and check that its step directory is complete."""
+        step = self._pending
+        with self._saving(step if step is not None else -1):
+            self.manager.wait_until_finished()
+        self._pending = None
+        if step is not None and not _is_complete(self.directory / str(step)):
+            raise CheckpointNotSaved(f"checkpoint {self.directory / str(step)} is missing or incomplete after "
+                                     f"saving; the last good checkpoint is {self._last_good()}")
 
     def close(self):
         self.manager.close()
@@ -171,6 +234,10 @@ class CheckpointManager:
                 + "; ".join(mismatch[:5]))
         restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
         _check_shapes(restored["state"], target, self.directory / str(step))
+        bad = non_finite_parts(restored["state"])
+        if bad:
+            raise FloatingPointError(f"checkpoint {self.directory / str(step)} holds non-finite values in "
+                                     + ", ".join(bad))
         self.restored_meta = meta
         return serialization.from_state_dict(template, restored["state"])
 
@@ -218,6 +285,111 @@ class IncompatibleCheckpointError(ValueError):
     pass
 
 
+class CheckpointNotSaved(RuntimeError):
+    """A checkpoint save that was declined or failed (the previous checkpoints are intact)."""
+
+
+def non_finite_parts(tree) -> list:
+    """Paths of the leaves holding NaN or inf, as top-level key plus the first offending leaf, e.g.
+    ``['params (params/Dense_0/kernel)', 'opt_state (...)']``; empty when all is finite."""
+    bad = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        a = np.asarray(leaf)
+        if np.issubdtype(a.dtype, np.inexact) and not np.isfinite(a).all():
+            names = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
+            bad.setdefault(names[0] if names else "value", "/".join(names))
+    return [f"{top} ({first})" for top, first in bad.items()]
+
+
+def _is_complete(step_dir: pathlib.Path) -> bool:
+    """A finalised orbax step: the directory with its metadata and both items (state, meta)."""
+    return all((step_dir / name).exists() for name in ("_CHECKPOINT_METADATA", "state", "meta"))
+
+
+def _os_error(e: BaseException) -> Optional[OSError]:
+    """The ``OSError`` that caused ``e`` (itself, or through ``__cause__``/``__context__``), if any."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+# ---- one trainer per workdir ------------------------------------------------------------------------------------
+class WorkdirLocked(RuntimeError):
+    """Another process is training in this workdir."""
+
+
+class WorkdirLock:
+    """One trainer per workdir: an exclusive ``flock`` on ``<workdir>/train.lock``, which holds the trainer's pid.
+
+    The kernel drops the lock when its process ends, however it ends (kill -9 included), so a stale file never
+    blocks. Entering locks an existing lock file without writing anything; ``acquire(create=True)`` (called once the
+    checks have passed) creates the workdir and the file if needed and writes this process's pid. Only training
+    locks: sampling and evaluation read a workdir that is training. Inert when ``enabled`` is False.
+    """
+
+    NAME = "train.lock"
+
+    def __init__(self, workdir, enabled: bool = True):
+        self.path = pathlib.Path(workdir).absolute() / self.NAME
+        self.enabled = enabled
+        self._fd: Optional[int] = None
+
+    def acquire(self, create: bool = True) -> "WorkdirLock":
+        if not self.enabled or (not create and not self.path.exists()):
+            return self
+        if self._fd is None:
+            if create:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                os.close(fd)
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise
+                raise WorkdirLocked(f"workdir {self.path.parent} is in use by another training process "
+                                    f"(pid {_lock_holder(self.path)}, lock {self.path}); wait for it to end or "
+                                    "stop it, or train in another --workdir") from None
+            self._fd = fd
+        if create:
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+        return self
+
+    def release(self):
+        if self._fd is not None:
+            os.close(self._fd)  # closing the last descriptor drops the flock
+            self._fd = None
+
+    def __enter__(self):
+        return self.acquire(create=False)
+
+    def __exit__(self, *exc):
+        self.release()
+        return False
+
+
+def _lock_holder(path: pathlib.Path) -> str:
+    """The pid holding ``path``'s flock: from /proc/locks (Linux) by inode, else the pid written in the file."""
+    try:
+        inode = os.stat(path).st_ino
+        with open("/proc/locks") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) > 5 and parts[1] == "FLOCK" and parts[5].rsplit(":", 1)[-1] == str(inode):
+                    return parts[4]
+    except (OSError, IndexError):
+        pass
+    try:
+        return path.read_text().strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
 # ---- signals ----------------------------------------------------------------------------------------------------
 class StopSignal:
     """Context manager turning SIGTERM/SIGINT into a flag the training loop polls (it then saves and exits).
@@ -245,7 +417,9 @@ class StopSignal:
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+            # a signal ignored by whoever started us (``nohup``, ``cmd &`` in a script) stays ignored
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS
+                              if signal.getsignal(s) is not signal.SIG_IGN}
         return self
 
     def __exit__(self, *exc):
@@ -274,10 +448,14 @@ class MetricLogger:
         self.n_iters, self.log_freq, self.enabled = n_iters, max(int(log_freq), 1), enabled
         self.t0, self.step0 = time.time(), start_step
         self.writer = None
+        if enabled:
+            drop_records_after(self.path, start_step)
         if enabled and tensorboard:
             from tensorboardX import SummaryWriter
 
-            self.writer = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"), flush_secs=30)
+            # purge_step: TensorBoard drops the events of steps a resumed run computes again
+            self.writer = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"), flush_secs=30,
+                                        purge_step=start_step + 1 if start_step else None)
 
     def log(self, step: int, metrics: dict, batch_size: int, force: bool = False):
         if not self.enabled or (step % self.log_freq and step != self.n_iters and not force):
@@ -314,6 +492,24 @@ class MetricLogger:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+
+def drop_records_after(path: pathlib.Path, step: int):
+    """Remove the records of steps after ``step`` (and a line cut by a kill) from a JSON-lines log, atomically:
+    a run resumed from checkpoint ``step`` logs those steps again, once."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    keep = [line for line in lines if _record_step(line) is not None and _record_step(line) <= step]
+    if len(keep) != len(lines):
+        _atomic(path, lambda tmp: pathlib.Path(tmp).write_text("".join(f"{line}\n" for line in keep)))
+
+
+def _record_step(line: str) -> Optional[int]:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def _duration(seconds: float) -> str:

@@ -534,10 +534,11 @@ def to_output(exp: Experiment, x: np.ndarray) -> np.ndarray:
     return datasets.get_data_transform(exp.config).inverse(x) if len(exp.data_shape) == 3 else x
 
 
-def write_samples(exp: Experiment, params, outdir: pathlib.Path, seed_step: int, write: bool = True) -> np.ndarray:
+def write_samples(exp: Experiment, params, outdir: pathlib.Path, seed_step: int, write: bool = True,
+                  strict: bool = False) -> np.ndarray:
     """Sample ``config.sampling.num_samples`` points (in batches of ``config.sampling.batch_size`` when there are
     more), write ``samples.npz`` and ``samples.png`` (unless ``write`` is False); return them quantised to uint8
-    (images) or as float (vectors)."""
+    (images) or as float (vectors). Non-finite samples are reported after writing (``report_non_finite``)."""
     cfg = exp.config
     key = jax.random.fold_in(jax.random.key(cfg.seed + 1), seed_step)
     n, size = int(cfg.sampling.num_samples), int(cfg.sampling.get("batch_size", 0) or 0)
@@ -554,7 +555,20 @@ def write_samples(exp: Experiment, params, outdir: pathlib.Path, seed_step: int,
             utils.save_image_grid(out, outdir / "samples.png")
         else:
             utils.save_scatter(out, outdir / "samples.png")
+    report_non_finite(np.asarray(jax.device_get(x)), outdir, strict)
     return out
+
+
+def report_non_finite(x: np.ndarray, outdir: pathlib.Path, strict: bool):
+    """Say so when samples hold NaN or inf (a diverged model or sampler): ``FloatingPointError`` when ``strict``
+    (the samples are written by then, for inspection), else a warning."""
+    bad = int(np.sum(~np.isfinite(x.reshape(len(x), -1)).all(axis=1)))
+    if bad:
+        message = (f"{bad} of {len(x)} samples hold NaN or inf values (written to {outdir} for inspection); "
+                   "the model or the sampler diverged")
+        if strict:
+            raise FloatingPointError(message)
+        logging.warning(message)
 
 
 @dataclasses.dataclass
@@ -589,7 +603,7 @@ def sample(config, workdir: str) -> None:
     exp = Experiment.from_config(config)
     outdir = pathlib.Path(workdir) / "samples" / f"sample_mode_step_{ev.step}"
     t0 = time.time()
-    write_samples(exp, ev.params, outdir, ev.step, write=jax.process_index() == 0)
+    write_samples(exp, ev.params, outdir, ev.step, write=jax.process_index() == 0, strict=True)
     print(f"wrote {config.sampling.num_samples} samples of step {ev.step} to {outdir} in {time.time() - t0:.1f}s")
 
 

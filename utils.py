@@ -33,6 +33,8 @@ def _atomic(path: pathlib.Path, write: Callable, suffix: str = ""):
     try:
         write(tmp)
         os.replace(tmp, path)
+    except OSError as e:  # e.g. a full disk: name the file (the previous version of it is intact)
+        raise OSError(e.errno, f"could not write {path}: {e.strerror or e}") from e
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -142,6 +144,7 @@ class CheckpointManager:
         self.unreadable: set = set()
         self._pending: Optional[int] = None
         keep = max_to_keep or config.training.get("keep_checkpoints", 3)
+        _quiet_orbax_write_errors()
         self.manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=True, create=False))  # created by the first save
 
@@ -173,7 +176,7 @@ class CheckpointManager:
         self._pending = step
 
     def _last_good(self) -> str:
-        good = [s for s in self.steps() if s not in self.unreadable]
+        good = [s for s in self.steps() if s not in self.unreadable and _is_complete(self.directory / str(s))]
         return f"step {good[-1]} in {self.directory}" if good else f"none (no checkpoint in {self.directory})"
 
     def _move_aside_unreadable(self, step: int):
@@ -198,15 +201,19 @@ class CheckpointManager:
         try:
             yield
         except Exception as e:
-            cause = _os_error(e)
-            if cause is None:
+            reason = _write_error(e)
+            if reason is None:
                 raise
-            for tmp in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
-                shutil.rmtree(tmp, ignore_errors=True)
-            self._pending = None
-            raise CheckpointNotSaved(f"could not write checkpoint {self.directory / str(step)}: "
-                                     f"{cause.strerror or cause}; the last good checkpoint is "
+            self._discard_partial(step)
+            raise CheckpointNotSaved(f"could not write checkpoint {self.directory / str(step)}: {reason} "
+                                     f"({_free_space(self.directory)}); the last good checkpoint is "
                                      f"{self._last_good()}") from e
+
+    def _discard_partial(self, step: int):
+        """Remove what a failed save of ``step`` left (orbax's temporary directory), freeing the space."""
+        self._pending = None
+        for tmp in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def wait(self):
         """Wait for the pending save and check that its step directory is complete."""
@@ -215,8 +222,10 @@ class CheckpointManager:
             self.manager.wait_until_finished()
         self._pending = None
         if step is not None and not _is_complete(self.directory / str(step)):
+            self._discard_partial(step)
             raise CheckpointNotSaved(f"checkpoint {self.directory / str(step)} is missing or incomplete after "
-                                     f"saving; the last good checkpoint is {self._last_good()}")
+                                     f"saving ({_free_space(self.directory)}); the last good checkpoint is "
+                                     f"{self._last_good()}")
 
     def close(self):
         self.manager.close()
@@ -259,7 +268,8 @@ class CheckpointManager:
                 self.unreadable.add(s)
                 warnings.warn(f"checkpoint {self.directory / str(s)} is unreadable ({type(e).__name__}: "
                               f"{str(e)[:300]}); falling back to the previous checkpoint")
-        raise FileNotFoundError(f"no readable checkpoint in {self.directory} (tried steps {steps})")
+        raise FileNotFoundError(f"no readable checkpoint in {self.directory} (tried steps {steps}); move the "
+                                "unreadable ones away to start afresh")
 
     def restore_or(self, init: Callable):
         """The latest readable checkpoint, or ``init()`` when there is none; reports changed hyperparameters."""
@@ -301,20 +311,48 @@ def non_finite_parts(tree) -> list:
     return [f"{top} ({first})" for top, first in bad.items()]
 
 
+class _OrbaxWriteErrors(logging.Filter):
+    """Drops orbax's log records of a failed background write (three tracebacks per save on a full disk):
+    ``CheckpointManager`` reports that failure in one line. ``SCORE_DEBUG=1`` keeps them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not ("orbax" in record.pathname and exc is not None and _write_error(exc) is not None
+                    and not os.environ.get("SCORE_DEBUG"))
+
+
+def _quiet_orbax_write_errors():
+    absl_logger = logging.getLogger("absl")
+    if not any(isinstance(f, _OrbaxWriteErrors) for f in absl_logger.filters):
+        absl_logger.addFilter(_OrbaxWriteErrors())
+
+
 def _is_complete(step_dir: pathlib.Path) -> bool:
     """A finalised orbax step: the directory with its metadata and both items (state, meta)."""
     return all((step_dir / name).exists() for name in ("_CHECKPOINT_METADATA", "state", "meta"))
 
 
-def _os_error(e: BaseException) -> Optional[OSError]:
-    """The ``OSError`` that caused ``e`` (itself, or through ``__cause__``/``__context__``), if any."""
+def _write_error(e: BaseException) -> Optional[str]:
+    """Why a write failed, when ``e`` (or what caused it) is an ``OSError`` or tensorstore's RESOURCE_EXHAUSTED
+    (a full disk); None for other exceptions."""
     seen = set()
     while e is not None and id(e) not in seen:
         if isinstance(e, OSError):
-            return e
+            return e.strerror or str(e)
+        if "RESOURCE_EXHAUSTED" in str(e) or "No space left" in str(e):
+            return "no space left on the device"
         seen.add(id(e))
         e = e.__cause__ or e.__context__
     return None
+
+
+def _free_space(path: pathlib.Path) -> str:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return f"{shutil.disk_usage(path).free / 2**20:.1f} MiB free there"
+    except OSError:
+        return "free space unknown"
 
 
 # ---- one trainer per workdir ------------------------------------------------------------------------------------
@@ -371,6 +409,9 @@ class WorkdirLock:
     def __exit__(self, *exc):
         self.release()
         return False
+
+
+USER_ERRORS = (WorkdirLocked, CheckpointNotSaved)  # one-line errors for main.py (besides ValueError, OSError, ...)
 
 
 def _lock_holder(path: pathlib.Path) -> str:

@@ -356,15 +356,21 @@ def test_eval_mode_adds_bits_per_dim_through_likelihood(tmp_path):
 
 
 def test_stop_signal_sets_a_flag_and_a_second_sigint_interrupts():
-    with utils.StopSignal() as stop:
-        assert not stop.requested
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.05)
-        assert stop.requested and stop.signum == signal.SIGINT
-        with pytest.raises(KeyboardInterrupt):
+    """Under Python's own SIGINT handler (installed here: a suite started with SIGINT ignored has none); on exit
+    the handler installed before is back."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with utils.StopSignal() as stop:
+            assert not stop.requested
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.05)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+            assert stop.requested and stop.signum == signal.SIGINT
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_paper_optimizer_defaults_warmup_and_clipping():

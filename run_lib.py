@@ -444,11 +444,11 @@ def _check_finite(run: Run, metrics: dict, step: int):
     """Stop (FloatingPointError) before a non-finite loss or gradient norm can reach a checkpoint."""
     for name in ("loss", "grad_norm"):
         if not np.isfinite(metrics[name]):
-            good = run.ckpt.steps()
+            run.ckpt.wait()
             raise FloatingPointError(
                 f"{name.replace('_', ' ')} became {metrics[name]} at step {step + 1} (lr {run.schedule(step):.3g});"
-                f" training stopped without saving. The last good checkpoint is step {good[-1] if good else None}"
-                f" in {run.ckpt.directory}; lower config.optim.lr or check the data")
+                f" training stopped without saving. The last good checkpoint is {run.ckpt.last_good()}; lower "
+                "config.optim.lr or check the data")
 
 
 def _after_step(run: Run, state: TrainState, step: int):

@@ -10,6 +10,7 @@ import os
 import pathlib
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -159,7 +160,7 @@ class CheckpointManager:
         bad = non_finite_parts(host)
         if bad:
             raise FloatingPointError(f"not saving checkpoint {step}: non-finite values in {', '.join(bad)}; "
-                                     f"the last good checkpoint is {self._last_good()}")
+                                     f"the last good checkpoint is {self.last_good()}")
         self._move_aside_unreadable(step)
         meta = {"step": step, "conventions": conventions(self.config),
                 "hyperparameters": hyperparameters(self.config), "config": self.config.to_dict()}
@@ -175,7 +176,8 @@ class CheckpointManager:
                                      "out of the way and resume")
         self._pending = step
 
-    def _last_good(self) -> str:
+    def last_good(self) -> str:
+        """'step N in <dir>' of the latest complete, readable checkpoint (or 'none ...')."""
         good = [s for s in self.steps() if s not in self.unreadable and _is_complete(self.directory / str(s))]
         return f"step {good[-1]} in {self.directory}" if good else f"none (no checkpoint in {self.directory})"
 
@@ -207,7 +209,7 @@ class CheckpointManager:
             self._discard_partial(step)
             raise CheckpointNotSaved(f"could not write checkpoint {self.directory / str(step)}: {reason} "
                                      f"({_free_space(self.directory)}); the last good checkpoint is "
-                                     f"{self._last_good()}") from e
+                                     f"{self.last_good()}") from e
 
     def _discard_partial(self, step: int):
         """Remove what a failed save of ``step`` left (orbax's temporary directory), freeing the space."""
@@ -223,9 +225,14 @@ class CheckpointManager:
         self._pending = None
         if step is not None and not _is_complete(self.directory / str(step)):
             self._discard_partial(step)
+            aside = ""
+            if (self.directory / str(step)).exists():  # out of orbax's way, kept for inspection
+                os.replace(self.directory / str(step), self.directory / f"{step}.incomplete")
+                self.manager.reload()
+                aside = f", moved to {self.directory / f'{step}.incomplete'}"
             raise CheckpointNotSaved(f"checkpoint {self.directory / str(step)} is missing or incomplete after "
-                                     f"saving ({_free_space(self.directory)}); the last good checkpoint is "
-                                     f"{self._last_good()}")
+                                     f"saving ({_free_space(self.directory)}{aside}); the last good checkpoint "
+                                     f"is {self.last_good()}")
 
     def close(self):
         self.manager.close()
@@ -325,6 +332,23 @@ def _quiet_orbax_write_errors():
     absl_logger = logging.getLogger("absl")
     if not any(isinstance(f, _OrbaxWriteErrors) for f in absl_logger.filters):
         absl_logger.addFilter(_OrbaxWriteErrors())
+    if not getattr(sys.unraisablehook, "drops_closed_loops", False):
+        sys.unraisablehook = _drop_closed_loop_callbacks(sys.unraisablehook)
+
+
+def _drop_closed_loop_callbacks(previous: Callable) -> Callable:
+    """An ``sys.unraisablehook`` that drops "Event loop is closed" (tensorstore calling back into the asyncio loop
+    of an orbax thread that ended after a failed write: dozens of tracebacks, no information) and passes the rest
+    on. ``SCORE_DEBUG=1`` keeps them."""
+
+    def hook(unraisable):
+        e = unraisable.exc_value
+        if isinstance(e, RuntimeError) and str(e) == "Event loop is closed" and not os.environ.get("SCORE_DEBUG"):
+            return
+        previous(unraisable)
+
+    hook.drops_closed_loops = True
+    return hook
 
 
 def _is_complete(step_dir: pathlib.Path) -> bool:
@@ -531,8 +555,11 @@ class MetricLogger:
 
     def close(self):
         if self.writer is not None:
-            self.writer.close()
-            self.writer = None
+            writer, self.writer = self.writer, None
+            try:
+                writer.close()
+            except OSError as e:  # e.g. a full disk: do not hide the error that ends the run
+                log.warning("could not flush TensorBoard events: %s", e)
 
 
 def drop_records_after(path: pathlib.Path, step: int):

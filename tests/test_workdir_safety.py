@@ -69,6 +69,18 @@ def test_a_declined_save_is_an_error_naming_the_stray_directory(tmp_path):
     ckpt.close()
 
 
+def test_convert_never_reports_a_checkpoint_it_did_not_write(tmp_path, capsys):
+    import convert
+
+    config = tiny_config(2)
+    exp = run_lib.Experiment.from_config(config)
+    state = run_lib.init_train_state(config, exp.model, exp.optimizer, exp.data_shape)
+    (tmp_path / "checkpoints" / "500").mkdir(parents=True)
+    with pytest.raises(utils.CheckpointNotSaved, match=r"checkpoints/460 was not saved.*checkpoints/500 exists"):
+        convert.save_converted(config, tmp_path, state.params, state.ema_params, 460, "model.pth")
+    assert not (tmp_path / "checkpoints" / "460").exists() and "converted" not in capsys.readouterr().out
+
+
 # ---- nothing written before the checks --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def trained_once(tmp_path_factory):
@@ -217,22 +229,42 @@ def test_metrics_have_one_record_per_step_after_a_resume(tmp_path):
 
 
 # ---- disk full ---------------------------------------------------------------------------------------------------------
-def test_disk_full_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    original = ocp.CheckpointManager.save
+@pytest.mark.parametrize("where", ["save", "background", "silent"])
+def test_disk_full_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch, where):
+    """The write of checkpoint 4 fails: when orbax starts it (save), in its background thread (seen by
+    wait_until_finished), or silently (the step directory is left incomplete)."""
+    original_save, original_wait = ocp.CheckpointManager.save, ocp.CheckpointManager.wait_until_finished
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    def full_disk(self, step, *args, **kwargs):
-        if step == 4:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return original(self, step, *args, **kwargs)
+    def save(self, step, *args, **kwargs):
+        if step == 4 and where == "save":
+            raise full
+        saved = original_save(self, step, *args, **kwargs)
+        self.failing = step == 4
+        return saved
 
-    monkeypatch.setattr(ocp.CheckpointManager, "save", full_disk)
+    def wait_until_finished(self):
+        original_wait(self)
+        if getattr(self, "failing", False):
+            self.failing = False
+            if where == "background":  # the write failed before orbax renamed its temporary directory
+                os.rename(tmp_path / "checkpoints" / "4", tmp_path / "checkpoints" / "4.orbax-checkpoint-tmp-1")
+                raise RuntimeError("save finalize failed") from full
+            shutil.rmtree(tmp_path / "checkpoints" / "4" / "meta")
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", save)
+    monkeypatch.setattr(ocp.CheckpointManager, "wait_until_finished", wait_until_finished)
     config = tiny_config(4, **{"training.snapshot_freq": 2})
     with pytest.raises(utils.CheckpointNotSaved) as info:
         run_lib.train(config, str(tmp_path))
     message = str(info.value)
-    assert "\n" not in message and "checkpoints/4: No space left on device" in message
+    reason = " is missing or incomplete" if where == "silent" else ": No space left on device"
+    assert "\n" not in message and f"checkpoints/4{reason}" in message
     assert "the last good checkpoint is step 2" in message
+    monkeypatch.undo()
     assert step_dirs(tmp_path) == [2] and int(restore(config, tmp_path).step) == 2
+    left = [p.name for p in (tmp_path / "checkpoints").iterdir() if not p.name.isdigit()]
+    assert left == (["4.incomplete"] if where == "silent" else [])
 
 
 # ---- signals --------------------------------------------------------------------------------------------------------------

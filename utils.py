@@ -445,7 +445,8 @@ def _lock_holder(path: pathlib.Path) -> str:
         with open("/proc/locks") as f:
             for line in f:
                 parts = line.split()
-                if len(parts) > 5 and parts[1] == "FLOCK" and parts[5].rsplit(":", 1)[-1] == str(inode):
+                if (len(parts) > 5 and parts[1] == "FLOCK" and parts[5].rsplit(":", 1)[-1] == str(inode)
+                        and parts[4] != "0"):  # 0: a pid outside our pid namespace
                     return parts[4]
     except (OSError, IndexError):
         pass

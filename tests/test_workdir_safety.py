@@ -152,6 +152,7 @@ def test_one_trainer_per_workdir_and_a_killed_holder_does_not_block(trained, cap
 
 
 # ---- non-finite values --------------------------------------------------------------------------------------------------
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast")
 def test_a_non_finite_state_is_never_saved(tmp_path):
     """lr=1e39 (inf in float32) with a checkpoint every step: the loss of the step is still finite, the new
     parameters are not. Training stops naming the last good step, whose checkpoint is finite everywhere."""

@@ -340,12 +340,19 @@ def train(config, workdir: str) -> TrainState:
             with utils.StopSignal() as stop:
                 state = _train_loop(run, replicate(state, mesh), itertools.chain([first], stream), stop)
         finally:
-            ckpt.wait()
-            ckpt.close()
-            if logger is not None:
-                logger.close()
-            stream.close()
+            _close_run(ckpt, logger, stream)
     return state
+
+
+def _close_run(ckpt: utils.CheckpointManager, logger: Optional[utils.MetricLogger], stream: Iterator):
+    """Wait for (and verify) the last save, then close everything, even when that save failed."""
+    try:
+        ckpt.wait()
+    finally:
+        ckpt.close()
+        if logger is not None:
+            logger.close()
+        stream.close()
 
 
 def _resume(config, workdir: pathlib.Path, exp: Experiment, mesh: Mesh) -> tuple:

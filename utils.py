@@ -223,7 +223,8 @@ class CheckpointManager:
         with self._saving(step if step is not None else -1):
             self.manager.wait_until_finished()
         self._pending = None
-        if step is not None and not _is_complete(self.directory / str(step)):
+        # the primary process finalises the directory; others may not see it complete yet
+        if step is not None and jax.process_index() == 0 and not _is_complete(self.directory / str(step)):
             self._discard_partial(step)
             aside = ""
             if (self.directory / str(step)).exists():  # out of orbax's way, kept for inspection

@@ -22,6 +22,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import serialization
 
+from configs.checks import UserError
+
 log = logging.getLogger(__name__)
 
 
@@ -303,8 +305,8 @@ class IncompatibleCheckpointError(ValueError):
     pass
 
 
-class CheckpointNotSaved(RuntimeError):
-    """A checkpoint save that was declined or failed (the previous checkpoints are intact)."""
+class CheckpointNotSaved(UserError, RuntimeError):
+    """A checkpoint save that was declined or failed (the previous checkpoints are intact); one line in main.py."""
 
 
 def non_finite_parts(tree) -> list:
@@ -326,7 +328,7 @@ class _OrbaxWriteErrors(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         return not ("orbax" in record.pathname and exc is not None and _write_error(exc) is not None
-                    and not os.environ.get("SCORE_DEBUG"))
+                    and not _debug())
 
 
 def _quiet_orbax_write_errors():
@@ -344,12 +346,17 @@ def _drop_closed_loop_callbacks(previous: Callable) -> Callable:
 
     def hook(unraisable):
         e = unraisable.exc_value
-        if isinstance(e, RuntimeError) and str(e) == "Event loop is closed" and not os.environ.get("SCORE_DEBUG"):
+        if isinstance(e, RuntimeError) and str(e) == "Event loop is closed" and not _debug():
             return
         previous(unraisable)
 
     hook.drops_closed_loops = True
     return hook
+
+
+def _debug() -> bool:
+    """``SCORE_DEBUG=1``: keep the tracebacks and noise that one-line errors replace."""
+    return os.environ.get("SCORE_DEBUG", "") not in ("", "0")
 
 
 def _is_complete(step_dir: pathlib.Path) -> bool:
@@ -381,8 +388,8 @@ def _free_space(path: pathlib.Path) -> str:
 
 
 # ---- one trainer per workdir ------------------------------------------------------------------------------------
-class WorkdirLocked(RuntimeError):
-    """Another process is training in this workdir."""
+class WorkdirLocked(UserError, RuntimeError):
+    """Another process is training in this workdir; one line in main.py."""
 
 
 class WorkdirLock:
@@ -434,9 +441,6 @@ class WorkdirLock:
     def __exit__(self, *exc):
         self.release()
         return False
-
-
-USER_ERRORS = (WorkdirLocked, CheckpointNotSaved)  # one-line errors for main.py (besides ValueError, OSError, ...)
 
 
 def _lock_holder(path: pathlib.Path) -> str:

@@ -69,18 +69,6 @@ def test_a_declined_save_is_an_error_naming_the_stray_directory(tmp_path):
     ckpt.close()
 
 
-def test_convert_never_reports_a_checkpoint_it_did_not_write(tmp_path, capsys):
-    import convert
-
-    config = tiny_config(2)
-    exp = run_lib.Experiment.from_config(config)
-    state = run_lib.init_train_state(config, exp.model, exp.optimizer, exp.data_shape)
-    (tmp_path / "checkpoints" / "500").mkdir(parents=True)
-    with pytest.raises(utils.CheckpointNotSaved, match=r"checkpoints/460 was not saved.*checkpoints/500 exists"):
-        convert.save_converted(config, tmp_path, state.params, state.ema_params, 460, "model.pth")
-    assert not (tmp_path / "checkpoints" / "460").exists() and "converted" not in capsys.readouterr().out
-
-
 # ---- nothing written before the checks --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def trained_once(tmp_path_factory):

@@ -18,7 +18,6 @@ import orbax.checkpoint as ocp
 import pytest
 
 import run_lib
-import samplers
 import utils
 from tests.test_run_lib import (REPO, compilation_cache, restore, subprocess_env,  # noqa: F401 (fixture)
                                 tiny_config)
@@ -189,13 +188,13 @@ def test_a_non_finite_checkpoint_is_refused_or_fallen_back_from(trained):
 
 def test_non_finite_samples_are_written_and_reported(trained, monkeypatch):
     """A sampler whose output is NaN: --mode=sample writes the samples, then fails in one line."""
-    original = samplers.sample_from_config
+    original = run_lib.Experiment.sample
 
     def nan_sampler(*args, **kwargs):
         x, nfe = original(*args, **kwargs)
         return x * np.nan, nfe
 
-    monkeypatch.setattr(samplers, "sample_from_config", nan_sampler)
+    monkeypatch.setattr(run_lib.Experiment, "sample", nan_sampler)
     outdir = trained / "samples" / "sample_mode_step_2"
     shutil.rmtree(outdir, ignore_errors=True)
     with pytest.raises(FloatingPointError, match=r"8 of 8 samples hold NaN or inf values \(written to .*sample_mode"):

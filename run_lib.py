@@ -7,6 +7,7 @@ number of devices and a resumed run draws the same noise as an uninterrupted one
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import itertools
 import json
@@ -292,6 +293,7 @@ class Run:
     step_fn: Callable
     is_main: bool
     timings: dict = dataclasses.field(default_factory=dict)  # start-up phases (s), reported after the first step
+    compiling: Optional[StepCompilation] = None  # the train step being compiled in the background
 
 
 def warn_ema_keeps_init(ema_rate: float, n_iters: int, limit: float = 0.05) -> float:
@@ -330,12 +332,16 @@ def train(config, workdir: str) -> TrainState:
     check_batch_size(config.training.batch_size, shards=num_data_shards(config))
     workdir, is_main = pathlib.Path(workdir), jax.process_index() == 0
     with utils.WorkdirLock(workdir, enabled=is_main) as lock:
+        step_fn = jit_sharded_step(make_train_step(exp.loss_fn(), exp.optimizer, config.model.ema_rate,
+                                                   config.seed), mesh)
+        # compiles while the state is built and the first batch read (if a check fails, it finishes unused)
+        compiling = compile_step_in_background(step_fn, config, exp, mesh)
         ckpt, state, first, stream = _resume(config, workdir, exp, mesh)
         timings["init"] = time.time() - t0
         logger = None
         try:
             lock.acquire(create=True)  # the checks passed: from here on the workdir is written
-            run = _start_run(config, workdir, exp, mesh, ckpt, int(state.step), is_main, timings)
+            run = _start_run(config, workdir, exp, ckpt, int(state.step), is_main, timings, (step_fn, compiling))
             logger = run.logger
             with utils.StopSignal() as stop:
                 state = _train_loop(run, replicate(state, mesh), itertools.chain([first], stream), stop)
@@ -369,9 +375,11 @@ def _resume(config, workdir: pathlib.Path, exp: Experiment, mesh: Mesh) -> tuple
         raise
 
 
-def _start_run(config, workdir: pathlib.Path, exp: Experiment, mesh: Mesh, ckpt: utils.CheckpointManager,
-               start: int, is_main: bool, timings: dict) -> Run:
-    """Write the config, open the metric log and compile the step: the first writes of a run."""
+def _start_run(config, workdir: pathlib.Path, exp: Experiment, ckpt: utils.CheckpointManager, start: int,
+               is_main: bool, timings: dict, step: tuple) -> Run:
+    """Write the config and open the metric log: the first writes of a run; ``step`` = (jitted train step, its
+    background compilation)."""
+    step_fn, compiling = step
     if is_main:
         utils.write_config(workdir, config)
     print(f"training steps {start}..{config.training.n_iters} on {jax.device_count()} devices "
@@ -379,10 +387,9 @@ def _start_run(config, workdir: pathlib.Path, exp: Experiment, mesh: Mesh, ckpt:
           f"lr {config.optim.lr:g} (warm-up {config.optim.warmup}), EMA rate {config.model.ema_rate}", flush=True)
     warn_ema_keeps_init(config.model.ema_rate, config.training.n_iters)
     warn_warmup_longer_than_run(config.optim.warmup, config.training.n_iters)
-    step_fn = jit_sharded_step(make_train_step(exp.loss_fn(), exp.optimizer, config.model.ema_rate,
-                                               config.seed), mesh)
     logger = utils.MetricLogger(workdir, config.training.n_iters, start, config.training.log_freq, enabled=is_main)
-    return Run(exp, workdir, ckpt, logger, learning_rate_schedule(config.optim), step_fn, is_main, timings)
+    return Run(exp, workdir, ckpt, logger, learning_rate_schedule(config.optim), step_fn, is_main, timings,
+               compiling)
 
 
 def _train_loop(run: Run, state: TrainState, data: Iterator, stop: utils.StopSignal) -> TrainState:
@@ -417,10 +424,50 @@ def _run_by_main() -> bool:
     return pathlib.Path(getattr(sys.modules.get("__main__"), "__file__", None) or "-").name == "main.py"
 
 
+@dataclasses.dataclass
+class StepCompilation:
+    """A train step compiling in a background thread for arguments of ``spec`` (XLA releases the GIL)."""
+
+    spec: Any
+    future: concurrent.futures.Future
+    cache_hits: int
+
+
+def _spec(tree):
+    return jax.tree.map(lambda a: (tuple(a.shape), np.dtype(a.dtype)), tree)
+
+
+def step_arguments_spec(config, exp: Experiment, mesh: Mesh):
+    """``(state, batch)`` of the train step as sharded ``ShapeDtypeStruct``s, from the config alone."""
+    replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    shapes = jax.eval_shape(_init_fn(exp.model, exp.optimizer, exp.data_shape), _init_key(config))
+    state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), shapes)
+    b = config.training.batch_size
+    batch = {"x": jax.ShapeDtypeStruct((b,) + tuple(exp.data_shape), jnp.float32, sharding=data),
+             "label": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=data)}
+    return state, batch
+
+
+def compile_step_in_background(step_fn, config, exp: Experiment, mesh: Mesh) -> StepCompilation:
+    """Start compiling ``step_fn`` for the config's state and batch in a thread, so that the compilation overlaps
+    building the initial state and loading the first batch; ``_compile_step`` collects it."""
+    state, batch = step_arguments_spec(config, exp, mesh)
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile_train_step")
+    hits = utils.compilation_cache_hits()
+    future = pool.submit(lambda: step_fn.lower(state, batch).compile())
+    pool.shutdown(wait=False)
+    return StepCompilation(_spec((state, batch)), future, hits)
+
+
 def _compile_step(run: Run, state: TrainState, batch: dict) -> Callable:
-    """The train step compiled for ``batch`` (or loaded from the persistent compilation cache), timed."""
-    t0, hits = time.time(), utils.compilation_cache_hits()
-    compiled = run.step_fn.lower(state, batch).compile()
+    """The train step compiled for ``batch`` (or loaded from the persistent compilation cache), timed: the one
+    compiled in the background when it was compiled for these shapes, otherwise compiled now."""
+    t0, compiling = time.time(), run.compiling
+    hits = compiling.cache_hits if compiling else utils.compilation_cache_hits()
+    if compiling and compiling.spec == _spec((state, batch)):
+        compiled = compiling.future.result()
+    else:
+        compiled = run.step_fn.lower(state, batch).compile()
     run.timings["compile"] = time.time() - t0
     run.timings["cached"] = utils.compilation_cache_hits() > hits
     return compiled

@@ -129,3 +129,29 @@ def test_sampling_batches_compiles_the_sampler_once(capsys):
     (fn,) = exp.compiled_samplers.values()
     assert fn.jitted._cache_size() == 1
     assert "compiling" not in capsys.readouterr().out
+
+
+def test_step_compiled_in_the_background_is_the_one_train_uses_and_gives_the_same_result(monkeypatch):
+    """``run_lib.train`` compiles the train step in a thread beside the init: that compilation must be for exactly
+    the (state, batch) shapes the loop meets (else it is wasted), and its result must equal the step compiled in
+    the foreground bit for bit. Fault injection: a wrong batch size must not match."""
+    config = small_config()
+    exp = run_lib.Experiment.from_config(config)
+    mesh = run_lib.make_mesh()
+    step_fn = run_lib.jit_sharded_step(run_lib.make_train_step(exp.loss_fn(), exp.optimizer, config.model.ema_rate,
+                                                               config.seed), mesh)
+    compiling = run_lib.compile_step_in_background(step_fn, config, exp, mesh)
+    state = run_lib.replicate(run_lib.init_train_state(config, exp.model, exp.optimizer, exp.data_shape), mesh)
+    data = run_lib.train_batches(config, mesh)
+    batch = next(data)
+    data.close()
+    assert compiling.spec == run_lib._spec((state, batch))
+    background = compiling.future.result()
+    foreground = step_fn.lower(state, batch).compile()
+    fg_state, fg_metrics = foreground(jax.tree.map(jax.numpy.copy, state), batch)
+    bg_state, bg_metrics = background(state, batch)
+    for a, b in zip(jax.tree.leaves((fg_state, fg_metrics)), jax.tree.leaves((bg_state, bg_metrics))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    config.training.batch_size *= 2
+    other = run_lib.step_arguments_spec(config, exp, mesh)
+    assert run_lib._spec(other) != compiling.spec

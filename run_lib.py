@@ -72,6 +72,14 @@ def ema_update(ema_params, params, rate: float):
 # The initial state is computed once, so its program is compiled without LLVM's optimisations on CPU: that
 # compiles 2-3x faster (the initializers' random-bit generation dominates) and the values agree to float rounding.
 INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
+# The train step at LLVM -O2 instead of the default -O3 on CPU: in side-by-side probes it compiled 0.66x as long for
+# the small DDPM++ (0.86x for configs/default.py) with steps within the noise (0.86-1.06x) and the same losses.
+STEP_COMPILER_OPTIONS = {"xla_backend_optimization_level": 2}
+
+
+def step_compiler_options() -> Optional[dict]:
+    """XLA options for compiling the train step on this backend (None: XLA's defaults)."""
+    return STEP_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
 
 
 def _init_fn(model: models.ScoreModel, optimizer, data_shape) -> Callable:
@@ -454,7 +462,7 @@ def compile_step_in_background(step_fn, config, exp: Experiment, mesh: Mesh) -> 
     state, batch = step_arguments_spec(config, exp, mesh)
     pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile_train_step")
     hits = utils.compilation_cache_hits()
-    future = pool.submit(lambda: step_fn.lower(state, batch).compile())
+    future = pool.submit(lambda: step_fn.lower(state, batch).compile(step_compiler_options()))
     pool.shutdown(wait=False)
     return StepCompilation(_spec((state, batch)), future, hits)
 
@@ -467,7 +475,7 @@ def _compile_step(run: Run, state: TrainState, batch: dict) -> Callable:
     if compiling and compiling.spec == _spec((state, batch)):
         compiled = compiling.future.result()
     else:
-        compiled = run.step_fn.lower(state, batch).compile()
+        compiled = run.step_fn.lower(state, batch).compile(step_compiler_options())
     run.timings["compile"] = time.time() - t0
     run.timings["cached"] = utils.compilation_cache_hits() > hits
     return compiled

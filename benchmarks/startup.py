@@ -83,7 +83,8 @@ def worker(args) -> dict:
         b = config.training.batch_size
         batch = run_lib.shard_batch({"x": np.zeros((b,) + exp.data_shape, np.float32),
                                      "label": np.zeros(b, np.int32)}, mesh)
-    compiled = compiling.future.result() if background else step.lower(state, batch).compile()
+    options = run_lib.step_compiler_options() if hasattr(run_lib, "step_compiler_options") else None
+    compiled = compiling.future.result() if background else step.lower(state, batch).compile(options)
     marks["compile"], cpu["compile"] = time.time(), _cpu()
     state, metrics = compiled(state, batch)
     jax.device_get(metrics)

@@ -134,7 +134,8 @@ def test_sampling_batches_compiles_the_sampler_once(capsys):
 def test_step_compiled_in_the_background_is_the_one_train_uses_and_gives_the_same_result(monkeypatch):
     """``run_lib.train`` compiles the train step in a thread beside the init: that compilation must be for exactly
     the (state, batch) shapes the loop meets (else it is wasted), and its result must equal the step compiled in
-    the foreground bit for bit. Fault injection: a wrong batch size must not match."""
+    the foreground bit for bit, and the step's CPU compile options (``run_lib.STEP_COMPILER_OPTIONS``) must agree
+    with XLA's defaults to float rounding. Fault injection: a wrong batch size must not match."""
     config = small_config()
     exp = run_lib.Experiment.from_config(config)
     mesh = run_lib.make_mesh()
@@ -147,11 +148,16 @@ def test_step_compiled_in_the_background_is_the_one_train_uses_and_gives_the_sam
     data.close()
     assert compiling.spec == run_lib._spec((state, batch))
     background = compiling.future.result()
-    foreground = step_fn.lower(state, batch).compile()
+    foreground = step_fn.lower(state, batch).compile(run_lib.step_compiler_options())
     fg_state, fg_metrics = foreground(jax.tree.map(jax.numpy.copy, state), batch)
     bg_state, bg_metrics = background(state, batch)
     for a, b in zip(jax.tree.leaves((fg_state, fg_metrics)), jax.tree.leaves((bg_state, bg_metrics))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    default = step_fn.lower(state, batch).compile()  # XLA's default options: agrees to float rounding
+    ref_state, ref_metrics = default(jax.tree.map(jax.numpy.copy, fg_state), batch)
+    bg_state, bg_metrics = background(bg_state, batch)
+    for a, b in zip(jax.tree.leaves((ref_state, ref_metrics)), jax.tree.leaves((bg_state, bg_metrics))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
     config.training.batch_size *= 2
     other = run_lib.step_arguments_spec(config, exp, mesh)
     assert run_lib._spec(other) != compiling.spec

@@ -342,8 +342,9 @@ def train(config, workdir: str) -> TrainState:
     with utils.WorkdirLock(workdir, enabled=is_main) as lock:
         step_fn = jit_sharded_step(make_train_step(exp.loss_fn(), exp.optimizer, config.model.ema_rate,
                                                    config.seed), mesh)
-        # compiles while the state is built and the first batch read (if a check fails, it finishes unused)
-        compiling = compile_step_in_background(step_fn, config, exp, mesh)
+        # (compile_step_in_background here overlapped the init in principle but gained no measured wall time on
+        # 2 loaded cores, and a failed check would wait for it at exit: not used; benchmarks/startup.py --background)
+        compiling = None
         ckpt, state, first, stream = _resume(config, workdir, exp, mesh)
         timings["init"] = time.time() - t0
         logger = None

@@ -8,9 +8,9 @@ Each run is a fresh process that does what ``run_lib.train`` does before its fir
 
 - import: interpreter start -> ``run_lib`` imported (jax, flax, optax, orbax, the project);
 - init: the experiment, the initial train state (``run_lib.init_train_state``) placed on the mesh;
-- compile: waiting for the sharded train step compiled for the first batch; as in ``run_lib.train`` it compiles in a
-  thread started before the init (``run_lib.compile_step_in_background``), so only what does not overlap the init
-  shows here (``--foreground``: compiled after the init, as before);
+- compile: the sharded train step compiled for the first batch, after the init as in ``run_lib.train``
+  (``--background``: in a thread started before the init, ``run_lib.compile_step_in_background``; then only the wait
+  that does not overlap the init shows here);
 - first step: that step run once (blocking).
 
 ``small`` is ``configs/default.py`` (8x8 digits, small U-Net, batch 128, real data through ``train_batches``);
@@ -71,8 +71,8 @@ def worker(args) -> dict:
     mesh = run_lib.make_mesh()
     step = run_lib.jit_sharded_step(run_lib.make_train_step(exp.loss_fn(), exp.optimizer, config.model.ema_rate,
                                                             config.seed), mesh)
-    background = hasattr(run_lib, "compile_step_in_background") and not args.foreground
-    if background:  # as run_lib.train does: the step compiles in a thread while the state is built
+    background = hasattr(run_lib, "compile_step_in_background") and args.background
+    if background:  # the step compiles in a thread while the state is built (run_lib.train does not)
         compiling = run_lib.compile_step_in_background(step, config, exp, mesh)
     state = run_lib.replicate(run_lib.init_train_state(config, exp.model, exp.optimizer, exp.data_shape), mesh)
     jax.block_until_ready(state)
@@ -92,11 +92,11 @@ def worker(args) -> dict:
     return {"marks": marks, "cpu": cpu}
 
 
-def run_worker(repo: str, config: str, cache_dir: str, foreground: bool = False) -> dict:
+def run_worker(repo: str, config: str, cache_dir: str, background: bool = False) -> dict:
     """One fresh process; wall seconds and CPU seconds per phase, and the total."""
     t0 = time.time()
     cmd = [sys.executable, __file__, "--worker", f"--repo={repo}", f"--config={config}", f"--cache_dir={cache_dir}",
-           f"--t0={t0!r}"] + (["--foreground"] if foreground else [])
+           f"--t0={t0!r}"] + (["--background"] if background else [])
     env = dict(os.environ, SCORE_SDE_JAX_CACHE=cache_dir)
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=repo, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -125,14 +125,14 @@ def _median_record(records: list) -> dict:
             "totals": [round(r["total"], 2) for r in records]}
 
 
-def measure(repo: str, config: str, repeats: int, foreground: bool = False) -> dict:
+def measure(repo: str, config: str, repeats: int, background: bool = False) -> dict:
     """``repeats`` (cold, warm) pairs, each on a new empty cache directory; the baseline between them."""
     cold, warm, base = [], [], []
     for _ in range(repeats):
         with tempfile.TemporaryDirectory(prefix="startup_cache_") as cache:
             base.append(baseline())
-            cold.append(run_worker(repo, config, cache, foreground))
-            warm.append(run_worker(repo, config, cache, foreground))
+            cold.append(run_worker(repo, config, cache, background))
+            warm.append(run_worker(repo, config, cache, background))
     return {"cold": _median_record(cold), "warm": _median_record(warm), "baseline": statistics.median(base)}
 
 
@@ -153,8 +153,8 @@ def main():
     p.add_argument("--label", default="this", help="name of the checkout in the table")
     p.add_argument("--repeats", type=int, default=3, help="(cold, warm) pairs; medians are reported")
     p.add_argument("--json", default=None, help="also write the results here")
-    p.add_argument("--foreground", action="store_true",
-                   help="compile the train step after the init, not in a thread beside it (as before)")
+    p.add_argument("--background", action="store_true",
+                   help="compile the train step in a thread beside the init (run_lib.train does not)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--config", default=None, help=argparse.SUPPRESS)
     p.add_argument("--cache_dir", default=None, help=argparse.SUPPRESS)
@@ -167,7 +167,7 @@ def main():
     for config in args.configs.split(","):
         if config not in CONFIGS:
             raise SystemExit(f"unknown --configs entry {config!r}; valid: {sorted(CONFIGS)}")
-        results[config] = measure(str(pathlib.Path(args.repo).resolve()), config, args.repeats, args.foreground)
+        results[config] = measure(str(pathlib.Path(args.repo).resolve()), config, args.repeats, args.background)
         print(json.dumps({"label": args.label, "config": config, **results[config]}), flush=True)
     print(f"\nload average at the end: {os.getloadavg()[0]:.1f} (1 min) on {os.cpu_count()} CPUs; wall seconds "
           f"per phase, medians of {args.repeats}; ratio = total / baseline ({BASELINE!r})")

@@ -622,7 +622,8 @@ def draw_samples(exp: Experiment, params, n: int, key, what: str = "sampling", f
     print(sampling_work(exp, n), flush=True)
     size = int(exp.config.sampling.get("batch_size", n) or n)
     batches = -(-n // size)
-    progress = utils.Progress(what, batches, detail=f"{n} samples, {sampler_name(exp.config.sampling, exp.sde)}")
+    progress = utils.Progress(what, batches, detail=f"{n} samples, {sampler_name(exp.config.sampling, exp.sde)}",
+                              compiles=False)   # Experiment.sample says when it compiles
     out, nfe = [], None
     try:
         for i in range(batches):

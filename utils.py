@@ -631,7 +631,7 @@ class Progress:
     raises ``Stopped`` when a ``StopSignal`` has been triggered, so a job stops within one batch."""
 
     def __init__(self, what: str, total: Optional[int], unit: str = "batch", detail: str = "",
-                 min_interval: float = 2.0, enabled: Optional[bool] = None):
+                 min_interval: float = 2.0, enabled: Optional[bool] = None, compiles: bool = True):
         self.what, self.unit, self.min_interval = what, unit, min_interval
         self.total = None if total is None else max(int(total), 1)
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
@@ -639,7 +639,9 @@ class Progress:
         plural = "" if self.total == 1 else ("es" if unit.endswith("h") else "s")
         count = "" if self.total is None else f"{self.total} {unit}{plural}"
         head = ", ".join(p for p in (count, detail) if p)
-        self._print(f"{what}{': ' + head if head else ''}; compiling on the first {unit}...")
+        self.compiles = compiles   # False: the caller says when (and whether) it compiles
+        note = f"; compiling on the first {unit}..." if compiles else ""
+        self._print(f"{what}{': ' + head if head else ''}{note}")
 
     def _print(self, line: str):
         if self.enabled:
@@ -661,7 +663,7 @@ class Progress:
         of = "" if self.total is None else f"/{self.total}"
         if self.done == n or self.done == self.total or now - self.t_printed >= self.min_interval:
             rate = self.seconds_per_unit()
-            first = " (incl. compiling)" if self.done == n and self.done != self.total else ""
+            first = " (incl. compiling)" if self.compiles and self.done == n and self.done != self.total else ""
             left = None if self.total is None else self.total - self.done
             eta = f", ETA {'at most ' if first else ''}{_duration(rate * left)}" if left else ""
             self._print(f"{self.what} {self.unit} {self.done}{of}, {rate:.1f} s/{self.unit}{first}{eta}")

@@ -168,7 +168,7 @@ def test_sigterm_stops_sampling_within_a_batch_and_keeps_the_batches_drawn(train
 def test_a_second_sigint_exits_at_once_without_a_traceback(trained, tmp_path):
     proc = start_sampling(trained, tmp_path, str(tmp_path / "out"))
     try:
-        wait_for_line(proc, r"compiling on the first batch", 240)
+        wait_for_line(proc, r"^sampling: 50 batches", 240)
         proc.send_signal(signal.SIGINT)
         time.sleep(0.5)
         proc.send_signal(signal.SIGINT)

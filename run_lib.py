@@ -541,7 +541,7 @@ def _is_sample_step(cfg, step: int) -> bool:
 
 
 def _periodic_eval(run: Run, state: TrainState, step: int) -> Optional[dict]:
-    """Every ``training.eval_freq`` steps (0/None: never): the objective on ``training.eval_batches`` batches of
+    """Every ``training.eval_freq`` steps (never when above ``training.n_iters``): the objective on ``training.eval_batches`` batches of
     held-out data with the current and the EMA parameters, and (``training.eval_quality``) the quality figures of
     ``eval.num_samples`` EMA samples; logged to metrics.jsonl and TensorBoard (``eval/...``) by ``logger.log_eval``."""
     cfg = run.exp.config.training

@@ -32,7 +32,7 @@ def _training_section():
     training.importance_sampling = False   # sample t ∝ λ(t)/σ(t)² to reduce variance of the weighted loss
     training.continuous = True             # continuous t ~ U[eps, T] or integer steps of the discrete chain
     training.log_freq = 50
-    training.eval_freq = 500               # held-out loss (raw and EMA) every this many steps; 0: never
+    training.eval_freq = 500               # held-out loss (raw and EMA) every this many steps (> n_iters: never)
     training.eval_batches = 4              # ... on this many test batches of config.eval.batch_size; 0: all
     training.eval_quality = False          # ... and the quality figures of eval.num_samples EMA samples
     training.snapshot_freq = 10_000        # checkpoint every this many steps

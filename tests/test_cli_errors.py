@@ -62,7 +62,7 @@ CASES = [
     ([TOY, "--config.training.keep_checkpoints=0"], "training.keep_checkpoints=0 must be an integer >= 1"),
     ([TOY, "--config.training.snapshot_freq=0"], "training.snapshot_freq=0 must be"),
     ([TOY, "--config.training.log_freq=-1"], "training.log_freq=-1 must be"),
-    ([TOY, "--config.training.eval_freq=-1"], "training.eval_freq=-1 must be"),
+    ([TOY, "--config.training.eval_freq=0"], "training.eval_freq=0 must be"),
     ([TOY, "--config.training.n_iters=0"], "training.n_iters=0 must be an integer >= 1 for --mode=train"),
     (["--config=configs/toy.py:two_moons,vesde", "--config.sde.sigma_min=50", "--config.sde.sigma_max=1"],
      "config sde.sigma_min=50.0 must be < sde.sigma_max=1.0"),

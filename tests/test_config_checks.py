@@ -26,12 +26,17 @@ def forget_example_registrations():
     def ours(module) -> bool:
         return module is not None and (module.startswith("examples") or module == checks.MODULE_NAME)
 
+    registries = (sde_lib.SDES, losses.LOSSES, samplers.SAMPLERS, models.MODELS, datasets.SOURCES)
+    before = [set(registry) for registry in registries]
+    continuous = set(losses.CONTINUOUS_TIME)
     modules = set(sys.modules)
     yield
-    for registry in (sde_lib.SDES, losses.LOSSES, samplers.SAMPLERS, models.MODELS, datasets.SOURCES):
-        for name in [n for n, obj in registry.items() if ours(getattr(obj, "__module__", None))]:
-            del registry[name]
-            losses.CONTINUOUS_TIME.discard(name)
+    for registry, names in zip(registries, before):
+        for name in set(registry) - names:   # only what this module's loading added (collection may have run first)
+            if ours(getattr(registry[name], "__module__", None)):
+                del registry[name]
+                if name not in continuous:
+                    losses.CONTINUOUS_TIME.discard(name)
     for m in set(sys.modules) - modules:
         if ours(m):
             sys.modules.pop(m, None)
@@ -75,7 +80,7 @@ CASES = [
     ("optim.lr", 0.0, 1e-4), ("optim.lr", -1e-3, 1.0), ("optim.lr", math.nan, 1e-4), ("optim.lr", math.inf, 1e-4),
     ("model.ema_rate", 1.0, 0.0), ("model.ema_rate", -0.1, 0.9999), ("model.dropout", 1.0, 0.5),
     ("training.keep_checkpoints", 0, 1), ("training.snapshot_freq", 0, 1), ("training.log_freq", -5, 1),
-    ("training.eval_freq", -1, 0), ("training.batch_size", 0, 1), ("training.n_iters", -1, 0),
+    ("training.eval_freq", 0, 1), ("training.batch_size", 0, 1), ("training.n_iters", -1, 0),
     ("training.sample_freq", 0, 7), ("training.data_shards", 0, 2), ("training.eps", 0.0, 1e-5),
     ("sde.N", 1, 2), ("sde.sigma_min", 0.0, 0.01), ("sde.beta_max", 0.0, 20.0),
     ("sampling.num_samples", 0, 1), ("sampling.batch_size", 0, 1), ("sampling.rtol", 0.0, 1e-3),

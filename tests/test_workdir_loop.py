@@ -146,17 +146,22 @@ def start_sampling(trained, tmp_path, outdir: str):
                             stderr=subprocess.PIPE, text=True)
 
 
-def test_sigterm_stops_sampling_within_a_batch_and_keeps_the_batches_drawn(trained, tmp_path):
-    proc = start_sampling(trained, tmp_path, str(tmp_path / "out"))
+def sigterm_after_a_batch(proc, pattern: str):
+    """SIGTERM once ``pattern`` (with its s/batch) is printed; (stdout, stderr, seconds to exit, s/batch)."""
     try:
-        line = wait_for_line(proc, r"sampling batch \d+/50, ([\d.]+) s/batch", 240)
+        line = wait_for_line(proc, pattern, 240)
         per_batch = float(re.search(r"([\d.]+) s/batch", line).group(1))
         proc.send_signal(signal.SIGTERM)
         t0 = time.time()
-        _, err = proc.communicate(timeout=60 + 3 * per_batch)
-        waited = time.time() - t0
+        out, err = proc.communicate(timeout=60 + 3 * per_batch)
+        return out, err, time.time() - t0, per_batch
     finally:
         proc.kill()
+
+
+def test_sigterm_stops_sampling_within_a_batch_and_keeps_the_batches_drawn(trained, tmp_path):
+    proc = start_sampling(trained, tmp_path, str(tmp_path / "out"))
+    _, err, waited, per_batch = sigterm_after_a_batch(proc, r"sampling batch \d+/50, ([\d.]+) s/batch")
     assert proc.returncode == 128 + signal.SIGTERM
     assert waited < 2 * per_batch + 10, (waited, per_batch)
     lines = [ln for ln in err.splitlines() if ln.strip() and "stopped by" in ln]
@@ -215,15 +220,7 @@ def test_sigterm_during_the_end_of_training_sampling_stops_within_a_batch_and_sa
             "--config.sampling.method=ddim", "--config.sampling.num_steps=200"]
     proc = subprocess.Popen(args, cwd=REPO, env=env(tmp_path / "cache"), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    try:
-        line = wait_for_line(proc, r"sampling batch 1/50, ([\d.]+) s/batch", 240)
-        per_batch = float(re.search(r"([\d.]+) s/batch", line).group(1))
-        proc.send_signal(signal.SIGTERM)
-        t0 = time.time()
-        out, err = proc.communicate(timeout=60 + 3 * per_batch)
-        waited = time.time() - t0
-    finally:
-        proc.kill()
+    out, err, waited, per_batch = sigterm_after_a_batch(proc, r"sampling batch 1/50, ([\d.]+) s/batch")
     assert proc.returncode == 0 and waited < 2 * per_batch + 15, (waited, per_batch, err[-2000:])
     assert "stopped by signal after step 4; checkpoint saved" in out and "Traceback" not in err
     assert (tmp_path / "w" / "checkpoints" / "4").is_dir()

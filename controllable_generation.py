@@ -475,18 +475,25 @@ def _labels(config, n: int, num_classes: int, labels) -> Array:
     return _labels_for(config, n, num_classes) if labels is None else check_labels(labels, num_classes, n)
 
 
-def in_batches(n: int, size: int, key: Array, draw: Callable[[Array, int, int], dict]) -> dict:
+def in_batches(n: int, size: int, key: Array, draw: Callable[[Array, int, int], dict],
+               progress: Optional[Callable[[], None]] = None) -> dict:
     """``draw(key_i, lo, hi)`` (a dict of per-sample arrays, or shared ones under "mask") for the batches
-    [lo, hi) of ``size`` covering n, batch i with ``fold_in(key, i)``; the batches' arrays concatenated."""
+    [lo, hi) of ``size`` covering n, batch i with ``fold_in(key, i)``; the batches' arrays concatenated.
+    ``progress()`` (optional) is called after each batch (it may raise to stop)."""
     size = max(1, min(int(size or n), n))
-    parts = [draw(jax.random.fold_in(key, i), lo, min(lo + size, n)) for i, lo in enumerate(range(0, n, size))]
+    parts = []
+    for i, lo in enumerate(range(0, n, size)):
+        parts.append(draw(jax.random.fold_in(key, i), lo, min(lo + size, n)))
+        if progress is not None:
+            progress()
     return {k: parts[0][k] if k == "mask" else np.concatenate([np.asarray(p[k]) for p in parts]) for k in parts[0]}
 
 
 def run(config, workdir: str) -> dict:
     """``--mode=sample`` for ``config.sampling.task`` in inpaint | colorize | class_conditional | cfg: writes
-    ``samples/<task>_step_<k>/samples.{npz,png}`` (and ``inputs.png`` for imputation); returns the arrays.
-    ``config.sampling.num_samples`` are drawn in batches of ``config.sampling.batch_size``."""
+    ``samples.{npz,png}``, ``manifest.json`` (and ``inputs.png`` for imputation, the unknown pixels hatched gray)
+    to a new folder ``run_lib.sample_folder`` names after the task and its settings; returns the arrays and the
+    folder (``"outdir"``). ``config.sampling.num_samples`` are drawn in batches of ``config.sampling.batch_size``."""
     import run_lib
     import utils
 
@@ -495,34 +502,56 @@ def run(config, workdir: str) -> dict:
         raise ValueError(f"unknown config.sampling.task {task!r}; expected one of {list(TASKS)}")
     ev = run_lib.restore_eval_state(config, workdir, config.eval.checkpoint)
     exp = run_lib.Experiment.from_config(config)
+    outdir = run_lib.sample_folder(config, workdir, ev.sde, ev.step, task)
     n, size = int(config.sampling.num_samples), config.sampling.get("batch_size", None)
     key = jax.random.fold_in(jax.random.key(config.seed + 1), ev.step)
-    if task in ("inpaint", "colorize"):
-        out = _run_imputation(config, ev, key, n, size, task)
-    elif task == "unconditional":
-        out = in_batches(n, size, key, lambda k, lo, hi: {"samples": exp.sample(k, ev.params, hi - lo)[0]})
-    else:
-        _, y = guided_score_fn(config, ev.model, ev.params, ev.sde, n)   # checks the task and the labels
-
-        def draw(k, lo, hi):
-            score, yb = guided_score_fn(config, ev.model, ev.params, ev.sde, hi - lo, labels=y[lo:hi])
-            x, _ = samplers.sample_from_config(k, ev.sde, score, (hi - lo,) + exp.data_shape, config.sampling)
-            return {"samples": x, "labels": yb}
-
-        out = in_batches(n, size, key, draw)
-    outdir = pathlib.Path(workdir) / "samples" / f"{task}_step_{ev.step}"
+    progress = utils.Progress(f"{task} sampling", -(-n // max(1, min(int(size or n), n))),
+                              detail=f"{n} samples, {run_lib.sampler_name(config.sampling, ev.sde)}").update
+    try:
+        out = _draw_task(config, ev, exp, key, n, size, task, progress)
+    except utils.Stopped as e:
+        e.message += "; no samples written"
+        raise
     images = {k: run_lib.to_output(exp, v) for k, v in out.items() if k in ("samples", "inputs")}
+    if "mask" in out and "inputs" in images:
+        images["inputs"] = utils.hatch_unknown(images["inputs"], out["mask"])
     if jax.process_index() == 0:
-        outdir.mkdir(parents=True, exist_ok=True)
-        utils.atomic_savez(outdir / "samples.npz", **{**out, **{f"{k}_uint8": v for k, v in images.items()}})
-        for k, v in images.items():
-            utils.save_image_grid(v, outdir / f"{k}.png") if v.ndim == 4 else utils.save_scatter(v, outdir / f"{k}.png")
+        manifest = run_lib.sample_manifest(config, workdir, ev.step, bool(config.eval.use_ema), task)
+        _write_task_outputs(outdir, out, images, manifest, bool(config.sampling.get("save_pngs", False)))
     _report(config, out, images)
     print(f"wrote {len(out['samples'])} {task} samples of step {ev.step} to {outdir}", flush=True)
     return {**out, **{f"{k}_uint8": v for k, v in images.items()}, "outdir": outdir}
 
 
-def _run_imputation(config, ev, key, n, size, task) -> dict:
+def _draw_task(config, ev, exp, key, n: int, size, task: str, progress) -> dict:
+    if task in ("inpaint", "colorize"):
+        return _run_imputation(config, ev, key, n, size, task, progress)
+    if task == "unconditional":
+        return in_batches(n, size, key, lambda k, lo, hi: {"samples": exp.sample(k, ev.params, hi - lo)[0]},
+                          progress)
+    _, y = guided_score_fn(config, ev.model, ev.params, ev.sde, n)   # checks the task and the labels
+
+    def draw(k, lo, hi):
+        score, yb = guided_score_fn(config, ev.model, ev.params, ev.sde, hi - lo, labels=y[lo:hi])
+        x, _ = samplers.sample_from_config(k, ev.sde, score, (hi - lo,) + exp.data_shape, config.sampling)
+        return {"samples": x, "labels": yb}
+
+    return in_batches(n, size, key, draw, progress)
+
+
+def _write_task_outputs(outdir: pathlib.Path, out: dict, images: dict, manifest: dict, save_pngs: bool):
+    import utils
+
+    outdir.mkdir(parents=True, exist_ok=True)
+    utils.atomic_savez(outdir / "samples.npz", **{**out, **{f"{k}_uint8": v for k, v in images.items()}})
+    for k, v in images.items():
+        utils.save_image_grid(v, outdir / f"{k}.png") if v.ndim == 4 else utils.save_scatter(v, outdir / f"{k}.png")
+    if save_pngs and images["samples"].ndim == 4:
+        utils.save_images(images["samples"], outdir / "images")
+    utils.atomic_write_json(outdir / "manifest.json", {**manifest, "num_written": len(out["samples"])})
+
+
+def _run_imputation(config, ev, key, n, size, task, progress=None) -> dict:
     data, _ = _test_data(config, n)
     method = config.sampling.method
     opts = imputation_options(config.sampling, method)
@@ -532,12 +561,12 @@ def _run_imputation(config, ev, key, n, size, task) -> dict:
             raise ValueError(f"task 'colorize' needs RGB images (config.data.num_channels=3), got data of shape "
                              f"{data.shape[1:]}")
         out = in_batches(n, size, key, lambda k, lo, hi: {"samples": colorize(k, ev.sde, score_fn, data[lo:hi],
-                                                                               method, **opts)[0]})
+                                                                               method, **opts)[0]}, progress)
         gray = np.mean(data, -1, keepdims=True)
         return {**out, "inputs": np.broadcast_to(gray, data.shape), "data": data}
     mask = load_mask(config.sampling.get("mask", None) or "left", data.shape[1:])
     out = in_batches(n, size, key, lambda k, lo, hi: {"samples": inpaint(k, ev.sde, score_fn, data[lo:hi], mask,
-                                                                         method, **opts)[0]})
+                                                                         method, **opts)[0]}, progress)
     lo = -1.0 if config.data.get("centered", True) else 0.0
     return {**out, "inputs": np.where(mask > 0, data, lo), "data": data, "mask": mask}
 

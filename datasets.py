@@ -650,7 +650,8 @@ class Prefetcher:
 
     _END = object()
 
-    def __init__(self, iterator: Iterator, size: int = 2):
+    def __init__(self, iterator: Iterator, size: int = 2, num_batches: Optional[int] = None):
+        self.num_batches = num_batches   # how many items the iterator yields, when known
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, size))
         self._stop = threading.Event()
         self._done = False
@@ -902,4 +903,7 @@ def get_dataset(config, split: str, *, infinite: bool, seed: Optional[int] = Non
         images, labels = SOURCES[source](config, split)
         iterator = array_batches(images, labels, batch_size=b, preprocess=image_preprocess(
             config, flip=infinite and bool(config.data.random_flip)), start_step=start, **kwargs)
+        if not infinite:   # known length: progress lines can give an ETA
+            return Prefetcher(iterator, size=int(config.data.get("prefetch", 2)),
+                              num_batches=num_eval_batches(len(images), b, process_count))
     return Prefetcher(iterator, size=int(config.data.get("prefetch", 2)))

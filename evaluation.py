@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 import pathlib
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -533,8 +533,10 @@ def _padded(images: np.ndarray, size: int) -> np.ndarray:
     return np.concatenate([images, np.repeat(images[:1], size - len(images), axis=0)])
 
 
-def extract_features(extractor, batches, batch_size: int, limit: Optional[int] = None):
-    """Stream uint8 image batches through ``extractor`` -> (features (N, D) float32, logits (N, K) or None).
+def extract_features(extractor, batches, batch_size: int, limit: Optional[int] = None,
+                     progress: Optional[Callable[[], None]] = None):
+    """Stream uint8 image batches through ``extractor`` -> (features (N, D) float32, logits (N, K) or None);
+    ``progress()`` (optional) is called after each input batch and may raise to stop.
 
     ``batches`` yields uint8 arrays (b, H, W, C) with b <= batch_size, or (images, mask) pairs whose
     ``mask`` marks the real rows. Every batch is padded to one fixed size (a multiple of the device count), so the
@@ -560,6 +562,8 @@ def extract_features(extractor, batches, batch_size: int, limit: Optional[int] =
             feats.append(np.asarray(f)[:len(chunk)])
             logits.append(None if lg is None else np.asarray(lg)[:len(chunk)])
             count += len(chunk)
+        if progress is not None:
+            progress()
         if limit is not None and count >= limit:
             break
     if not feats:
@@ -672,6 +676,17 @@ def dataset_batches_uint8(config, split: str):
         yield np.asarray(inverse(np.asarray(batch["x"])))[mask], np.asarray(batch["label"])[mask]
 
 
+def _num_batches(config, split: str) -> Optional[int]:
+    """Batches ``dataset_batches_uint8`` yields, when the source knows (in-memory sources), else None."""
+    import datasets
+
+    if config.data.source in ("tfds", "toy"):
+        return None
+    data = datasets.get_dataset(config, split, infinite=False, process_index=0, process_count=1)
+    data.close()
+    return getattr(data, "num_batches", None)
+
+
 def dataset_uint8(config, split: str) -> Tuple[np.ndarray, np.ndarray]:
     """The whole split in memory (small datasets): uint8 (N, H, W, C) and labels (N,)."""
     images, labels = zip(*dataset_batches_uint8(config, split))
@@ -722,6 +737,8 @@ def get_domain_classifier(config, cache_dir, key=None, num_steps: int = DOMAIN_S
     if path.is_file():
         return load_domain_classifier(path)
     images, labels = dataset_uint8(config, "train")
+    print(f"training the {config.data.dataset} domain classifier ({num_steps} steps on {len(images)} images, one "
+          f"compiled loop) into {path}", flush=True)
     key = jax.random.key(int(config.seed)) if key is None else key
     params = train_domain_classifier(images, labels, key, num_steps=num_steps, arch=DOMAIN_ARCH)
     num_classes = int(labels.max()) + 1
@@ -831,7 +848,9 @@ EXTRACTORS = {
 def run_fid_stats(config, workdir: str) -> None:
     """``--mode=fid_stats``: statistics of every image (or the first ``config.eval.fid_num_images``) of
     ``config.eval.fid_split`` (default "train"), as stored (uint8), for each extractor of ``default_extractors``;
-    written by process 0 to ``stats_path``."""
+    written by process 0 to ``stats_path``. Prints a progress line per batch; a stop signal ends it after the
+    current batch, writing nothing."""
+    import utils
 
     split, limit = config.eval.get("fid_split", "train"), config.eval.get("fid_num_images", None)
     names = default_extractors(config)
@@ -840,7 +859,16 @@ def run_fid_stats(config, workdir: str) -> None:
     for name in names:
         extractor = get_extractor(name, config, workdir)
         images = (x for x, _ in dataset_batches_uint8(config, split))
-        feats, _ = extract_features(extractor, images, config.eval.batch_size, limit)
+        total = _num_batches(config, split)
+        if limit is not None:
+            total = min(total or 1 << 62, -(-int(limit) // int(config.eval.batch_size)))
+        progress = utils.Progress(f"{name} features of {config.data.dataset}/{split}", total,
+                                  detail=f"batches of {config.eval.batch_size}", min_interval=5.0)
+        try:
+            feats, _ = extract_features(extractor, images, config.eval.batch_size, limit, progress=progress.update)
+        except utils.Stopped as e:
+            e.message += f"; no {name} statistics written"
+            raise
         if jax.process_index() == 0:
             path = save_stats(stats_path(config, workdir, name, split), feats, dataset=config.data.dataset,
                               split=split, resolution=int(config.data.image_size),

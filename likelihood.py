@@ -569,8 +569,10 @@ def _lattice_batch(x, transform, space: DataSpace) -> np.ndarray:
     return np.asarray(space.lattice(transform.inverse(np.asarray(x))))
 
 
-def _evaluate_split(config, evaluate: Callable, space: DataSpace, split: str, limit: Optional[int]):
-    """Per-example bits/dim and NFE of this process's share of ``split`` (padding dropped), up to ``limit``."""
+def _evaluate_split(config, evaluate: Callable, space: DataSpace, split: str, limit: Optional[int],
+                    progress: Optional[Callable[[], None]] = None):
+    """Per-example bits/dim and NFE of this process's share of ``split`` (padding dropped), up to ``limit``;
+    ``progress()`` (optional) is called after each batch and may raise to stop."""
     import datasets
 
     transform = datasets.get_data_transform(config)
@@ -581,6 +583,8 @@ def _evaluate_split(config, evaluate: Callable, space: DataSpace, split: str, li
         mask = np.asarray(batch.get("mask", np.ones(len(batch["x"]), bool)))
         bpd.append(np.asarray(b_bpd)[mask])
         nfe.append(np.asarray(b_nfe)[mask])
+        if progress is not None:
+            progress()
         if limit is not None and sum(map(len, bpd)) >= limit:
             break
     bpd, nfe = np.concatenate(bpd), np.concatenate(nfe)
@@ -625,8 +629,15 @@ def run(config, workdir: str) -> dict:
     if jax.process_index() == 0:
         print(likelihood_work(settings, limit), flush=True)
     start = time.time()
-    bpd, nfe = _evaluate_split(config, _batch_evaluator(config, ev, settings, space, mesh), space,
-                               settings["split"], local_limit)
+    progress = utils.Progress(f"likelihood ({settings['method']})", None if local_limit is None else
+                              -(-local_limit // b), detail=f"{'all' if limit is None else limit} {settings['split']} "
+                              f"examples in batches of {config.eval.batch_size}")
+    try:
+        bpd, nfe = _evaluate_split(config, _batch_evaluator(config, ev, settings, space, mesh), space,
+                                   settings["split"], local_limit, progress.update)
+    except utils.Stopped as e:
+        e.message += "; no result written"
+        raise
     bpd, nfe = _gather(bpd.astype(np.float64)), _gather(nfe.astype(np.float64))
     result = {"bpd": float(bpd.mean()), "bpd_stderr": float(bpd.std(ddof=1) / np.sqrt(len(bpd)))
               if len(bpd) > 1 else None, "num_examples": int(len(bpd)), "nfe_mean": float(nfe.mean()),

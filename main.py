@@ -5,6 +5,10 @@ Any config field can be overridden on the command line, e.g. ``--config.training
 Flags and the config are parsed and checked (``configs/checks.py``) before JAX or any mode is imported, so a
 bad command line fails in a fraction of a second and writes nothing. Errors are one line ("error: ..."), exit
 status 2; ``SCORE_DEBUG=1`` shows the traceback instead.
+
+On a workdir that holds a ``config.json``, ``--config`` may be omitted (training resumes, other modes run with the
+saved config), and the modes sample|eval|likelihood|fid_stats always start from the saved config: only the
+command-line ``--config.x=y`` overrides apply on top of it.
 """
 import importlib
 import logging
@@ -96,7 +100,8 @@ def check_command_line(mode: str, config, workdir) -> None:
     if mode not in MODES:
         raise checks.UserError(f"unknown --mode={mode!r}; valid modes: {sorted(MODES)}")
     if config is None:
-        raise checks.UserError("--config is required, e.g. --config=configs/default.py")
+        raise checks.UserError("--config is required, e.g. --config=configs/default.py (or a --workdir with a "
+                               "config.json)")
     if not workdir:
         raise checks.UserError("--workdir is required (where checkpoints, samples and metrics go)")
     checks.validate(config, mode, config_overrides())
@@ -122,8 +127,14 @@ def main(argv):
 
     utils.check_workdir_writable(FLAGS.workdir)
     utils.enable_compilation_cache(FLAGS.compilation_cache)
+    config = FLAGS.config
+    if FLAGS.mode in utils.WORKDIR_MODES:   # the saved config.json is the base, command-line overrides on top
+        overrides = {path: checks.get(config, path) for path in config_overrides()}
+        config = utils.workdir_config(FLAGS.workdir, config, overrides)
+        checks.validate(config, FLAGS.mode, config_overrides())
     init_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    run(FLAGS.config, FLAGS.workdir)
+    with utils.StopSignal(hard_exit=True):
+        run(config, FLAGS.workdir)
 
 
 def describe(config) -> str:
@@ -193,13 +204,25 @@ def quiet_known_noise() -> None:
                         (record.exc_info and _is_event_loop_noise(record.exc_info[1])))
 
     logging.getLogger("asyncio").addFilter(_Filter())
+def workdir_config_argv(argv: list) -> list:
+    """``argv`` with ``--config=configs/workdir.py:<workdir>`` added when ``--config`` is missing and the workdir
+    holds a config.json, so the saved config is loaded and ``--config.x=y`` overrides apply to it."""
+    if any(a == "--config" or a.startswith("--config=") for a in argv):
+        return argv
+    pairs = zip(argv, argv[1:] + [None])
+    workdir = next((a.split("=", 1)[1] if a.startswith("--workdir=") else b for a, b in pairs
+                    if a.startswith("--workdir=") or a == "--workdir"), None)
+    if workdir is None or not os.path.isfile(os.path.join(workdir, "config.json")):
+        return argv
+    loader = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "workdir.py")
+    return argv[:1] + [f"--config={loader}:{workdir}"] + argv[1:]
 
 
 def _run():
     """Parse flags and run the mode; a user error is one line on stderr and exit status 2."""
     quiet_known_noise()
     try:
-        app.run(main, flags_parser=parse_flags)
+        app.run(main, argv=workdir_config_argv(sys.argv), flags_parser=parse_flags)
     except BrokenPipeError:   # output piped into a reader that stopped (| head)
         sys.stderr.close()
         sys.exit(1)

@@ -8,6 +8,7 @@ number of devices and a resumed run draws the same noise as an uninterrupted one
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -302,6 +303,7 @@ class Run:
     is_main: bool
     timings: dict = dataclasses.field(default_factory=dict)  # start-up phases (s), reported after the first step
     compiling: Optional[StepCompilation] = None  # the train step being compiled in the background
+    eval_fn: Optional[Callable] = None   # the held-out loss of training.eval_freq, compiled on first use
 
 
 def warn_ema_keeps_init(ema_rate: float, n_iters: int, limit: float = 0.05) -> float:
@@ -340,19 +342,14 @@ def train(config, workdir: str) -> TrainState:
     check_batch_size(config.training.batch_size, shards=num_data_shards(config))
     workdir, is_main = pathlib.Path(workdir), jax.process_index() == 0
     with utils.WorkdirLock(workdir, enabled=is_main) as lock:
-        step_fn = jit_sharded_step(make_train_step(exp.loss_fn(), exp.optimizer, config.model.ema_rate,
-                                                   config.seed), mesh)
-        # (compile_step_in_background here overlapped the init in principle but gained no measured wall time on
-        # 2 loaded cores, and a failed check would wait for it at exit: not used; benchmarks/startup.py --background)
-        compiling = None
         ckpt, state, first, stream = _resume(config, workdir, exp, mesh)
         timings["init"] = time.time() - t0
         logger = None
         try:
             lock.acquire(create=True)  # the checks passed: from here on the workdir is written
-            run = _start_run(config, workdir, exp, ckpt, int(state.step), is_main, timings, (step_fn, compiling))
+            run = _start_run(config, workdir, exp, mesh, ckpt, int(state.step), is_main, timings)
             logger = run.logger
-            with utils.StopSignal() as stop:
+            with utils.StopSignal("saving a checkpoint after this step (or sampling batch) and stopping") as stop:
                 state = _train_loop(run, replicate(state, mesh), itertools.chain([first], stream), stop)
         finally:
             _close_run(ckpt, logger, stream)
@@ -384,11 +381,9 @@ def _resume(config, workdir: pathlib.Path, exp: Experiment, mesh: Mesh) -> tuple
         raise
 
 
-def _start_run(config, workdir: pathlib.Path, exp: Experiment, ckpt: utils.CheckpointManager, start: int,
-               is_main: bool, timings: dict, step: tuple) -> Run:
-    """Write the config and open the metric log: the first writes of a run; ``step`` = (jitted train step, its
-    background compilation)."""
-    step_fn, compiling = step
+def _start_run(config, workdir: pathlib.Path, exp: Experiment, mesh: Mesh, ckpt: utils.CheckpointManager,
+               start: int, is_main: bool, timings: dict) -> Run:
+    """Write the config, open the metric log and compile the step: the first writes of a run."""
     if is_main:
         utils.write_config(workdir, config)
     print(f"training steps {start}..{config.training.n_iters} on {jax.device_count()} devices "
@@ -396,9 +391,11 @@ def _start_run(config, workdir: pathlib.Path, exp: Experiment, ckpt: utils.Check
           f"lr {config.optim.lr:g} (warm-up {config.optim.warmup}), EMA rate {config.model.ema_rate}", flush=True)
     warn_ema_keeps_init(config.model.ema_rate, config.training.n_iters)
     warn_warmup_longer_than_run(config.optim.warmup, config.training.n_iters)
-    logger = utils.MetricLogger(workdir, config.training.n_iters, start, config.training.log_freq, enabled=is_main)
-    return Run(exp, workdir, ckpt, logger, learning_rate_schedule(config.optim), step_fn, is_main, timings,
-               compiling)
+    step_fn = jit_sharded_step(make_train_step(exp.loss_fn(), exp.optimizer, config.model.ema_rate,
+                                               config.seed), mesh)
+    logger = utils.MetricLogger(workdir, config.training.n_iters, start, config.training.log_freq, enabled=is_main,
+                                pending=periodic_seconds(config, exp.sde))
+    return Run(exp, workdir, ckpt, logger, learning_rate_schedule(config.optim), step_fn, is_main, timings)
 
 
 def _train_loop(run: Run, state: TrainState, data: Iterator, stop: utils.StopSignal) -> TrainState:
@@ -419,8 +416,8 @@ def _train_loop(run: Run, state: TrainState, data: Iterator, stop: utils.StopSig
         run.logger.log(step + 1, metrics, config.training.batch_size)
         if step == start:
             run.logger.mark(step + 1)  # rates and ETA without the compilation of the first step
-        _after_step(run, state, step + 1)
-        if _stop_requested(stop, step + 1, n_iters):
+        stopped = _periodic_work(run, state, step + 1)
+        if stopped or _stop_requested(stop, step + 1, n_iters):
             run.ckpt.save(step + 1, state)
             run.ckpt.wait()
             print(f"stopped by signal after step {step + 1}; checkpoint saved in {run.ckpt.directory}", flush=True)
@@ -491,6 +488,23 @@ def first_step_line(timings: dict) -> str:
     return f"first step after {sum(timings[k] for k in phases):.1f} s ({parts})"
 
 
+def _periodic_work(run: Run, state: TrainState, step: int) -> bool:
+    """Checkpoint, sample grid and periodic evaluation after ``step``, their time kept out of the step rate (and
+    counted in the ETA); True when a stop signal interrupted them (the partial work is reported). With several
+    processes they are not interrupted (``utils.DeferStops``): the loop's agreed stop follows them."""
+    t0 = time.time()
+    try:
+        with utils.DeferStops() if jax.process_count() > 1 else contextlib.nullcontext():
+            _after_step(run, state, step)
+            _periodic_eval(run, state, step)
+    except utils.Stopped as e:
+        print(e.message, flush=True)
+        return True
+    finally:
+        run.logger.exclude(time.time() - t0)
+    return False
+
+
 SIGNAL_SYNC_EVERY = 10  # multi-process: steps between agreeing on a stop signal (one all-gather each time)
 
 
@@ -521,13 +535,83 @@ def _after_step(run: Run, state: TrainState, step: int):
     last = step == cfg.n_iters
     if step % cfg.snapshot_freq == 0 or last:
         run.ckpt.save(step, state)
-    sample_freq = cfg.get("sample_freq", None) or cfg.snapshot_freq
-    if cfg.snapshot_sampling and (step % sample_freq == 0 or last):
+    if _is_sample_step(cfg, step):
+        t0 = time.time()
         outdir = run.workdir / "samples" / f"step_{step}"
-        samples = write_samples(run.exp, state.ema_params, outdir, step, write=run.is_main)
+        manifest = sample_manifest(run.exp.config, run.workdir, step, True, source="training snapshot")
+        samples = write_samples(run.exp, state.ema_params, outdir, step, write=run.is_main, manifest=manifest)
         run.logger.image("samples", outdir / "samples.png", step)
+        run.logger.timed("sampling", time.time() - t0)
         if last and run.is_main:
             report_quality(run.exp.config, samples, run.workdir, step)
+
+
+def _count_multiples(freq: int, after: int, upto: int, last_too: bool = True) -> int:
+    """How many of after+1 .. upto are multiples of ``freq``, plus ``upto`` itself if it is not one."""
+    n = upto // freq - after // freq if freq else 0
+    return n + int(last_too and after < upto and (not freq or upto % freq))
+
+
+def nfe_guess(sampling_cfg, sde: sde_lib.SDE) -> int:
+    """Score evaluations of one batch of ``config.sampling`` as configured (adaptive ODE solvers: a guess of 100)."""
+    name = sampler_name(sampling_cfg, sde)
+    if "rtol" in name:
+        return 100
+    steps = int(name.rsplit("_N", 1)[1])
+    if sampling_cfg.method == "pc":
+        corrector = sampling_cfg.corrector != "none"
+        return steps * (1 + corrector * int(sampling_cfg.n_steps))
+    return 2 * steps if sampling_cfg.method == "heun" else steps
+
+
+def periodic_seconds(config, sde: sde_lib.SDE) -> Callable:
+    """``pending(step, measured, seconds_per_step)``: seconds of sample grids and periodic evaluations still to come
+    after ``step``, each at its last measured time, or before the first at a guess from the step time (a forward
+    pass costs about a third of a training step per example) plus, for a grid, one compilation as long as the
+    first training step's (``measured["first_step"]``)."""
+    cfg = config.training
+
+    def pending(step: int, measured: dict, step_s: float) -> float:
+        per_example = step_s / cfg.batch_size / 3
+        grids = _count_multiples(cfg.get("sample_freq", None) or cfg.snapshot_freq, step, cfg.n_iters) \
+            if cfg.snapshot_sampling else 0
+        grid_s = measured.get("sampling", measured.get("first_step", 0.0)
+                              + nfe_guess(config.sampling, sde) * config.sampling.num_samples * per_example)
+        evals = _count_multiples(int(cfg.get("eval_freq", 0) or 0), step, cfg.n_iters, last_too=False)
+        examples = 2 * (cfg.get("eval_batches", None) or 10) * config.eval.batch_size
+        eval_s = measured.get("eval", examples * per_example)
+        return grids * grid_s + evals * eval_s
+
+    return pending
+
+
+def _is_sample_step(cfg, step: int) -> bool:
+    sample_freq = cfg.get("sample_freq", None) or cfg.snapshot_freq
+    return bool(cfg.snapshot_sampling) and (step % sample_freq == 0 or step == cfg.n_iters)
+
+
+def _periodic_eval(run: Run, state: TrainState, step: int) -> Optional[dict]:
+    """Every ``training.eval_freq`` steps (never when above ``training.n_iters``): the objective on ``training.eval_batches`` batches of
+    held-out data with the current and the EMA parameters, and (``training.eval_quality``) the quality figures of
+    ``eval.num_samples`` EMA samples; logged to metrics.jsonl and TensorBoard (``eval/...``) by ``logger.log_eval``."""
+    cfg = run.exp.config.training
+    freq = cfg.get("eval_freq", None)
+    if not freq or step % int(freq):
+        return None
+    t0 = time.time()
+    if run.eval_fn is None:
+        run.eval_fn = make_test_loss_fn(run.exp.config, run.exp, make_mesh(), verbose=False)
+    batches = cfg.get("eval_batches", 0) or None
+    raw, ema = (run.eval_fn(p, step, batches) for p in (state.params, state.ema_params))
+    metrics = {"eval_loss": raw["test_loss"], "eval_loss_ema": ema["test_loss"],
+               "eval_examples": raw["num_test_examples"]}
+    if cfg.get("eval_quality", False):
+        key = jax.random.fold_in(jax.random.key(run.exp.config.seed + 3), step)
+        x, _ = draw_samples(run.exp, state.ema_params, int(run.exp.config.eval.num_samples), key, "eval sampling")
+        figures = quality_figures(run.exp.config, to_output(run.exp, x))
+        metrics.update({k: v for k, v in _flatten(figures).items() if isinstance(v, (int, float))})
+    run.logger.log_eval(step, metrics, time.time() - t0)
+    return metrics
 
 
 def report_quality(config, samples, workdir: pathlib.Path, step: int) -> dict:
@@ -580,15 +664,26 @@ def sampling_work(exp: Experiment, n: int) -> str:
             f"batch{'es' if batches > 1 else ''} of {size}")
 
 
-def draw_samples(exp: Experiment, params, n: int, key) -> tuple:
-    """``n`` samples in batches of ``config.sampling.batch_size`` (batch ``i`` uses ``fold_in(key, i)``), as a
-    host array, with the NFE of one batch."""
+def draw_samples(exp: Experiment, params, n: int, key, what: str = "sampling", fold: bool = True) -> tuple:
+    """``n`` samples in batches of ``config.sampling.batch_size`` (batch ``i`` uses ``fold_in(key, i)``; a single
+    batch uses ``key`` itself when ``fold`` is False), as a host array, with the NFE of one batch. Prints a
+    progress line per batch; a stop signal raises ``utils.Stopped`` after the current batch, carrying the samples
+    drawn so far (``.partial``) and their NFE (``.nfe``)."""
     print(sampling_work(exp, n), flush=True)
     size = int(exp.config.sampling.get("batch_size", n) or n)
+    batches = -(-n // size)
+    progress = utils.Progress(what, batches, detail=f"{n} samples, {sampler_name(exp.config.sampling, exp.sde)}",
+                              compiles=False)   # Experiment.sample says when it compiles
     out, nfe = [], None
-    for i in range(-(-n // size)):
-        x, nfe = exp.sample(jax.random.fold_in(key, i), params, min(size, n - i * size))
-        out.append(np.asarray(jax.device_get(x)))
+    try:
+        for i in range(batches):
+            k = jax.random.fold_in(key, i) if fold or batches > 1 else key
+            x, nfe = exp.sample(k, params, min(size, n - i * size))
+            out.append(np.asarray(jax.device_get(x)))
+            progress.update()
+    except utils.Stopped as e:
+        e.partial, e.nfe = (np.concatenate(out) if out else None), nfe
+        raise
     return np.concatenate(out)[:n], nfe
 
 
@@ -597,27 +692,100 @@ def to_output(exp: Experiment, x: np.ndarray) -> np.ndarray:
     return datasets.get_data_transform(exp.config).inverse(x) if len(exp.data_shape) == 3 else x
 
 
+def sampler_name(sampling_cfg, sde: sde_lib.SDE) -> str:
+    """A short name of the sampler and its step count, e.g. ``pc_euler_maruyama_langevin_N1000``,
+    ``dpm_solver++_N20``, ``ode_tsit5_rtol1e-05``: the part of a sample folder's name that says how it was drawn."""
+    import inspect
+
+    method = sampling_cfg.method
+    opts = samplers.options_from_config(sampling_cfg)
+    params = inspect.signature(samplers.SAMPLERS[method]).parameters
+    steps = opts.get("num_steps", params["num_steps"].default if "num_steps" in params else None)
+    if method == "pc":
+        name = f"pc_{opts.get('predictor', 'euler_maruyama')}_{opts.get('corrector', 'langevin')}"
+        return f"{name}_N{steps or sde.N}"
+    if method == "ode" and samplers.ODE_SOLVERS.get(opts.get("solver", "tsit5"), (None, False))[1]:
+        return f"ode_{opts.get('solver', 'tsit5')}_rtol{opts.get('rtol', 1e-5):g}"
+    return f"{method}_{opts['solver']}_N{steps}" if method == "ode" else f"{method}_N{steps}"
+
+
+def sample_folder(config, workdir, sde: sde_lib.SDE, step: int, task: str = "unconditional") -> pathlib.Path:
+    """Where ``--mode=sample`` writes: ``config.sampling.outdir`` when set (refused if it already holds samples),
+    else ``<workdir>/samples/<task>_<sampler>_seed<s>[_label<y>][_w<g>]_step<k>_<ema|raw>``, numbered ``-2``,
+    ``-3``, ... when that exists, so no run overwrites another."""
+    s = config.sampling
+    if s.get("outdir", None):
+        out = pathlib.Path(s.outdir)
+        if (out / "samples.npz").exists() or (out / "manifest.json").exists():
+            raise FileExistsError(f"config.sampling.outdir={s.outdir} already holds samples; choose another folder")
+        return out
+    parts = ([] if task == "unconditional" else [task]) + [sampler_name(s, sde), f"seed{config.seed}"]
+    if task in ("class_conditional", "cfg"):
+        parts += ([f"label{s.label}"] if s.get("label", None) is not None else []) + [f"w{s.guidance_scale:g}"]
+    if task == "inpaint":
+        parts.append(f"mask-{pathlib.Path(str(s.get('mask', None) or 'left')).stem}")
+    name = "_".join(parts + [f"step{step}", "ema" if config.eval.use_ema else "raw"])
+    base = pathlib.Path(workdir) / "samples" / name
+    out, i = base, 1
+    while out.exists():
+        i += 1
+        out = base.with_name(f"{name}-{i}")
+    return out
+
+
+def sample_manifest(config, workdir, step: int, ema: bool, task: str = "unconditional", **extra) -> dict:
+    """What made a sample folder: task, sampler and its options, seed, checkpoint step, EMA or raw weights."""
+    import sys
+
+    s = config.sampling
+    return {"task": task, "method": s.method, "sampler": sampler_name(s, sde_lib.get_sde(config.sde)),
+            "options": samplers.options_from_config(s), "num_samples": int(s.num_samples),
+            "batch_size": s.get("batch_size", None), "seed": int(config.seed), "checkpoint_step": int(step),
+            "params": "ema" if ema else "raw", "label": s.get("label", None),
+            "guidance_scale": s.get("guidance_scale", None) if task in ("class_conditional", "cfg") else None,
+            "mask": s.get("mask", None) if task == "inpaint" else None,
+            "workdir": str(pathlib.Path(workdir).absolute()), "command": " ".join(sys.argv), "time": time.time(),
+            "partial": False, **extra}
+
+
+def save_sample_files(exp: Experiment, out: np.ndarray, nfe, outdir: pathlib.Path, manifest: Optional[dict] = None,
+                      title: str = ""):
+    """``samples.npz``, ``samples.png`` (image grid, or a scatter over held-out real data for 2-D data),
+    ``manifest.json`` and, with ``config.sampling.save_pngs``, one PNG per image in ``images/``."""
+    outdir.mkdir(parents=True, exist_ok=True)
+    utils.atomic_savez(outdir / "samples.npz", samples=out, nfe=nfe)
+    if len(exp.data_shape) == 3:
+        utils.save_image_grid(out, outdir / "samples.png")
+        if exp.config.sampling.get("save_pngs", False):
+            utils.save_images(out, outdir / "images")
+    else:
+        real = _collect(exp.config, "test", max(len(out), 1000)) if exp.config.data.source == "toy" else None
+        utils.save_scatter(out, outdir / "samples.png", reference=real, title=title)
+    if manifest is not None:
+        utils.atomic_write_json(outdir / "manifest.json", {**manifest, "nfe": nfe, "num_written": len(out)})
+
+
 def write_samples(exp: Experiment, params, outdir: pathlib.Path, seed_step: int, write: bool = True,
-                  strict: bool = False) -> np.ndarray:
+                  strict: bool = False, manifest: Optional[dict] = None) -> np.ndarray:
     """Sample ``config.sampling.num_samples`` points (in batches of ``config.sampling.batch_size`` when there are
-    more), write ``samples.npz`` and ``samples.png`` (unless ``write`` is False); return them quantised to uint8
-    (images) or as float (vectors). Non-finite samples are reported after writing (``report_non_finite``)."""
+    more), write them with ``save_sample_files`` (unless ``write`` is False); return them quantised to uint8
+    (images) or as float (vectors). Non-finite samples are reported after writing (``report_non_finite``). Stopped
+    by a signal, it keeps the batches drawn so far (manifest ``partial``)."""
     cfg = exp.config
     key = jax.random.fold_in(jax.random.key(cfg.seed + 1), seed_step)
-    n, size = int(cfg.sampling.num_samples), int(cfg.sampling.get("batch_size", 0) or 0)
-    if size and n > size:   # several batches of config.sampling.batch_size
-        x, nfe = draw_samples(exp, params, n, key)
-    else:
-        print(sampling_work(exp, n), flush=True)
-        x, nfe = exp.sample(key, params, n)
+    title = f"{cfg.sampling.num_samples} samples, step {seed_step}, {sampler_name(cfg.sampling, exp.sde)}"
+    try:
+        x, nfe = draw_samples(exp, params, int(cfg.sampling.num_samples), key, fold=False)
+    except utils.Stopped as e:
+        if write and e.partial is not None and manifest is not None:
+            save_sample_files(exp, to_output(exp, e.partial), e.nfe, outdir, {**manifest, "partial": True}, title)
+            e.message += f"; kept the {len(e.partial)} samples drawn so far in {outdir}"
+        else:
+            e.message += "; no samples written"
+        raise
     out = to_output(exp, np.asarray(jax.device_get(x)))
     if write:
-        outdir.mkdir(parents=True, exist_ok=True)
-        utils.atomic_savez(outdir / "samples.npz", samples=out, nfe=nfe)
-        if len(exp.data_shape) == 3:
-            utils.save_image_grid(out, outdir / "samples.png")
-        else:
-            utils.save_scatter(out, outdir / "samples.png")
+        save_sample_files(exp, out, nfe, outdir, manifest, title)
     report_non_finite(np.asarray(jax.device_get(x)), outdir, strict)
     return out
 
@@ -654,20 +822,75 @@ def restore_eval_state(config, workdir: str, step: Optional[int] = None) -> Eval
     return EvalState(exp.model, jax.device_put(params), exp.sde, int(state.step))
 
 
-def sample(config, workdir: str) -> None:
-    """``--mode=sample``: write samples of the latest (or ``config.eval.checkpoint``) checkpoint; a
-    ``config.sampling.task`` other than "unconditional" is run by ``controllable_generation.run``."""
+@dataclasses.dataclass
+class Pretrained:
+    """A trained workdir loaded for use from Python (``load_workdir``): its config, parameters, SDE and model.
+
+    ``score_fn(x, t)`` is the score ∇ log p_t(x) of model-space x (batch first, t of shape (batch,));
+    ``sample(key, n, **sampling)`` draws n samples with ``config.sampling`` (fields overridden by keyword, e.g.
+    ``method="dpm_solver++", num_steps=20``) and returns ``(x, nfe)`` in model space; ``to_output(x)`` turns
+    them into uint8 images (image data) or leaves vectors as they are."""
+
+    config: ml_collections.ConfigDict
+    params: Any
+    sde: sde_lib.SDE
+    model: models.ScoreModel
+    step: int
+    ema: bool
+    workdir: pathlib.Path
+
+    def __post_init__(self):
+        self.score_fn = self.model.score_fn(self.params, self.sde)
+
+    @property
+    def data_shape(self) -> tuple:
+        return data_shape(self.config)
+
+    def sample(self, key, n: int, **sampling) -> tuple:
+        cfg = ml_collections.ConfigDict(self.config.to_dict())
+        for k, v in sampling.items():
+            utils.set_path(cfg, f"sampling.{k}", v)
+        return samplers.sample_from_config(key, self.sde, self.score_fn, (int(n),) + self.data_shape, cfg.sampling)
+
+    def to_output(self, x) -> np.ndarray:
+        x = np.asarray(jax.device_get(x))
+        return datasets.get_data_transform(self.config).inverse(x) if x.ndim == 4 else x
+
+
+def load_workdir(workdir: str, use_ema: bool = True, step: Optional[int] = None, **overrides) -> Pretrained:
+    """Load a trained workdir from its saved ``config.json`` and checkpoint ``step`` (default the latest readable
+    one): EMA parameters (``use_ema``) or the raw ones. ``overrides`` set config fields by dotted path with "."
+    written as "__", e.g. ``sampling__method="ode"``.
+
+        run = run_lib.load_workdir("/tmp/fm")
+        x, nfe = run.sample(jax.random.key(0), 16, method="dpm_solver++", num_steps=20)
+        images = run.to_output(x)                       # (16, 28, 28, 1) uint8
+    """
+    config = utils.workdir_config(workdir, None, {k.replace("__", "."): v for k, v in overrides.items()},
+                                  quiet=True)
+    config.eval.use_ema = bool(use_ema)
+    ev = restore_eval_state(config, workdir, step)
+    return Pretrained(config, ev.params, ev.sde, ev.model, ev.step, bool(use_ema), pathlib.Path(workdir))
+
+
+def sample(config, workdir: str) -> pathlib.Path:
+    """``--mode=sample``: write samples of the latest (or ``config.eval.checkpoint``) checkpoint to a new folder
+    (``sample_folder``) with a ``manifest.json``; a ``config.sampling.task`` other than "unconditional" is run by
+    ``controllable_generation.run``. Returns the folder."""
     if config.sampling.get("task", "unconditional") != "unconditional":
         import controllable_generation
 
-        controllable_generation.run(config, workdir)
-        return
-    ev = restore_eval_state(config, workdir, config.eval.checkpoint)
+        return controllable_generation.run(config, workdir)["outdir"]
     exp = Experiment.from_config(config)
-    outdir = pathlib.Path(workdir) / "samples" / f"sample_mode_step_{ev.step}"
+    samplers.options_from_config(config.sampling)  # an unknown method fails before restoring
+    ev = restore_eval_state(config, workdir, config.eval.checkpoint)
+    outdir = sample_folder(config, workdir, exp.sde, ev.step)
+    manifest = sample_manifest(config, workdir, ev.step, bool(config.eval.use_ema))
     t0 = time.time()
-    write_samples(exp, ev.params, outdir, ev.step, write=jax.process_index() == 0, strict=True)
+    write_samples(exp, ev.params, outdir, ev.step, write=jax.process_index() == 0, strict=True,
+                  manifest=manifest)
     print(f"wrote {config.sampling.num_samples} samples of step {ev.step} to {outdir} in {time.time() - t0:.1f}s")
+    return outdir
 
 
 def evaluate(config, workdir: str) -> dict:
@@ -680,7 +903,8 @@ def evaluate(config, workdir: str) -> dict:
     if not steps:
         raise FileNotFoundError(f"no checkpoint to evaluate in {ckpt.directory}")
     results = {}
-    for step in steps:
+    for i, step in enumerate(steps):
+        print(f"evaluating checkpoint {step} ({i + 1} of {len(steps)})", flush=True)
         try:
             ev = restore_eval_state(config, workdir, step)
         except utils.IncompatibleCheckpointError:
@@ -730,12 +954,18 @@ def _headline(metrics: dict) -> dict:
             if isinstance(v, float) and any(w in k for w in words) and not k.endswith(("stderr", "_std"))}
 
 
-def compute_test_loss(config, exp: Experiment, params, step: int) -> dict:
-    """Mean training objective over the whole test split (padding rows masked), with a fixed key per batch."""
-    mesh = make_mesh()
+def compute_test_loss(config, exp: Experiment, params, step: int, max_batches: Optional[int] = None) -> dict:
+    """Mean training objective over the test split (its first ``max_batches`` batches when given; padding rows
+    masked), with a fixed key per batch."""
+    return make_test_loss_fn(config, exp, make_mesh())(params, step, max_batches)
+
+
+def make_test_loss_fn(config, exp: Experiment, mesh: Mesh, verbose: bool = True) -> Callable:
+    """``test_loss(params, step, max_batches=None) -> {"test_loss", "num_test_examples"}``, compiled once: batch
+    ``b`` of the test split uses the key ``fold_in(fold_in(key(seed + 2), step), b)``. ``verbose``: progress
+    lines (a stop signal ends it after the current batch either way)."""
     check_batch_size(config.eval.batch_size, "config.eval.batch_size")
     loss_fn = exp.loss_fn()
-    base = jax.random.fold_in(jax.random.key(config.seed + 2), step)
 
     def batch_sums(params, key, batch):
         per_example, _ = loss_fn(params, key, batch)
@@ -745,12 +975,27 @@ def compute_test_loss(config, exp: Experiment, params, step: int) -> dict:
     replicated = NamedSharding(mesh, P())
     fn = jax.jit(batch_sums, in_shardings=(replicated, replicated, NamedSharding(mesh, P("data"))),
                  out_shardings=replicated)
-    params = replicate(params, mesh)
-    total, count = 0.0, 0.0
-    for i, batch in enumerate(datasets.get_dataset(config, "test", infinite=False, seed=config.seed)):
-        s, c = jax.device_get(fn(params, jax.random.fold_in(base, i), shard_batch(batch, mesh)))
-        total, count = total + float(s), count + float(c)
-    return {"test_loss": total / max(count, 1.0), "num_test_examples": int(count)}
+
+    def test_loss(params, step: int, max_batches: Optional[int] = None) -> dict:
+        base = jax.random.fold_in(jax.random.key(config.seed + 2), step)
+        params = replicate(params, mesh)
+        data = datasets.get_dataset(config, "test", infinite=False, seed=config.seed)
+        total_batches = min([b for b in (max_batches, getattr(data, "num_batches", None)) if b], default=None)
+        progress = utils.Progress("test loss", total_batches, detail=f"batches of {config.eval.batch_size}",
+                                  min_interval=10.0, enabled=verbose and jax.process_index() == 0)
+        total, count = 0.0, 0.0
+        try:
+            for i, batch in enumerate(data):
+                s, c = jax.device_get(fn(params, jax.random.fold_in(base, i), shard_batch(batch, mesh)))
+                total, count = total + float(s), count + float(c)
+                progress.update()
+                if max_batches is not None and i + 1 >= max_batches:
+                    break
+        finally:
+            getattr(data, "close", lambda: None)()
+        return {"test_loss": total / max(count, 1.0), "num_test_examples": int(count)}
+
+    return test_loss
 
 
 def _likelihood(config, workdir: str, step: int) -> dict:

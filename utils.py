@@ -23,6 +23,7 @@ import orbax.checkpoint as ocp
 from flax import serialization
 
 from configs.checks import UserError
+from configs.base import get_base_config
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,80 @@ def load_config_file(path) -> "ml_collections.ConfigDict":
 def write_config(workdir: pathlib.Path, config):
     """Save the resolved config next to the checkpoints (``config.json``)."""
     atomic_write_json(pathlib.Path(workdir) / "config.json", config.to_dict())
+
+
+WORKDIR_MODES = ("sample", "eval", "likelihood", "fid_stats")  # modes whose base config is the workdir's
+
+
+def saved_config(workdir) -> Optional["ml_collections.ConfigDict"]:
+    """The config a run saved in ``<workdir>/config.json`` laid over ``configs.base`` (so the base's field types
+    and placeholders hold, lists become the base's tuples); None when there is no such file."""
+    path = pathlib.Path(workdir) / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read the saved config {path}: {e}") from None
+    config = get_base_config()
+    _merge_into(config, saved)
+    return config
+
+
+def _merge_into(config, saved: dict):
+    import ml_collections
+
+    for k, v in saved.items():
+        if isinstance(v, dict) and isinstance(config.get(k, None), ml_collections.ConfigDict):
+            _merge_into(config[k], v)
+            continue
+        current = config.get(k, None)
+        if isinstance(v, dict):
+            v = ml_collections.ConfigDict(v)
+        elif isinstance(v, list) and (isinstance(current, tuple) or current is None):
+            v = tuple(v)
+        with config.ignore_type():
+            config[k] = v
+
+
+def set_path(config, path: str, value):
+    """``config.a.b = value`` for ``path`` "a.b", adding missing fields."""
+    *parents, leaf = path.split(".")
+    for name in parents:
+        config = config[name]
+    with config.ignore_type():
+        config[leaf] = value
+
+
+def workdir_config(workdir, cli_config, overrides: dict, quiet: bool = False):
+    """The config of a mode run on an existing workdir: the saved ``config.json`` as the base, the command-line
+    ``overrides`` (flat ``{"sampling.method": "ode"}``) applied on top; ``cli_config`` (from ``--config``) only
+    when the workdir has no saved config. Prints which fields of ``--config`` the saved config replaced."""
+    config = saved_config(workdir)
+    if config is None:
+        if cli_config is None:
+            raise FileNotFoundError(f"{pathlib.Path(workdir) / 'config.json'} does not exist; pass --config")
+        return cli_config
+    for path, value in (overrides or {}).items():
+        set_path(config, path, value)
+    if not quiet:
+        differ = [] if cli_config is None else _differing(cli_config.to_dict(), config.to_dict())
+        differ.sort(key=lambda k: (k.split(".")[0] not in ("model", "data", "sde"), k))  # the ones that matter
+        note = (f"; --config differs in {', '.join(differ[:6])}{' ...' if len(differ) > 6 else ''} and is ignored "
+                f"except for its command-line overrides") if differ else ""
+        print(f"using the config saved in {pathlib.Path(workdir) / 'config.json'} with {len(overrides or {})} "
+              f"command-line override(s){note}", flush=True)
+    return config
+
+
+def _differing(a: dict, b: dict, prefix: str = "") -> list:
+    out = []
+    for k in sorted(set(a) & set(b)):
+        if isinstance(a[k], dict) and isinstance(b[k], dict):
+            out += _differing(a[k], b[k], f"{prefix}{k}.")
+        elif json.dumps(a[k], default=_json_default) != json.dumps(b[k], default=_json_default):
+            out.append(prefix + k)
+    return out
 
 
 def check_workdir_writable(workdir: str):
@@ -462,17 +537,40 @@ def _lock_holder(path: pathlib.Path) -> str:
 
 
 # ---- signals ----------------------------------------------------------------------------------------------------
-class StopSignal:
-    """Context manager turning SIGTERM/SIGINT into a flag the training loop polls (it then saves and exits).
+_ACTIVE_STOPS: list = []   # the StopSignal contexts entered, innermost last
 
-    A second SIGINT while the flag is set raises ``KeyboardInterrupt`` as usual. Outside the main thread (where
-    handlers cannot be installed) it is inert.
+
+class Stopped(SystemExit):
+    """A long job stopped by SIGTERM/SIGINT between two batches: exits with 128 + signal number and, once it leaves
+    the outermost ``StopSignal``, prints ``message`` as one line (no traceback). Callers may extend ``message``
+    (e.g. with the partial output they kept) before re-raising."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(128 + int(signum))
+        self.signum, self.message, self.reported = int(signum), message, False
+
+
+def stop_requested() -> Optional[int]:
+    """The signal number that asked the innermost active ``StopSignal`` to stop, else None."""
+    return _ACTIVE_STOPS[-1].signum if _ACTIVE_STOPS else None
+
+
+class StopSignal:
+    """Context manager turning SIGTERM/SIGINT into a flag that loops poll: training saves a checkpoint and exits,
+    ``Progress.update`` raises ``Stopped`` after the current batch.
+
+    A second signal while the flag is set: with ``hard_exit`` (command-line entry points: main.py, the reproduce
+    scripts; None inherits it from an enclosing StopSignal) the process exits at once (one line, exit code
+    128 + signal, no traceback, no hang on background threads); otherwise a second SIGINT raises
+    ``KeyboardInterrupt`` (Python sessions). Outside the main thread (where handlers cannot be installed) it is
+    inert. On leaving the outermost one, a ``Stopped`` exception's message is printed once.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self):
+    def __init__(self, action: str = "stopping after this batch", hard_exit: Optional[bool] = None):
         self.signum: Optional[int] = None
+        self.action, self.hard_exit = action, hard_exit
         self._previous = {}
 
     @property
@@ -480,23 +578,100 @@ class StopSignal:
         return self.signum is not None
 
     def _handle(self, signum, frame):
-        if self.signum == signal.SIGINT and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+        if self.signum is not None:
+            if self.hard_exit:
+                print(f"received {signal.Signals(signum).name} again: exiting now", file=sys.stderr, flush=True)
+                os._exit(128 + signum)
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
         self.signum = signum
-        print(f"received {signal.Signals(signum).name}: saving a checkpoint after this step and stopping",
-              flush=True)
+        again = "exit at once" if self.hard_exit else "interrupt"
+        print(f"received {signal.Signals(signum).name}: {self.action} (send it again to {again})", flush=True)
 
     def __enter__(self):
+        if self.hard_exit is None:
+            self.hard_exit = bool(_ACTIVE_STOPS and _ACTIVE_STOPS[-1].hard_exit)
         if threading.current_thread() is threading.main_thread():
             # a signal ignored by whoever started us (``nohup``, ``cmd &`` in a script) stays ignored
             self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS
                               if signal.getsignal(s) is not signal.SIG_IGN}
+        _ACTIVE_STOPS.append(self)
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if self in _ACTIVE_STOPS:
+            _ACTIVE_STOPS.remove(self)
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        if isinstance(exc, Stopped) and not exc.reported and not _ACTIVE_STOPS:
+            exc.reported = True
+            print(exc.message, file=sys.stderr, flush=True)
+        return False
+
+
+class DeferStops:
+    """Inside, ``stop_requested()`` is None: work that every process must finish together (a signal may reach only
+    some processes) is not cut short by ``Progress``; the enclosing loop handles the stop afterwards."""
+
+    signum, hard_exit = None, False
+
+    def __enter__(self):
+        _ACTIVE_STOPS.append(self)
         return self
 
     def __exit__(self, *exc):
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
+        _ACTIVE_STOPS.remove(self)
         return False
+
+
+class Progress:
+    """A per-batch progress line with ETA (``sampling batch 3/10, 12.1 s/batch, ETA 1m25s``) for long jobs, printed
+    at most every ``min_interval`` seconds (always for the first and last batch) by process 0. The first batch
+    includes compiling; the rate excludes it once a second batch is done. ``total`` None: no ETA. ``update()``
+    raises ``Stopped`` when a ``StopSignal`` has been triggered, so a job stops within one batch."""
+
+    def __init__(self, what: str, total: Optional[int], unit: str = "batch", detail: str = "",
+                 min_interval: float = 2.0, enabled: Optional[bool] = None, compiles: bool = True):
+        self.what, self.unit, self.min_interval = what, unit, min_interval
+        self.total = None if total is None else max(int(total), 1)
+        self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self.done, self.t0, self.t_first, self.t_printed = 0, time.time(), None, 0.0
+        plural = "" if self.total == 1 else ("es" if unit.endswith("h") else "s")
+        count = "" if self.total is None else f"{self.total} {unit}{plural}"
+        head = ", ".join(p for p in (count, detail) if p)
+        self.compiles = compiles   # False: the caller says when (and whether) it compiles
+        note = f"; compiling on the first {unit}..." if compiles else ""
+        self._print(f"{what}{': ' + head if head else ''}{note}")
+
+    def _print(self, line: str):
+        if self.enabled:
+            print(line, flush=True)
+
+    def seconds_per_unit(self) -> float:
+        """Seconds of one batch after the first (the first, which includes compiling, while it is the only one)."""
+        now = time.time()
+        if self.done > 1:
+            return (now - self.t_first) / (self.done - 1)
+        return (now - self.t0) / max(self.done, 1)
+
+    def update(self, n: int = 1):
+        """Count ``n`` finished batches; print the line; raise ``Stopped`` if a stop was requested."""
+        self.done += n
+        now = time.time()
+        if self.t_first is None:
+            self.t_first = now
+        of = "" if self.total is None else f"/{self.total}"
+        if self.done == n or self.done == self.total or now - self.t_printed >= self.min_interval:
+            rate = self.seconds_per_unit()
+            first = " (incl. compiling)" if self.compiles and self.done == n and self.done != self.total else ""
+            left = None if self.total is None else self.total - self.done
+            eta = f", ETA {'at most ' if first else ''}{_duration(rate * left)}" if left else ""
+            self._print(f"{self.what} {self.unit} {self.done}{of}, {rate:.1f} s/{self.unit}{first}{eta}")
+            self.t_printed = now
+        signum = stop_requested()
+        if signum is not None and self.done != self.total:
+            raise Stopped(signum, f"stopped by {signal.Signals(signum).name}: {self.what} ended after {self.unit} "
+                                  f"{self.done}{of}")
 
 
 # ---- logging ----------------------------------------------------------------------------------------------------
@@ -511,13 +686,16 @@ def device_memory() -> dict:
 class MetricLogger:
     """Every ``log_freq`` steps: metrics as JSON lines (``metrics.jsonl``), TensorBoard scalars
     (``tensorboard/``: loss, lr, grad_norm, steps_per_s, samples_per_s, ...) and a console line with ETA.
-    Inert when ``enabled`` is False (processes other than 0)."""
+    Time spent on periodic work (sample grids, evaluation; ``exclude``) is kept out of the step rate, and the ETA
+    adds ``pending(step, measured, seconds_per_step)``: the seconds of such work still to come, given the last
+    measured time of each kind (``timed``). Inert when ``enabled`` is False (processes other than 0)."""
 
     def __init__(self, workdir: pathlib.Path, n_iters: int, start_step: int, log_freq: int = 50,
-                 enabled: bool = True, tensorboard: bool = True):
+                 enabled: bool = True, tensorboard: bool = True, pending: Optional[Callable] = None):
         self.path = pathlib.Path(workdir) / "metrics.jsonl"
         self.n_iters, self.log_freq, self.enabled = n_iters, max(int(log_freq), 1), enabled
-        self.t0, self.step0 = time.time(), start_step
+        self.t0, self.step0, self.excluded = time.time(), start_step, 0.0
+        self.pending, self.measured, self.t_init = pending, {}, time.time()
         self.writer = None
         if enabled:
             drop_records_after(self.path, start_step)
@@ -531,24 +709,55 @@ class MetricLogger:
     def log(self, step: int, metrics: dict, batch_size: int, force: bool = False):
         if not self.enabled or (step % self.log_freq and step != self.n_iters and not force):
             return
-        elapsed = max(time.time() - self.t0, 1e-9)
+        elapsed = max(time.time() - self.t0 - self.excluded, 1e-9)
         rate = (step - self.step0) / elapsed
         record = {"step": step, **{k: float(v) for k, v in metrics.items()}, "steps_per_s": rate,
                   "samples_per_s": rate * batch_size, "time": time.time(), **device_memory()}
+        self._write(record, "train")
+        print(f"step {step}/{self.n_iters}  loss {record['loss']:.4f}  grad_norm {record.get('grad_norm', 0):.3f}"
+              f"  lr {record.get('lr', float('nan')):.2e}  {rate:.1f} it/s  {rate * batch_size:.0f} samples/s"
+              f"  ETA {self.eta(step, rate)}", flush=True)
+
+    def eta(self, step: int, rate: float) -> str:
+        """Remaining steps at ``rate`` plus the pending periodic work, e.g. ``4m10s (incl. 1m05s sampling/eval)``."""
+        if not rate > 0:
+            return "?"
+        steps_s = (self.n_iters - step) / rate
+        extra = self.pending(step, self.measured, 1.0 / rate) if self.pending is not None else 0.0
+        return _duration(steps_s + extra) + (f" (incl. {_duration(extra)} sampling/eval)" if extra >= 1 else "")
+
+    def _write(self, record: dict, section: str):
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.writer is not None:
             for k, v in record.items():
-                if k not in ("step", "time"):
-                    self.writer.add_scalar(f"train/{k}", v, step)
-        eta = (self.n_iters - step) / rate if rate > 0 else float("nan")
-        print(f"step {step}/{self.n_iters}  loss {record['loss']:.4f}  grad_norm {record.get('grad_norm', 0):.3f}"
-              f"  lr {record.get('lr', float('nan')):.2e}  {rate:.1f} it/s  {rate * batch_size:.0f} samples/s"
-              f"  ETA {_duration(eta)}", flush=True)
+                if k not in ("step", "time") and isinstance(v, (int, float)):
+                    self.writer.add_scalar(f"{section}/{k}", v, record["step"])
+
+    def log_eval(self, step: int, metrics: dict, seconds: float):
+        """Periodic evaluation: a ``metrics.jsonl`` line (``"kind": "eval"``), ``eval/<name>`` scalars, a console
+        line; ``seconds`` is remembered for the ETA."""
+        self.timed("eval", seconds)
+        if not self.enabled:
+            return
+        self._write({"step": step, **{k: float(v) for k, v in metrics.items()}, "eval_seconds": seconds,
+                     "kind": "eval", "time": time.time()}, "eval")
+        figures = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "eval_examples")
+        print(f"eval at step {step}: {figures}  ({metrics.get('eval_examples', '?')} held-out examples, "
+              f"{seconds:.1f}s)", flush=True)
+
+    def exclude(self, seconds: float):
+        """Keep ``seconds`` (periodic work) out of the step rate."""
+        self.excluded += seconds
+
+    def timed(self, kind: str, seconds: float):
+        self.measured[kind] = seconds
 
     def mark(self, step: int):
-        """Measure rates from now and ``step`` on (call after the first step, so compiling is not counted)."""
-        self.t0, self.step0 = time.time(), step
+        """Measure rates from now and ``step`` on (call after the first step, so compiling is not counted); the
+        first call records the first step's time (``measured["first_step"]``, mostly compiling)."""
+        self.measured.setdefault("first_step", time.time() - self.t_init)
+        self.t0, self.step0, self.excluded = time.time(), step, 0.0
 
     def image(self, tag: str, grid_png: pathlib.Path, step: int):
         """Add a PNG (e.g. a sample grid) to TensorBoard."""
@@ -610,21 +819,50 @@ def save_image_grid(images: np.ndarray, path, ncol: Optional[int] = None, scale:
     _atomic(path, lambda tmp: pil.save(tmp, format="PNG"), suffix=".png")
 
 
-def save_scatter(x: np.ndarray, path, reference: Optional[np.ndarray] = None):
-    """Scatter plot of 2-D points (first two coordinates), optionally over reference data."""
+def save_images(images: np.ndarray, directory, scale: int = 1):
+    """One PNG per uint8 image (N, H, W, C): ``<directory>/000000.png``, ..."""
+    from PIL import Image
+
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate(np.asarray(images)):
+        img = np.repeat(np.repeat(img, scale, 0), scale, 1)
+        pil = Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
+        _atomic(directory / f"{i:06d}.png", lambda tmp: pil.save(tmp, format="PNG"), suffix=".png")
+
+
+def save_scatter(x: np.ndarray, path, reference: Optional[np.ndarray] = None, title: str = ""):
+    """Scatter plot of 2-D points (first two coordinates), optionally over reference (real) data, with a legend
+    and ``title``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(4, 4))
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
     if reference is not None:
-        ax.scatter(reference[:, 0], reference[:, 1], s=2, alpha=0.3, label="data")
-    ax.scatter(x[:, 0], x[:, 1], s=2, label="samples")
+        ax.scatter(reference[:, 0], reference[:, 1], s=2, alpha=0.3, c="tab:gray", label="real data (held out)")
+    ax.scatter(x[:, 0], x[:, 1], s=2, c="tab:blue", label="samples")
     ax.set_aspect("equal")
+    if reference is not None:
+        ax.legend(loc="upper right", fontsize=7, markerscale=4)
+    if title:
+        ax.set_title(title, fontsize=8)
     fig.tight_layout()
     _atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100), suffix=".png")
     plt.close(fig)
+
+
+def hatch_unknown(images: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """uint8 images (N, H, W, C) with the pixels where ``mask`` (H, W, C or broadcastable) is 0 drawn as a
+    gray checkerboard, so the unknown region of an inpainting input is visible."""
+    images = np.array(images, copy=True)
+    h, w = images.shape[1:3]
+    checker = np.where((np.arange(h)[:, None] + np.arange(w)[None, :]) % 2, 96, 176).astype(np.uint8)
+    unknown = np.broadcast_to(np.asarray(mask) <= 0, images.shape[1:])
+    fill = np.broadcast_to(checker[..., None], images.shape[1:])
+    images[:, unknown] = fill[unknown]
+    return images
 
 
 # ---- compilation cache and start-up time -----------------------------------------------------------------------

@@ -32,7 +32,9 @@ def _training_section():
     training.importance_sampling = False   # sample t ∝ λ(t)/σ(t)² to reduce variance of the weighted loss
     training.continuous = True             # continuous t ~ U[eps, T] or integer steps of the discrete chain
     training.log_freq = 50
-    training.eval_freq = 500
+    training.eval_freq = 500               # held-out loss (raw and EMA) every this many steps (> n_iters: never)
+    training.eval_batches = 4              # ... on this many test batches of config.eval.batch_size; 0: all
+    training.eval_quality = False          # ... and the quality figures of eval.num_samples EMA samples
     training.snapshot_freq = 10_000        # checkpoint every this many steps
     training.keep_checkpoints = 3
     training.snapshot_sampling = True      # write sample grids (PNG, also to TensorBoard) while training
@@ -59,6 +61,8 @@ def _sampling_section():
     sampling.eps = placeholder(float)      # smallest sampling time; None: the SDE's eps
     sampling.num_samples = 64
     sampling.batch_size = 64
+    sampling.outdir = placeholder(str)     # --mode=sample output folder; None: samples/<task>_<sampler>_seed<s>_...
+    sampling.save_pngs = False             # also one PNG per image in <outdir>/images/
     # options of the other methods (samplers.SAMPLERS); a None placeholder keeps the method's own default
     sampling.num_steps = placeholder(int)  # noise levels / time nodes (pc: sde.N, ddim 100, dpm_solver++ 20, heun 18)
     sampling.grid = placeholder(str)       # time grid: uniform | log_snr | karras (EDM ρ=7)

@@ -86,7 +86,8 @@ RULES: Dict[str, Rule] = {
     "training.batch_size": int_ge(1),
     "training.n_iters": int_ge(0),
     "training.log_freq": int_ge(1),
-    "training.eval_freq": int_ge(1),
+    "training.eval_freq": int_ge(1),       # above n_iters: no periodic evaluation
+    "training.eval_batches": int_ge(0),    # 0: the whole test split
     "training.snapshot_freq": int_ge(1),
     "training.keep_checkpoints": int_ge(1),
     "training.sample_freq": int_ge(1),

@@ -26,12 +26,17 @@ def forget_example_registrations():
     def ours(module) -> bool:
         return module is not None and (module.startswith("examples") or module == checks.MODULE_NAME)
 
+    registries = (sde_lib.SDES, losses.LOSSES, samplers.SAMPLERS, models.MODELS, datasets.SOURCES)
+    before = [set(registry) for registry in registries]
+    continuous = set(losses.CONTINUOUS_TIME)
     modules = set(sys.modules)
     yield
-    for registry in (sde_lib.SDES, losses.LOSSES, samplers.SAMPLERS, models.MODELS, datasets.SOURCES):
-        for name in [n for n, obj in registry.items() if ours(getattr(obj, "__module__", None))]:
-            del registry[name]
-            losses.CONTINUOUS_TIME.discard(name)
+    for registry, names in zip(registries, before):
+        for name in set(registry) - names:   # only what this module's loading added (collection may have run first)
+            if ours(getattr(registry[name], "__module__", None)):
+                del registry[name]
+                if name not in continuous:
+                    losses.CONTINUOUS_TIME.discard(name)
     for m in set(sys.modules) - modules:
         if ours(m):
             sys.modules.pop(m, None)
@@ -40,7 +45,7 @@ def forget_example_registrations():
 def shipped_configs():
     """Every config file of configs/ and examples/ that has a get_config(), toy.py with each dataset and SDE."""
     files = sorted(p for d in ("configs", "examples") for p in (REPO / d).rglob("*.py")
-                   if "def get_config" in p.read_text() and p.name != "base.py")
+                   if "def get_config" in p.read_text() and p.name not in ("base.py", "workdir.py"))
     specs = [str(p) for p in files if p.name != "toy.py"]
     return specs + [f"{REPO / 'configs/toy.py'}:{d},{s}" for d in ("two_moons", "checkerboard")
                     for s in ("vpsde", "subvpsde", "vesde")]

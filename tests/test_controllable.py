@@ -6,6 +6,7 @@ classifier is p_t(k | x) (``responsibilities_t``) and ∇log p_t(x) + ∇log p_t
 Measured bounds (2048 samples): SMC inpainting SW1 < 0.12 and weights within 0.04; replacement (PC) is biased
 where the data are informative (documented by a test); known coordinates are exactly the data.
 """
+import json
 import pathlib
 
 import jax
@@ -355,8 +356,9 @@ def test_digits_sample_mode_tasks_end_to_end(tmp_path):
     out = cg.run(config, str(tmp_path / "cfg"))
     assert out["samples_uint8"].shape == (10, 8, 8, 1) and np.all(out["labels"] == 3)
     config.sampling.task, config.sampling.classifier_workdir = "class_conditional", str(tmp_path / "clf")
-    run_lib.sample(config, str(tmp_path / "cfg"))     # dispatch through run_lib
-    assert (tmp_path / "cfg" / "samples" / "class_conditional_step_20" / "samples.png").exists()
+    outdir = run_lib.sample(config, str(tmp_path / "cfg"))     # dispatch through run_lib
+    assert outdir.name.startswith("class_conditional_") and "_label3_w" in outdir.name
+    assert (outdir / "samples.png").exists() and json.loads((outdir / "manifest.json").read_text())["label"] == 3
     config.sampling.task = "colorize"
     with pytest.raises(ValueError, match="colorize' needs RGB images"):
         cg.run(config, str(tmp_path / "cfg"))

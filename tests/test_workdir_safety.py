@@ -129,7 +129,7 @@ def test_one_trainer_per_workdir_and_a_killed_holder_does_not_block(trained, cap
             run_lib.train(tiny_config(4), str(trained))
         config = tiny_config(2, **{"sampling.num_samples": 8})
         run_lib.sample(config, str(trained))  # reading a training workdir stays allowed
-        assert (trained / "samples" / "sample_mode_step_2" / "samples.npz").exists()
+        assert list((trained / "samples").glob("*_step2_ema*/samples.npz"))
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
@@ -195,10 +195,10 @@ def test_non_finite_samples_are_written_and_reported(trained, monkeypatch):
         return x * np.nan, nfe
 
     monkeypatch.setattr(run_lib.Experiment, "sample", nan_sampler)
-    outdir = trained / "samples" / "sample_mode_step_2"
+    outdir = trained / "samples" / "nan_samples"
     shutil.rmtree(outdir, ignore_errors=True)
-    with pytest.raises(FloatingPointError, match=r"8 of 8 samples hold NaN or inf values \(written to .*sample_mode"):
-        run_lib.sample(tiny_config(2, **{"sampling.num_samples": 8}), str(trained))
+    with pytest.raises(FloatingPointError, match=r"8 of 8 samples hold NaN or inf values \(written to .*nan_samples"):
+        run_lib.sample(tiny_config(2, **{"sampling.num_samples": 8, "sampling.outdir": str(outdir)}), str(trained))
     assert np.isnan(np.load(outdir / "samples.npz")["samples"]).all()
 
 

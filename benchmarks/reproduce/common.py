@@ -318,8 +318,25 @@ class CellStore:
         summary = result.get("error", "")[:60] or ", ".join(
             f"{k}={_fmt(result[k])}" for k in ("fid", "bpd", "nfe") if result.get(k) is not None)
         print(f"[{self.table} {self.done}/{self.total}] {key}: {summary} ({status}; "
-              f"elapsed {time.time() - self.t0:.0f}s)", flush=True)
+              f"elapsed {time.time() - self.t0:.0f}s{self.eta()})", flush=True)
+        self.check_stop()
         return result
+
+    def eta(self) -> str:
+        """``, ETA ~12m`` from the mean time of the cells computed so far (cached cells cost nothing)."""
+        if not self.computed or self.done >= self.total:
+            return ""
+        per_cell = (time.time() - self.t0) / self.computed
+        return f", ETA ~{(self.total - self.done) * per_cell / 60:.0f} min if the rest are computed"
+
+    def check_stop(self):
+        """After a cell: stop (``utils.Stopped``) when a signal asked to; finished cells stay cached."""
+        import utils
+
+        signum = utils.stop_requested()
+        if signum is not None and self.done < self.total:
+            raise utils.Stopped(signum, f"stopped after cell {self.done}/{self.total} of {self.table}; the finished "
+                                        f"cells are kept in {self.dir}: rerun the same command to resume")
 
 
 def _fmt(v) -> str:
@@ -407,8 +424,11 @@ def save_figure(fig, path) -> None:
 
 def cli_main(run: Callable, doc: str, argv: Optional[list] = None) -> dict:
     """The command line of a table script: parse the shared flags and call ``run``."""
+    import utils
+
     args = parse_args(sys.argv[1:] if argv is None else argv, doc.splitlines()[0])
-    return run(args.workdir, args.setting, args.publish, args.report_only)
+    with utils.StopSignal("stopping after the current batch or cell (finished cells are kept)", hard_exit=True):
+        return run(args.workdir, args.setting, args.publish, args.report_only)
 
 
 def train_all(argv: Optional[list] = None) -> None:

@@ -128,7 +128,10 @@ def main(argv: Optional[list] = None) -> dict:
     unknown = [s for s in a.sdes.split(",") if s not in table1.SDES]
     if unknown:
         p.error(f"unknown SDEs {unknown}; choose from {list(table1.SDES)}")
-    return run(a.workdir, a.setting, a.seeds, a.sdes.split(","), a.predictor, a.publish, a.report_only)
+    import utils
+
+    with utils.StopSignal("stopping after the current batch or cell (finished cells are kept)", hard_exit=True):
+        return run(a.workdir, a.setting, a.seeds, a.sdes.split(","), a.predictor, a.publish, a.report_only)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import numpy as np
 
 import losses
 import samplers
+import utils
 from sde_lib import SDE, batch_broadcast
 
 Array = jax.Array
@@ -495,7 +496,6 @@ def run(config, workdir: str) -> dict:
     to a new folder ``run_lib.sample_folder`` names after the task and its settings; returns the arrays and the
     folder (``"outdir"``). ``config.sampling.num_samples`` are drawn in batches of ``config.sampling.batch_size``."""
     import run_lib
-    import utils
 
     task = config.sampling.get("task", "unconditional")
     if task not in TASKS:
@@ -540,7 +540,6 @@ def _draw_task(config, ev, exp, key, n: int, size, task: str, progress) -> dict:
 
 
 def _write_task_outputs(outdir: pathlib.Path, out: dict, images: dict, manifest: dict, save_pngs: bool):
-    import utils
 
     outdir.mkdir(parents=True, exist_ok=True)
     utils.atomic_savez(outdir / "samples.npz", **{**out, **{f"{k}_uint8": v for k, v in images.items()}})

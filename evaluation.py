@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import safe_pickle
+import utils
 
 # --------------------------------------------------------------------------------------------------------------
 # Quantisation
@@ -850,7 +851,6 @@ def run_fid_stats(config, workdir: str) -> None:
     ``config.eval.fid_split`` (default "train"), as stored (uint8), for each extractor of ``default_extractors``;
     written by process 0 to ``stats_path``. Prints a progress line per batch; a stop signal ends it after the
     current batch, writing nothing."""
-    import utils
 
     split, limit = config.eval.get("fid_split", "train"), config.eval.get("fid_num_images", None)
     names = default_extractors(config)

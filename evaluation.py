@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import datasets
 import safe_pickle
 import utils
 
@@ -142,8 +143,6 @@ def digits_uint8(split: str = "train") -> Tuple[np.ndarray, np.ndarray]:
     Split "train" (1500 images) or "test" (297 held out), the fixed split of ``datasets.load_digits``.
     """
     import ml_collections
-
-    import datasets
 
     cfg = ml_collections.ConfigDict({"data": {"image_size": 8, "num_channels": 1}})
     return datasets.load_digits(cfg, split)
@@ -667,7 +666,6 @@ def dataset_batches_uint8(config, split: str):
     Model-space batches of ``datasets.get_dataset(..., infinite=False)`` are mapped back with the data transform's
     inverse (exact for stored uint8) and padding rows are dropped; every process reads the whole split.
     """
-    import datasets
 
     if config.data.source == "toy":
         raise ValueError("image statistics need an image dataset; config.data.source='toy' holds 2-D points")
@@ -679,7 +677,6 @@ def dataset_batches_uint8(config, split: str):
 
 def _num_batches(config, split: str) -> Optional[int]:
     """Batches ``dataset_batches_uint8`` yields, when the source knows (in-memory sources), else None."""
-    import datasets
 
     if config.data.source in ("tfds", "toy"):
         return None

@@ -452,9 +452,10 @@ def _restore_classifier(workdir: str, config_json: str):
 
     import ml_collections
 
-    import run_lib
+    import experiment
 
-    return run_lib.restore_eval_state(ml_collections.ConfigDict(json.loads(config_json)), workdir)
+    exp = experiment.Experiment.from_config(ml_collections.ConfigDict(json.loads(config_json)))
+    return experiment.restore_eval_state(exp, workdir)
 
 
 def guided_score_fn(config, model, params, sde: SDE, n: int, labels=None) -> Tuple[ScoreFn, Array]:
@@ -493,30 +494,30 @@ def in_batches(n: int, size: int, key: Array, draw: Callable[[Array, int, int], 
 def run(config, workdir: str) -> dict:
     """``--mode=sample`` for ``config.sampling.task`` in inpaint | colorize | class_conditional | cfg: writes
     ``samples.{npz,png}``, ``manifest.json`` (and ``inputs.png`` for imputation, the unknown pixels hatched gray)
-    to a new folder ``run_lib.sample_folder`` names after the task and its settings; returns the arrays and the
+    to a new folder ``experiment.sample_folder`` names after the task and its settings; returns the arrays and the
     folder (``"outdir"``). ``config.sampling.num_samples`` are drawn in batches of ``config.sampling.batch_size``."""
-    import run_lib
+    import experiment
 
     task = config.sampling.get("task", "unconditional")
     if task not in TASKS:
         raise ValueError(f"unknown config.sampling.task {task!r}; expected one of {list(TASKS)}")
-    ev = run_lib.restore_eval_state(config, workdir, config.eval.checkpoint)
-    exp = run_lib.Experiment.from_config(config)
-    outdir = run_lib.sample_folder(config, workdir, ev.sde, ev.step, task)
+    exp = experiment.Experiment.from_config(config)
+    ev = experiment.restore_eval_state(exp, workdir, config.eval.checkpoint)
+    outdir = experiment.sample_folder(config, workdir, ev.sde, ev.step, task)
     n, size = int(config.sampling.num_samples), config.sampling.get("batch_size", None)
     key = jax.random.fold_in(jax.random.key(config.seed + 1), ev.step)
     progress = utils.Progress(f"{task} sampling", -(-n // max(1, min(int(size or n), n))),
-                              detail=f"{n} samples, {run_lib.sampler_name(config.sampling, ev.sde)}").update
+                              detail=f"{n} samples, {experiment.sampler_name(config.sampling, ev.sde)}").update
     try:
         out = _draw_task(config, ev, exp, key, n, size, task, progress)
     except utils.Stopped as e:
         e.message += "; no samples written"
         raise
-    images = {k: run_lib.to_output(exp, v) for k, v in out.items() if k in ("samples", "inputs")}
+    images = {k: experiment.to_output(exp, v) for k, v in out.items() if k in ("samples", "inputs")}
     if "mask" in out and "inputs" in images:
         images["inputs"] = utils.hatch_unknown(images["inputs"], out["mask"])
     if jax.process_index() == 0:
-        manifest = run_lib.sample_manifest(config, workdir, ev.step, bool(config.eval.use_ema), task)
+        manifest = experiment.sample_manifest(config, workdir, ev.step, bool(config.eval.use_ema), task)
         _write_task_outputs(outdir, out, images, manifest, bool(config.sampling.get("save_pngs", False)))
     _report(config, out, images)
     print(f"wrote {len(out['samples'])} {task} samples of step {ev.step} to {outdir}", flush=True)

@@ -453,26 +453,25 @@ def check_no_checkpoints(workdir) -> None:
                               f"(use a new --workdir)")
 
 
-def save_converted(config, workdir, params: Params, ema_params: Params, step: int, source: str,
+def save_converted(exp, workdir, params: Params, ema_params: Params, step: int, source: str,
                    moments: Optional[AdamMoments] = None) -> pathlib.Path:
-    """Write a train state at ``step`` in ``workdir/checkpoints``, with the config, so that sample/eval/likelihood
-    run on it and training resumes from it (with the converted Adam moments when given, else a fresh optimizer
-    state). Returns the checkpoint directory, checked to exist after the save; the config and
-    ``converted_from.json`` are written only then."""
-    import run_lib
+    """Write a train state of ``exp`` (an ``experiment.Experiment``) at ``step`` in ``workdir/checkpoints``, with
+    the config, so that sample/eval/likelihood run on it and training resumes from it (with the converted Adam
+    moments when given, else a fresh optimizer state). Returns the checkpoint directory, checked to exist after the
+    save; the config and ``converted_from.json`` are written only then."""
+    import experiment  # not at the top while models/ import this module to register converters
     import utils
 
-    workdir = pathlib.Path(workdir)
+    config, workdir = exp.config, pathlib.Path(workdir)
     utils.check_workdir_writable(str(workdir))
     check_no_checkpoints(workdir)
     step = check_step(step, source)
-    optimizer = run_lib.get_optimizer(config.optim)
     params, ema_params = (jax.tree.map(jnp.asarray, p) for p in (params, ema_params))
-    opt_state = optimizer.init(params)
+    opt_state = exp.optimizer.init(params)
     if moments is not None:
         opt_state = with_adam_moments(opt_state, moments, step)
-    state = run_lib.TrainState(step=jnp.asarray(step, jnp.int32), params=params, ema_params=ema_params,
-                               opt_state=opt_state)
+    state = experiment.TrainState(step=jnp.asarray(step, jnp.int32), params=params, ema_params=ema_params,
+                                  opt_state=opt_state)
     ckpt = utils.CheckpointManager(workdir / "checkpoints", config)
     try:
         ckpt.save(step, state)
@@ -489,13 +488,15 @@ def save_converted(config, workdir, params: Params, ema_params: Params, step: in
     return saved
 
 
-def run(config, workdir: str) -> None:
-    """``main.py --mode=convert --config=<matching config> --config.convert.checkpoint=<file.pth> --workdir=W``."""
+def run(exp, workdir: str) -> None:
+    """``main.py --mode=convert --config=<matching config> --config.convert.checkpoint=<file.pth> --workdir=W``:
+    the runner ``fn(experiment, workdir)`` of the mode."""
+    config = exp.config
     source = checkpoint_path(config)
     check_no_checkpoints(workdir)
     ckpt = torch_io.load(source)
     params, ema_params, step = convert_loaded(ckpt, config, str(source))
     moments = adam_moments(ckpt, config, str(source))
     n = sum(int(np.size(v)) for v in jax.tree.leaves(params))
-    out = save_converted(config, workdir, params, ema_params, step, str(source), moments)
+    out = save_converted(exp, workdir, params, ema_params, step, str(source), moments)
     print(f"converted {source} ({config.model.name}, {n / 1e6:.2f}M parameters, step {step}) -> {out}")

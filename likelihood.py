@@ -610,13 +610,13 @@ def run(config, workdir: str) -> dict:
     import pathlib
     import time
 
-    import run_lib
+    import experiment
     import utils
 
     import sde_lib
 
     settings = likelihood_settings(config, sde_lib.get_sde(config.sde))  # fail before restoring anything
-    ev = run_lib.restore_eval_state(config, workdir, config.eval.checkpoint)
+    ev = experiment.restore_eval_state(experiment.Experiment.from_config(config), workdir, config.eval.checkpoint)
     space = data_space(config)
     n_local = len(jax.local_devices())
     mesh = Mesh(np.array(jax.local_devices()), ("data",)) if n_local > 1 else None

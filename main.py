@@ -21,6 +21,8 @@ from ml_collections import config_flags
 
 from configs import checks
 
+# mode -> its runner ``fn(experiment, workdir)`` as "module:function" (imported after the checks: JAX is slow to
+# import). ``main`` builds the ``experiment.Experiment`` once and passes it.
 MODES = {
     "train": "run_lib:train",
     "eval": "run_lib:evaluate",
@@ -32,6 +34,7 @@ MODES = {
     "describe": None,
 }
 NEEDS_TRAINED_WORKDIR = ("sample", "eval", "likelihood")
+CONFIG_RUNNERS = ("likelihood", "fid_stats", "eval_samples")  # still fn(config, workdir): moving into run_lib
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "experiment config file (configs/...[:arg]); override any field "
@@ -87,7 +90,7 @@ def parse_flags(argv):
 
 
 def resolve_mode(mode: str):
-    """The runner ``fn(config, workdir)`` of ``mode``; imports its module (and JAX)."""
+    """The runner ``fn(experiment, workdir)`` of ``mode``; imports its module (and JAX)."""
     if mode not in MODES:
         raise checks.UserError(f"unknown --mode={mode!r}; valid modes: {sorted(MODES)}")
     module, fn = MODES[mode].split(":")
@@ -134,7 +137,14 @@ def main(argv):
         checks.validate(config, FLAGS.mode, config_overrides())
     init_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     with utils.StopSignal(hard_exit=True):
-        run(config, FLAGS.workdir)
+        run(config if FLAGS.mode in CONFIG_RUNNERS else build_experiment(config), FLAGS.workdir)
+
+
+def build_experiment(config):
+    """The ``experiment.Experiment`` of ``config``, built once for the mode (after ``jax.distributed``)."""
+    import experiment
+
+    return experiment.Experiment.from_config(config)
 
 
 def describe(config) -> str:

@@ -1,293 +1,40 @@
-"""Training, evaluation and sampling loops: the glue between configs, data, models, losses and samplers.
+"""The ``--mode`` runners, each ``fn(experiment, workdir)``: train, evaluate, sample.
 
-Parallelism lives only here: one ``jax.jit`` over a ``Mesh`` of all devices, the batch split over the ``data``
-axis with ``NamedSharding`` and the train state replicated. Library code (losses, samplers) is single-program.
-Keys are derived, never carried: the step's key is ``fold_in(key(seed), step)``, so results do not depend on the
-number of devices and a resumed run draws the same noise as an uninterrupted one.
+``main.py`` builds the ``experiment.Experiment`` once and calls ``MODES[mode](experiment, workdir)``. The runners
+hold the loops and what they report (the train loop and its periodic work, per-checkpoint evaluation, the sample
+folders); what they are built from (train state, train step, the mesh, restoring, drawing and writing samples)
+is in ``experiment``, the libraries (losses, samplers, datasets, models, ...) below it.
 """
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import dataclasses
-import itertools
+import hashlib
 import json
 import logging
 import pathlib
+import subprocess
 import sys
 import time
-from typing import Any, Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 import datasets
-import losses
-import models
 import sde_lib
 import samplers
 import utils
+from experiment import (EvalState, Experiment, StepCompilation, TrainState, any_process, check_batch_size,
+                        collect_examples, compile_step, draw_samples, jit_sharded_step, learning_rate_schedule,
+                        make_train_step, open_training, replicate, restore_eval_state, sample_folder,
+                        sample_manifest, sampler_name, shard_batch, to_output, write_samples)
 
 log = logging.getLogger(__name__)
-
-
-@flax.struct.dataclass
-class TrainState:
-    """Everything a resumed run needs; keys are derived from (seed, step) and are not stored."""
-
-    step: jax.Array
-    params: Any
-    ema_params: Any
-    opt_state: Any
-
-
-# ---- optimisation ----------------------------------------------------------------------------------------------
-def learning_rate_schedule(optim_cfg) -> optax.Schedule:
-    """Linear warm-up from 0 to ``lr`` over ``warmup`` steps, then constant (the SDE paper's schedule)."""
-    if optim_cfg.warmup > 0:
-        return optax.linear_schedule(0.0, optim_cfg.lr, optim_cfg.warmup)
-    return optax.constant_schedule(optim_cfg.lr)
-
-
-def get_optimizer(optim_cfg) -> optax.GradientTransformation:
-    """Adam(W) with global-norm gradient clipping, from ``config.optim``. The optimizer state has the same
-    structure whatever the values (clipping off is a clip at +inf), so a run resumes with changed settings."""
-    if optim_cfg.optimizer.lower() != "adam":
-        raise ValueError(f"unknown config.optim.optimizer {optim_cfg.optimizer!r}; supported: 'adam'")
-    clip = optim_cfg.grad_clip if optim_cfg.grad_clip > 0 else float("inf")
-    return optax.chain(optax.clip_by_global_norm(clip),
-                       optax.adamw(learning_rate_schedule(optim_cfg), b1=optim_cfg.beta1, eps=optim_cfg.eps,
-                                   weight_decay=optim_cfg.weight_decay))
-
-
-def ema_update(ema_params, params, rate: float):
-    """θ_ema ← rate θ_ema + (1 - rate) θ."""
-    return jax.tree.map(lambda e, p: rate * e + (1.0 - rate) * p, ema_params, params)
-
-
-# The initial state is computed once, so its program is compiled without LLVM's optimisations on CPU: that
-# compiles 2-3x faster (the initializers' random-bit generation dominates) and the values agree to float rounding.
-INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
-# The train step at LLVM -O2 instead of the default -O3 on CPU: in side-by-side probes it compiled 0.66x as long for
-# the small DDPM++ (0.86x for configs/default.py) with steps within the noise (0.86-1.06x) and the same losses.
-STEP_COMPILER_OPTIONS = {"xla_backend_optimization_level": 2}
-
-
-def step_compiler_options() -> Optional[dict]:
-    """XLA options for compiling the train step on this backend (None: XLA's defaults)."""
-    return STEP_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
-
-
-def _init_fn(model: models.ScoreModel, optimizer, data_shape) -> Callable:
-    def init(key):
-        params = model.init(key, jnp.zeros((1,) + tuple(data_shape)))
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=jax.tree.map(jnp.copy, params),
-                          opt_state=optimizer.init(params))
-
-    return init
-
-
-def _init_key(config):
-    return jax.random.fold_in(jax.random.key(config.seed), -1 & 0x7FFFFFFF)
-
-
-def init_train_state(config, model: models.ScoreModel, optimizer, data_shape) -> TrainState:
-    """Step 0: parameters from ``fold_in(key(seed), 2**31 - 1)``, EMA = parameters, fresh optimizer state
-    (one jitted computation, not one compilation per initializer)."""
-    key = _init_key(config)
-    lowered = jax.jit(_init_fn(model, optimizer, data_shape)).lower(key)
-    options = INIT_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
-    return lowered.compile(options)(key)
-
-
-def abstract_train_state(config, model: models.ScoreModel, optimizer, data_shape) -> TrainState:
-    """The structure of ``init_train_state`` as zero host arrays, computed by ``jax.eval_shape`` (no compilation, no
-    device memory): the template a checkpoint is restored into."""
-    shapes = jax.eval_shape(_init_fn(model, optimizer, data_shape), _init_key(config))
-    return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
-
-
-def make_train_step(loss_fn: Callable, optimizer, ema_rate: float, seed: int) -> Callable:
-    """One optimisation step ``(state, batch) -> (state, metrics)``, pure; the batch mean is the global mean.
-
-    The step's key is ``fold_in(key(seed), step)``; the loss draws the noise of the whole global batch from it, and
-    with partitionable threefry each device computes its own rows of that draw, so devices get independent noise
-    and the result does not depend on the device count."""
-    base_key = jax.random.key(seed)
-
-    def objective(params, key, batch):
-        per_example, metrics = loss_fn(params, key, batch)
-        return jnp.mean(per_example), metrics
-
-    def train_step(state: TrainState, batch):
-        key = jax.random.fold_in(base_key, state.step)
-        (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params, key, batch)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
-                               ema_params=ema_update(state.ema_params, params, ema_rate))
-        metrics = {k: jnp.mean(v) for k, v in metrics.items()}
-        metrics.update(loss=loss, grad_norm=optax.global_norm(grads))
-        return new_state, metrics
-
-    return train_step
-
-
-# ---- sharding ------------------------------------------------------------------------------------------------
-def make_mesh() -> Mesh:
-    """1-D ``data`` mesh of every device, process-major, so process ``p``'s rows come before those of ``p + 1``."""
-    return Mesh(np.array(sorted(jax.devices(), key=lambda d: (d.process_index, d.id))), ("data",))
-
-
-def num_data_shards(config) -> int:
-    """Data shards S the global batch is assembled from: ``config.training.data_shards`` (None: one per
-    process). Each shard is a ``datasets`` stream (process_index=shard, process_count=S); a fixed S gives the same
-    global batches on any number of processes."""
-    shards = config.training.get("data_shards", None)
-    return jax.process_count() if shards is None else int(shards)
-
-
-def check_batch_size(batch_size: int, what: str = "config.training.batch_size", shards: Optional[int] = None):
-    n_dev, n_proc = jax.device_count(), jax.process_count()
-    if batch_size % n_dev or batch_size % n_proc:
-        raise ValueError(f"{what}={batch_size} is not divisible by the {n_dev} devices "
-                         f"({n_proc} processes); the global batch is split evenly across devices")
-    if shards is not None and (shards % n_proc or batch_size % shards):
-        raise ValueError(f"config.training.data_shards={shards} must be a multiple of the {n_proc} processes and "
-                         f"divide {what}={batch_size}")
-
-
-def shard_batch(batch: dict, mesh: Mesh) -> dict:
-    """Assemble host-local numpy batches into global arrays split over the ``data`` axis."""
-    sharding = NamedSharding(mesh, P("data"))
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
-
-
-def train_batches(config, mesh: Mesh, start_step: int = 0) -> Iterator[dict]:
-    """Global training batches from step ``start_step`` on: this process loads its data shards and the rows of
-    all processes form one array sharded over ``data``. A pure function of (seed, step), so a resumed run sees the
-    batches an uninterrupted one would."""
-    shards = num_data_shards(config)
-    check_batch_size(config.training.batch_size, shards=shards)
-    per_process = shards // jax.process_count()
-    first = jax.process_index() * per_process
-    streams = [datasets.get_dataset(config, "train", infinite=True, seed=config.seed, process_index=s,
-                                    process_count=shards, start_step=start_step)
-               for s in range(first, first + per_process)]
-    try:
-        while True:
-            parts = [next(s) for s in streams]
-            yield shard_batch({k: np.concatenate([p[k] for p in parts]) for k in ("x", "label")}, mesh)
-    finally:
-        for s in streams:
-            getattr(s, "close", lambda: None)()
-
-
-def replicate(tree, mesh: Mesh):
-    """Place a host (numpy) or single-device pytree replicated on every device of ``mesh``."""
-    sharding = NamedSharding(mesh, P())
-    return jax.tree.map(lambda a: jax.make_array_from_callback(np.shape(a), sharding, lambda idx: np.asarray(a)[idx]),
-                        jax.device_get(tree))
-
-
-def jit_sharded_step(train_step, mesh: Mesh):
-    replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    return jax.jit(train_step, in_shardings=(replicated, data), out_shardings=(replicated, replicated),
-                   donate_argnums=0)
-
-
-def any_process(flag: bool) -> bool:
-    """True on every process when ``flag`` is True on any (a signal may reach only some processes)."""
-    if jax.process_count() == 1:
-        return bool(flag)
-    from jax.experimental import multihost_utils
-
-    return bool(np.any(multihost_utils.process_allgather(np.array([flag], bool))))
-
-
-def data_shape(config) -> tuple:
-    """Shape of one example: (D,) for toy vectors, (H, W, C) for images."""
-    if config.data.source == "toy":
-        return (config.data.get("dim", 2),)
-    return (config.data.image_size, config.data.image_size, config.data.num_channels)
-
-
-# ---- training ---------------------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class Experiment:
-    """The objects built once from a config: SDE, model, optimizer, loss."""
-
-    config: ml_collections.ConfigDict
-    sde: sde_lib.SDE
-    model: models.ScoreModel
-    optimizer: optax.GradientTransformation
-    data_shape: tuple
-    compiled_samplers: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)  # ``sampler``
-
-    @classmethod
-    def from_config(cls, config) -> "Experiment":
-        sde = sde_lib.get_sde(config.sde)
-        losses.check_loss_config(config, sde)
-        model = models.create_model(config)
-        return cls(config, sde, model, get_optimizer(config.optim), data_shape(config))
-
-    def loss_fn(self):
-        return losses.get_loss_fn(self.config, self.sde, self.model)
-
-    def sample(self, key, params, n: int, mesh="auto"):
-        """``(x (n, *data_shape), nfe)``; with several processes each samples alone on its local devices."""
-        if jax.process_count() > 1 and mesh == "auto":
-            mesh = Mesh(np.array(jax.local_devices()), ("data",))
-            params = jax.device_get(params)
-        return self.sampler(n, mesh)(params, key)
-
-    def sampler(self, n: int, mesh="auto") -> Callable:
-        """The jitted ``(params, key) -> (x, nfe)`` of ``config.sampling`` for batches of ``n``: built once per
-        (n, mesh, sampling settings) and kept, so new parameters, keys and batches reuse one compilation (snapshot
-        and final samples of a run, every batch of ``--mode=sample``). Says so before its first (long) compile."""
-        cfg = self.config.sampling
-        cache_key = (int(n), mesh, json.dumps(cfg.to_dict(), sort_keys=True, default=str))
-        if cache_key not in self.compiled_samplers:
-            shape, options = (int(n),) + self.data_shape, samplers.options_from_config(cfg)
-
-            def run(params, key):
-                with jax.ensure_compile_time_eval():  # the sampler's set-up (time grids, checks) stays concrete
-                    fn, _ = samplers.build_sampler(self.sde, self.model.score_fn(params, self.sde), shape,
-                                                   cfg.method, mesh=mesh, **options)
-                return fn(key)
-
-            self.compiled_samplers[cache_key] = _announce_first_call(jax.jit(run), sampler_description(
-                cfg.method, options, self.sde, int(n)))
-        return self.compiled_samplers[cache_key]
-
-
-def sampler_description(method: str, options: dict, sde: sde_lib.SDE, n: int) -> str:
-    """E.g. ``PC sampler (N=1000, batch 128)`` or ``ODE sampler (tsit5, rtol 1e-05, atol 1e-05, batch 64)``."""
-    if method == "ode":
-        opts = {"solver": "tsit5", "rtol": 1e-5, "atol": 1e-5, **options}
-        return f"ODE sampler ({opts['solver']}, rtol {opts['rtol']:g}, atol {opts['atol']:g}, batch {n})"
-    name = {"pc": "PC"}.get(method, method)
-    steps = options.get("num_steps", sde.N if method == "pc" else None)
-    return f"{name} sampler ({f'N={steps}, ' if steps else ''}batch {n})"
-
-
-def _announce_first_call(fn: Callable, description: str) -> Callable:
-    """``fn`` that prints "compiling <description>…" before its first call (when it compiles)."""
-    state = {"first": True}
-
-    def call(*args):
-        if state["first"]:
-            print(f"compiling {description}…", flush=True)
-            state["first"] = False
-        return fn(*args)
-
-    call.jitted = fn
-    return call
 
 
 @dataclasses.dataclass
@@ -328,71 +75,36 @@ def warn_warmup_longer_than_run(warmup: int, n_iters: int) -> bool:
     return True
 
 
-def train(config, workdir: str) -> TrainState:
-    """Train ``config`` in ``workdir``, resuming from its latest readable checkpoint; returns the final state.
+def train(exp: Experiment, workdir: str) -> TrainState:
+    """``--mode=train``: train ``exp`` in ``workdir``, resuming from its latest readable checkpoint; returns the
+    final state.
 
-    Nothing is written before the checks pass (config, batch size, the checkpoint to resume, the first batch of
-    data); one trainer per workdir (``utils.WorkdirLock``). SIGTERM/SIGINT save a checkpoint after the current step
-    and return; a NaN/inf loss raises ``FloatingPointError`` without saving, so the last good checkpoint stays the
-    latest."""
-    timings = {"import": utils.process_age()} if _run_by_main() else {}
+    Nothing is written before the checks of ``experiment.open_training`` pass (batch size, one trainer per
+    workdir, the checkpoint to resume, the first batch of data). SIGTERM/SIGINT save a checkpoint after the current
+    step and return; a NaN/inf loss raises ``FloatingPointError`` without saving, so the last good checkpoint stays
+    the latest."""
+    timings = {"import": max(utils.process_age() - exp.build_seconds, 0.0)} if _run_by_main() else {}
     t0 = time.time()
-    exp = Experiment.from_config(config)
-    mesh = make_mesh()
-    check_batch_size(config.training.batch_size, shards=num_data_shards(config))
-    workdir, is_main = pathlib.Path(workdir), jax.process_index() == 0
-    with utils.WorkdirLock(workdir, enabled=is_main) as lock:
-        ckpt, state, first, stream = _resume(config, workdir, exp, mesh)
-        timings["init"] = time.time() - t0
-        logger = None
+    with open_training(exp, workdir) as opened:
+        timings["init"] = exp.build_seconds + time.time() - t0
+        run = _start_run(exp, pathlib.Path(workdir), opened.ckpt, int(opened.state.step), timings)
         try:
-            lock.acquire(create=True)  # the checks passed: from here on the workdir is written
-            run = _start_run(config, workdir, exp, mesh, ckpt, int(state.step), is_main, timings)
-            logger = run.logger
             with utils.StopSignal("saving a checkpoint after this step (or sampling batch) and stopping") as stop:
-                state = _train_loop(run, replicate(state, mesh), itertools.chain([first], stream), stop)
+                return _train_loop(run, replicate(opened.state, exp.mesh), opened.batches, stop)
         finally:
-            _close_run(ckpt, logger, stream)
-    return state
+            run.logger.close()
 
 
-def _close_run(ckpt: utils.CheckpointManager, logger: Optional[utils.MetricLogger], stream: Iterator):
-    """Wait for (and verify) the last save, then close everything, even when that save failed."""
-    try:
-        ckpt.wait()
-    finally:
-        ckpt.close()
-        if logger is not None:
-            logger.close()
-        stream.close()
-
-
-def _resume(config, workdir: pathlib.Path, exp: Experiment, mesh: Mesh) -> tuple:
-    """The checks that need the workdir, writing nothing: the checkpoint to resume from (compatible, finite) and
-    the first batch of data. Returns (ckpt, state, first batch, the stream of the following batches)."""
-    ckpt = utils.CheckpointManager(workdir / "checkpoints", config)
-    init = abstract_train_state if ckpt.steps() else init_train_state  # a restore needs only the structure
-    try:
-        state = ckpt.restore_or(lambda: init(config, exp.model, exp.optimizer, exp.data_shape))
-        stream = train_batches(config, mesh, int(state.step))
-        return ckpt, state, next(stream), stream
-    except BaseException:
-        ckpt.close()
-        raise
-
-
-def _start_run(config, workdir: pathlib.Path, exp: Experiment, mesh: Mesh, ckpt: utils.CheckpointManager,
-               start: int, is_main: bool, timings: dict) -> Run:
-    """Write the config, open the metric log and compile the step: the first writes of a run."""
-    if is_main:
-        utils.write_config(workdir, config)
+def _start_run(exp: Experiment, workdir: pathlib.Path, ckpt, start: int, timings: dict) -> Run:
+    """Say what runs, open the metric log and jit the step (``config.json`` is written by ``open_training``)."""
+    config, is_main = exp.config, jax.process_index() == 0
     print(f"training steps {start}..{config.training.n_iters} on {jax.device_count()} devices "
           f"({jax.process_count()} processes), global batch {config.training.batch_size}, "
           f"lr {config.optim.lr:g} (warm-up {config.optim.warmup}), EMA rate {config.model.ema_rate}", flush=True)
     warn_ema_keeps_init(config.model.ema_rate, config.training.n_iters)
     warn_warmup_longer_than_run(config.optim.warmup, config.training.n_iters)
     step_fn = jit_sharded_step(make_train_step(exp.loss_fn(), exp.optimizer, config.model.ema_rate,
-                                               config.seed), mesh)
+                                               config.seed), exp.mesh)
     logger = utils.MetricLogger(workdir, config.training.n_iters, start, config.training.log_freq, enabled=is_main,
                                 pending=periodic_seconds(config, exp.sde))
     return Run(exp, workdir, ckpt, logger, learning_rate_schedule(config.optim), step_fn, is_main, timings)
@@ -430,52 +142,10 @@ def _run_by_main() -> bool:
     return pathlib.Path(getattr(sys.modules.get("__main__"), "__file__", None) or "-").name == "main.py"
 
 
-@dataclasses.dataclass
-class StepCompilation:
-    """A train step compiling in a background thread for arguments of ``spec`` (XLA releases the GIL)."""
-
-    spec: Any
-    future: concurrent.futures.Future
-    cache_hits: int
-
-
-def _spec(tree):
-    return jax.tree.map(lambda a: (tuple(a.shape), np.dtype(a.dtype)), tree)
-
-
-def step_arguments_spec(config, exp: Experiment, mesh: Mesh):
-    """``(state, batch)`` of the train step as sharded ``ShapeDtypeStruct``s, from the config alone."""
-    replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    shapes = jax.eval_shape(_init_fn(exp.model, exp.optimizer, exp.data_shape), _init_key(config))
-    state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), shapes)
-    b = config.training.batch_size
-    batch = {"x": jax.ShapeDtypeStruct((b,) + tuple(exp.data_shape), jnp.float32, sharding=data),
-             "label": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=data)}
-    return state, batch
-
-
-def compile_step_in_background(step_fn, config, exp: Experiment, mesh: Mesh) -> StepCompilation:
-    """Start compiling ``step_fn`` for the config's state and batch in a thread, so that the compilation overlaps
-    building the initial state and loading the first batch; ``_compile_step`` collects it."""
-    state, batch = step_arguments_spec(config, exp, mesh)
-    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile_train_step")
-    hits = utils.compilation_cache_hits()
-    future = pool.submit(lambda: step_fn.lower(state, batch).compile(step_compiler_options()))
-    pool.shutdown(wait=False)
-    return StepCompilation(_spec((state, batch)), future, hits)
-
 
 def _compile_step(run: Run, state: TrainState, batch: dict) -> Callable:
-    """The train step compiled for ``batch`` (or loaded from the persistent compilation cache), timed: the one
-    compiled in the background when it was compiled for these shapes, otherwise compiled now."""
-    t0, compiling = time.time(), run.compiling
-    hits = compiling.cache_hits if compiling else utils.compilation_cache_hits()
-    if compiling and compiling.spec == _spec((state, batch)):
-        compiled = compiling.future.result()
-    else:
-        compiled = run.step_fn.lower(state, batch).compile(step_compiler_options())
-    run.timings["compile"] = time.time() - t0
-    run.timings["cached"] = utils.compilation_cache_hits() > hits
+    """The train step compiled for ``batch`` (``experiment.compile_step``), its time kept in ``run.timings``."""
+    compiled, run.timings["compile"], run.timings["cached"] = compile_step(run.step_fn, state, batch, run.compiling)
     return compiled
 
 
@@ -600,7 +270,7 @@ def _periodic_eval(run: Run, state: TrainState, step: int) -> Optional[dict]:
         return None
     t0 = time.time()
     if run.eval_fn is None:
-        run.eval_fn = make_test_loss_fn(run.exp.config, run.exp, make_mesh(), verbose=False)
+        run.eval_fn = make_test_loss_fn(run.exp, verbose=False)
     batches = cfg.get("eval_batches", 0) or None
     raw, ema = (run.eval_fn(p, step, batches) for p in (state.params, state.ema_params))
     metrics = {"eval_loss": raw["test_loss"], "eval_loss_ema": ema["test_loss"],
@@ -647,243 +317,17 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-# ---- sampling and evaluation ------------------------------------------------------------------------------------
-def sampling_work(exp: Experiment, n: int) -> str:
-    """One line saying how much work drawing ``n`` samples with ``config.sampling`` is, before it starts:
-    network evaluations (NFE) per sample, their total and the batches. Builds the sampler without compiling."""
-    cfg = exp.config.sampling
-    size = min(int(cfg.get("batch_size", n) or n), n)
-    batches = -(-n // size)
-    _, nfe = samplers.build_sampler(exp.sde, lambda x, t: x, (size,) + exp.data_shape, cfg.method, mesh=None,
-                                    **samplers.options_from_config(cfg))
-    what = f"{n} {'images' if len(exp.data_shape) == 3 else 'points'} with {cfg.method}"
-    if nfe is None:
-        return (f"sampling {what} (adaptive {cfg.solver}, rtol {cfg.rtol:g}: its NFE are known only after "
-                f"solving) in {batches} batch{'es' if batches > 1 else ''} of {size}")
-    return (f"sampling {what}: {nfe} NFE each = {n * nfe / 1e6:.3g}M network evaluations in {batches} "
-            f"batch{'es' if batches > 1 else ''} of {size}")
-
-
-def draw_samples(exp: Experiment, params, n: int, key, what: str = "sampling", fold: bool = True) -> tuple:
-    """``n`` samples in batches of ``config.sampling.batch_size`` (batch ``i`` uses ``fold_in(key, i)``; a single
-    batch uses ``key`` itself when ``fold`` is False), as a host array, with the NFE of one batch. Prints a
-    progress line per batch; a stop signal raises ``utils.Stopped`` after the current batch, carrying the samples
-    drawn so far (``.partial``) and their NFE (``.nfe``)."""
-    print(sampling_work(exp, n), flush=True)
-    size = int(exp.config.sampling.get("batch_size", n) or n)
-    batches = -(-n // size)
-    progress = utils.Progress(what, batches, detail=f"{n} samples, {sampler_name(exp.config.sampling, exp.sde)}",
-                              compiles=False)   # Experiment.sample says when it compiles
-    out, nfe = [], None
-    try:
-        for i in range(batches):
-            k = jax.random.fold_in(key, i) if fold or batches > 1 else key
-            x, nfe = exp.sample(k, params, min(size, n - i * size))
-            out.append(np.asarray(jax.device_get(x)))
-            progress.update()
-    except utils.Stopped as e:
-        e.partial, e.nfe = (np.concatenate(out) if out else None), nfe
-        raise
-    return np.concatenate(out)[:n], nfe
-
-
-def to_output(exp: Experiment, x: np.ndarray) -> np.ndarray:
-    """Model-space samples -> uint8 images (N, H, W, C) for image data; vectors unchanged."""
-    return datasets.get_data_transform(exp.config).inverse(x) if len(exp.data_shape) == 3 else x
-
-
-def sampler_name(sampling_cfg, sde: sde_lib.SDE) -> str:
-    """A short name of the sampler and its step count, e.g. ``pc_euler_maruyama_langevin_N1000``,
-    ``dpm_solver++_N20``, ``ode_tsit5_rtol1e-05``: the part of a sample folder's name that says how it was drawn."""
-    import inspect
-
-    method = sampling_cfg.method
-    opts = samplers.options_from_config(sampling_cfg)
-    params = inspect.signature(samplers.SAMPLERS[method]).parameters
-    steps = opts.get("num_steps", params["num_steps"].default if "num_steps" in params else None)
-    if method == "pc":
-        name = f"pc_{opts.get('predictor', 'euler_maruyama')}_{opts.get('corrector', 'langevin')}"
-        return f"{name}_N{steps or sde.N}"
-    if method == "ode" and samplers.ODE_SOLVERS.get(opts.get("solver", "tsit5"), (None, False))[1]:
-        return f"ode_{opts.get('solver', 'tsit5')}_rtol{opts.get('rtol', 1e-5):g}"
-    return f"{method}_{opts['solver']}_N{steps}" if method == "ode" else f"{method}_N{steps}"
-
-
-def sample_folder(config, workdir, sde: sde_lib.SDE, step: int, task: str = "unconditional") -> pathlib.Path:
-    """Where ``--mode=sample`` writes: ``config.sampling.outdir`` when set (refused if it already holds samples),
-    else ``<workdir>/samples/<task>_<sampler>_seed<s>[_label<y>][_w<g>]_step<k>_<ema|raw>``, numbered ``-2``,
-    ``-3``, ... when that exists, so no run overwrites another."""
-    s = config.sampling
-    if s.get("outdir", None):
-        out = pathlib.Path(s.outdir)
-        if (out / "samples.npz").exists() or (out / "manifest.json").exists():
-            raise FileExistsError(f"config.sampling.outdir={s.outdir} already holds samples; choose another folder")
-        return out
-    parts = ([] if task == "unconditional" else [task]) + [sampler_name(s, sde), f"seed{config.seed}"]
-    if task in ("class_conditional", "cfg"):
-        parts += ([f"label{s.label}"] if s.get("label", None) is not None else []) + [f"w{s.guidance_scale:g}"]
-    if task == "inpaint":
-        parts.append(f"mask-{pathlib.Path(str(s.get('mask', None) or 'left')).stem}")
-    name = "_".join(parts + [f"step{step}", "ema" if config.eval.use_ema else "raw"])
-    base = pathlib.Path(workdir) / "samples" / name
-    out, i = base, 1
-    while out.exists():
-        i += 1
-        out = base.with_name(f"{name}-{i}")
-    return out
-
-
-def sample_manifest(config, workdir, step: int, ema: bool, task: str = "unconditional", **extra) -> dict:
-    """What made a sample folder: task, sampler and its options, seed, checkpoint step, EMA or raw weights."""
-    import sys
-
-    s = config.sampling
-    return {"task": task, "method": s.method, "sampler": sampler_name(s, sde_lib.get_sde(config.sde)),
-            "options": samplers.options_from_config(s), "num_samples": int(s.num_samples),
-            "batch_size": s.get("batch_size", None), "seed": int(config.seed), "checkpoint_step": int(step),
-            "params": "ema" if ema else "raw", "label": s.get("label", None),
-            "guidance_scale": s.get("guidance_scale", None) if task in ("class_conditional", "cfg") else None,
-            "mask": s.get("mask", None) if task == "inpaint" else None,
-            "workdir": str(pathlib.Path(workdir).absolute()), "command": " ".join(sys.argv), "time": time.time(),
-            "partial": False, **extra}
-
-
-def save_sample_files(exp: Experiment, out: np.ndarray, nfe, outdir: pathlib.Path, manifest: Optional[dict] = None,
-                      title: str = ""):
-    """``samples.npz``, ``samples.png`` (image grid, or a scatter over held-out real data for 2-D data),
-    ``manifest.json`` and, with ``config.sampling.save_pngs``, one PNG per image in ``images/``."""
-    outdir.mkdir(parents=True, exist_ok=True)
-    utils.atomic_savez(outdir / "samples.npz", samples=out, nfe=nfe)
-    if len(exp.data_shape) == 3:
-        utils.save_image_grid(out, outdir / "samples.png")
-        if exp.config.sampling.get("save_pngs", False):
-            utils.save_images(out, outdir / "images")
-    else:
-        real = _collect(exp.config, "test", max(len(out), 1000)) if exp.config.data.source == "toy" else None
-        utils.save_scatter(out, outdir / "samples.png", reference=real, title=title)
-    if manifest is not None:
-        utils.atomic_write_json(outdir / "manifest.json", {**manifest, "nfe": nfe, "num_written": len(out)})
-
-
-def write_samples(exp: Experiment, params, outdir: pathlib.Path, seed_step: int, write: bool = True,
-                  strict: bool = False, manifest: Optional[dict] = None) -> np.ndarray:
-    """Sample ``config.sampling.num_samples`` points (in batches of ``config.sampling.batch_size`` when there are
-    more), write them with ``save_sample_files`` (unless ``write`` is False); return them quantised to uint8
-    (images) or as float (vectors). Non-finite samples are reported after writing (``report_non_finite``). Stopped
-    by a signal, it keeps the batches drawn so far (manifest ``partial``)."""
-    cfg = exp.config
-    key = jax.random.fold_in(jax.random.key(cfg.seed + 1), seed_step)
-    title = f"{cfg.sampling.num_samples} samples, step {seed_step}, {sampler_name(cfg.sampling, exp.sde)}"
-    try:
-        x, nfe = draw_samples(exp, params, int(cfg.sampling.num_samples), key, fold=False)
-    except utils.Stopped as e:
-        if write and e.partial is not None and manifest is not None:
-            save_sample_files(exp, to_output(exp, e.partial), e.nfe, outdir, {**manifest, "partial": True}, title)
-            e.message += f"; kept the {len(e.partial)} samples drawn so far in {outdir}"
-        else:
-            e.message += "; no samples written"
-        raise
-    out = to_output(exp, np.asarray(jax.device_get(x)))
-    if write:
-        save_sample_files(exp, out, nfe, outdir, manifest, title)
-    report_non_finite(np.asarray(jax.device_get(x)), outdir, strict)
-    return out
-
-
-def report_non_finite(x: np.ndarray, outdir: pathlib.Path, strict: bool):
-    """Say so when samples hold NaN or inf (a diverged model or sampler): ``FloatingPointError`` when ``strict``
-    (the samples are written by then, for inspection), else a warning."""
-    bad = int(np.sum(~np.isfinite(x.reshape(len(x), -1)).all(axis=1)))
-    if bad:
-        message = (f"{bad} of {len(x)} samples hold NaN or inf values (written to {outdir} for inspection); "
-                   "the model or the sampler diverged")
-        if strict:
-            raise FloatingPointError(message)
-        logging.warning(message)
-
-
-@dataclasses.dataclass
-class EvalState:
-    model: models.ScoreModel
-    params: Any
-    sde: sde_lib.SDE
-    step: int
-
-
-def restore_eval_state(config, workdir: str, step: Optional[int] = None) -> EvalState:
-    """Model, parameters (EMA when ``config.eval.use_ema``), SDE and step of a checkpoint in ``workdir``
-    (default: the latest readable one), on the default device whatever the devices it was trained on."""
-    exp = Experiment.from_config(config)
-    ckpt = utils.CheckpointManager(pathlib.Path(workdir) / "checkpoints", config)
-    template = abstract_train_state(config, exp.model, exp.optimizer, exp.data_shape)
-    state = ckpt.restore(template, step)
-    ckpt.close()
-    params = state.ema_params if config.eval.use_ema else state.params
-    return EvalState(exp.model, jax.device_put(params), exp.sde, int(state.step))
-
-
-@dataclasses.dataclass
-class Pretrained:
-    """A trained workdir loaded for use from Python (``load_workdir``): its config, parameters, SDE and model.
-
-    ``score_fn(x, t)`` is the score ∇ log p_t(x) of model-space x (batch first, t of shape (batch,));
-    ``sample(key, n, **sampling)`` draws n samples with ``config.sampling`` (fields overridden by keyword, e.g.
-    ``method="dpm_solver++", num_steps=20``) and returns ``(x, nfe)`` in model space; ``to_output(x)`` turns
-    them into uint8 images (image data) or leaves vectors as they are."""
-
-    config: ml_collections.ConfigDict
-    params: Any
-    sde: sde_lib.SDE
-    model: models.ScoreModel
-    step: int
-    ema: bool
-    workdir: pathlib.Path
-
-    def __post_init__(self):
-        self.score_fn = self.model.score_fn(self.params, self.sde)
-
-    @property
-    def data_shape(self) -> tuple:
-        return data_shape(self.config)
-
-    def sample(self, key, n: int, **sampling) -> tuple:
-        cfg = ml_collections.ConfigDict(self.config.to_dict())
-        for k, v in sampling.items():
-            utils.set_path(cfg, f"sampling.{k}", v)
-        return samplers.sample_from_config(key, self.sde, self.score_fn, (int(n),) + self.data_shape, cfg.sampling)
-
-    def to_output(self, x) -> np.ndarray:
-        x = np.asarray(jax.device_get(x))
-        return datasets.get_data_transform(self.config).inverse(x) if x.ndim == 4 else x
-
-
-def load_workdir(workdir: str, use_ema: bool = True, step: Optional[int] = None, **overrides) -> Pretrained:
-    """Load a trained workdir from its saved ``config.json`` and checkpoint ``step`` (default the latest readable
-    one): EMA parameters (``use_ema``) or the raw ones. ``overrides`` set config fields by dotted path with "."
-    written as "__", e.g. ``sampling__method="ode"``.
-
-        run = run_lib.load_workdir("/tmp/fm")
-        x, nfe = run.sample(jax.random.key(0), 16, method="dpm_solver++", num_steps=20)
-        images = run.to_output(x)                       # (16, 28, 28, 1) uint8
-    """
-    config = utils.workdir_config(workdir, None, {k.replace("__", "."): v for k, v in overrides.items()},
-                                  quiet=True)
-    config.eval.use_ema = bool(use_ema)
-    ev = restore_eval_state(config, workdir, step)
-    return Pretrained(config, ev.params, ev.sde, ev.model, ev.step, bool(use_ema), pathlib.Path(workdir))
-
-
-def sample(config, workdir: str) -> pathlib.Path:
+def sample(exp: Experiment, workdir: str) -> pathlib.Path:
     """``--mode=sample``: write samples of the latest (or ``config.eval.checkpoint``) checkpoint to a new folder
     (``sample_folder``) with a ``manifest.json``; a ``config.sampling.task`` other than "unconditional" is run by
     ``controllable_generation.run``. Returns the folder."""
+    config = exp.config
     if config.sampling.get("task", "unconditional") != "unconditional":
         import controllable_generation
 
         return controllable_generation.run(config, workdir)["outdir"]
-    exp = Experiment.from_config(config)
     samplers.options_from_config(config.sampling)  # an unknown method fails before restoring
-    ev = restore_eval_state(config, workdir, config.eval.checkpoint)
+    ev = restore_eval_state(exp, workdir, config.eval.checkpoint)
     outdir = sample_folder(config, workdir, exp.sde, ev.step)
     manifest = sample_manifest(config, workdir, ev.step, bool(config.eval.use_ema))
     t0 = time.time()
@@ -893,11 +337,11 @@ def sample(config, workdir: str) -> pathlib.Path:
     return outdir
 
 
-def evaluate(config, workdir: str) -> dict:
+def evaluate(exp: Experiment, workdir: str) -> dict:
     """``--mode=eval``: for each checkpoint in ``workdir`` (or only ``config.eval.checkpoint``): test loss
     (``eval.enable_loss``), bits/dim through ``likelihood.run`` (``eval.enable_bpd``) and sample quality
     (``eval.enable_sampling``), written with provenance to ``eval/step_<k>.json``. Returns {step: result}."""
-    exp = Experiment.from_config(config)
+    config = exp.config
     ckpt = utils.CheckpointManager(pathlib.Path(workdir) / "checkpoints", config)
     steps = ckpt.steps() if config.eval.checkpoint is None else [int(config.eval.checkpoint)]
     if not steps:
@@ -906,7 +350,7 @@ def evaluate(config, workdir: str) -> dict:
     for i, step in enumerate(steps):
         print(f"evaluating checkpoint {step} ({i + 1} of {len(steps)})", flush=True)
         try:
-            ev = restore_eval_state(config, workdir, step)
+            ev = restore_eval_state(exp, workdir, step)
         except utils.IncompatibleCheckpointError:
             raise
         except Exception as e:  # a corrupt checkpoint among several: report it and go on
@@ -914,22 +358,22 @@ def evaluate(config, workdir: str) -> dict:
                 raise
             print(f"skipping unreadable checkpoint {ckpt.directory / str(step)}: {type(e).__name__}: {e}")
             continue
-        results[step] = evaluate_checkpoint(config, workdir, exp, ev)
+        results[step] = evaluate_checkpoint(exp, workdir, ev)
     ckpt.close()
     return results
 
 
-def evaluate_checkpoint(config, workdir: str, exp: Experiment, ev: EvalState) -> dict:
+def evaluate_checkpoint(exp: Experiment, workdir: str, ev: EvalState) -> dict:
     """The figures of one checkpoint, written (by process 0) to ``eval/step_<k>.json`` with provenance."""
-    t0 = time.time()
+    config, t0 = exp.config, time.time()
     metrics = {}
     if config.eval.get("enable_loss", True):
-        metrics.update(compute_test_loss(config, exp, ev.params, ev.step))
+        metrics.update(compute_test_loss(exp, ev.params, ev.step))
     if config.eval.get("enable_bpd", False):
         metrics["likelihood"] = _likelihood(config, workdir, ev.step)
     nfe = None
     if config.eval.get("enable_sampling", True):
-        quality, nfe = sample_quality(config, workdir, exp, ev)
+        quality, nfe = sample_quality(exp, workdir, ev)
         metrics.update(quality)
     provenance = _provenance(config, workdir, ev, nfe, time.time() - t0)
     if jax.process_index() == 0:
@@ -954,16 +398,17 @@ def _headline(metrics: dict) -> dict:
             if isinstance(v, float) and any(w in k for w in words) and not k.endswith(("stderr", "_std"))}
 
 
-def compute_test_loss(config, exp: Experiment, params, step: int, max_batches: Optional[int] = None) -> dict:
+def compute_test_loss(exp: Experiment, params, step: int, max_batches: Optional[int] = None) -> dict:
     """Mean training objective over the test split (its first ``max_batches`` batches when given; padding rows
     masked), with a fixed key per batch."""
-    return make_test_loss_fn(config, exp, make_mesh())(params, step, max_batches)
+    return make_test_loss_fn(exp)(params, step, max_batches)
 
 
-def make_test_loss_fn(config, exp: Experiment, mesh: Mesh, verbose: bool = True) -> Callable:
+def make_test_loss_fn(exp: Experiment, verbose: bool = True) -> Callable:
     """``test_loss(params, step, max_batches=None) -> {"test_loss", "num_test_examples"}``, compiled once: batch
     ``b`` of the test split uses the key ``fold_in(fold_in(key(seed + 2), step), b)``. ``verbose``: progress
-    lines (a stop signal ends it after the current batch either way)."""
+    lines (a stop signal ends it after the current batch either way). The batches are split over ``exp.mesh``."""
+    config, mesh = exp.config, exp.mesh
     check_batch_size(config.eval.batch_size, "config.eval.batch_size")
     loss_fn = exp.loss_fn()
 
@@ -1009,9 +454,10 @@ def _likelihood(config, workdir: str, step: int) -> dict:
     return likelihood.run(cfg, workdir)
 
 
-def sample_quality(config, workdir: str, exp: Experiment, ev: EvalState) -> tuple:
+def sample_quality(exp: Experiment, workdir: str, ev: EvalState) -> tuple:
     """``config.eval.num_samples`` samples: the built-in quality figures (digits, toy), and FID/KID/IS through
     ``evaluation.evaluate_samples`` when its reference statistics exist. Returns (figures, nfe)."""
+    config = exp.config
     n = int(config.eval.num_samples)
     x, nfe = draw_samples(exp, ev.params, n, jax.random.fold_in(jax.random.key(config.seed + 3), ev.step))
     out = to_output(exp, x)
@@ -1032,9 +478,6 @@ def sample_quality(config, workdir: str, exp: Experiment, ev: EvalState) -> tupl
 
 
 def _provenance(config, workdir: str, ev: EvalState, nfe, seconds: float) -> dict:
-    import hashlib
-    import subprocess
-
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
                                 cwd=pathlib.Path(__file__).parent).stdout.strip() or None
@@ -1068,7 +511,7 @@ def quality_figures(config, samples: np.ndarray) -> dict:
     if config.data.source == "toy":
         from analytic import sliced_wasserstein
 
-        real = _collect(config, "test", 2 * len(samples))
+        real = collect_examples(config, "test", 2 * len(samples))
         key = jax.random.key(0)
         return {"sliced_wasserstein_samples": float(sliced_wasserstein(key, samples, real[:len(samples)])),
                 "sliced_wasserstein_real": float(sliced_wasserstein(key, real[len(samples):], real[:len(samples)])),
@@ -1076,11 +519,3 @@ def quality_figures(config, samples: np.ndarray) -> dict:
     return {}
 
 
-def _collect(config, split: str, n: int) -> np.ndarray:
-    out, got = [], 0
-    for batch in datasets.get_dataset(config, split, infinite=True, seed=config.seed + 7):
-        out.append(np.asarray(batch["x"]))
-        got += len(out[-1])
-        if got >= n:
-            break
-    return np.concatenate(out)[:n]

@@ -7,9 +7,9 @@
 Each run is a fresh process that does what ``run_lib.train`` does before its first step, timing each phase:
 
 - import: interpreter start -> ``run_lib`` imported (jax, flax, optax, orbax, the project);
-- init: the experiment, the initial train state (``run_lib.init_train_state``) placed on the mesh;
+- init: the experiment, the initial train state (``experiment.init_train_state``) placed on the mesh;
 - compile: the sharded train step compiled for the first batch, after the init as in ``run_lib.train``
-  (``--background``: in a thread started before the init, ``run_lib.compile_step_in_background``; then only the wait
+  (``--background``: in a thread started before the init, ``experiment.compile_step_in_background``; then only the wait
   that does not overlap the init shows here);
 - first step: that step run once (blocking).
 
@@ -67,23 +67,23 @@ def worker(args) -> dict:
 
     name, batch = CONFIGS[args.config]
     config = get_config(name, batch, "float32")
-    exp = run_lib.Experiment.from_config(config)
-    mesh = run_lib.make_mesh()
-    step = run_lib.jit_sharded_step(run_lib.make_train_step(exp.loss_fn(), exp.optimizer, config.model.ema_rate,
+    exp = experiment.Experiment.from_config(config)
+    mesh = experiment.make_mesh()
+    step = experiment.jit_sharded_step(experiment.make_train_step(exp.loss_fn(), exp.optimizer, config.model.ema_rate,
                                                             config.seed), mesh)
     background = hasattr(run_lib, "compile_step_in_background") and args.background
     if background:  # the step compiles in a thread while the state is built (run_lib.train does not)
-        compiling = run_lib.compile_step_in_background(step, config, exp, mesh)
-    state = run_lib.replicate(run_lib.init_train_state(config, exp.model, exp.optimizer, exp.data_shape), mesh)
+        compiling = experiment.compile_step_in_background(step, config, exp, mesh)
+    state = experiment.replicate(experiment.init_train_state(config, exp.model, exp.optimizer, exp.data_shape), mesh)
     jax.block_until_ready(state)
     marks["init"], cpu["init"] = time.time(), _cpu()
     if args.config == "small":
-        batch = next(run_lib.train_batches(config, mesh))
+        batch = next(experiment.train_batches(config, mesh))
     else:
         b = config.training.batch_size
-        batch = run_lib.shard_batch({"x": np.zeros((b,) + exp.data_shape, np.float32),
+        batch = experiment.shard_batch({"x": np.zeros((b,) + exp.data_shape, np.float32),
                                      "label": np.zeros(b, np.int32)}, mesh)
-    options = run_lib.step_compiler_options() if hasattr(run_lib, "step_compiler_options") else None
+    options = experiment.step_compiler_options() if hasattr(run_lib, "step_compiler_options") else None
     compiled = compiling.future.result() if background else step.lower(state, batch).compile(options)
     marks["compile"], cpu["compile"] = time.time(), _cpu()
     state, metrics = compiled(state, batch)

@@ -5,7 +5,7 @@
 
 Each (config, device count, dtype) runs in a fresh process: on CPU with ``--xla_force_host_platform_device_count``
 (forced host devices share the machine's cores, so this measures the sharding overhead, not a speed-up), on GPU/TPU
-with the first n real devices. The step is ``run_lib.jit_sharded_step(make_train_step(...))`` exactly as in
+with the first n real devices. The step is ``experiment.jit_sharded_step(make_train_step(...))`` exactly as in
 training, on a fixed synthetic batch (the input pipeline is measured by ``benchmarks/data.py``), blocking on every
 step as the training loop does. Reported: compile time, steps/s and images/s (median of ``--repeats`` timed
 windows), scaling efficiency ``images/s(n) / (n images/s(1))``, and where the backend exposes them, peak device
@@ -63,15 +63,15 @@ def worker(args) -> dict:
     import run_lib
 
     config = get_config(args.config, args.batch, args.dtype)
-    exp = run_lib.Experiment.from_config(config)
-    mesh = run_lib.make_mesh()
-    run_lib.check_batch_size(config.training.batch_size)
-    state = run_lib.replicate(run_lib.init_train_state(config, exp.model, exp.optimizer, exp.data_shape), mesh)
+    exp = experiment.Experiment.from_config(config)
+    mesh = experiment.make_mesh()
+    experiment.check_batch_size(config.training.batch_size)
+    state = experiment.replicate(experiment.init_train_state(config, exp.model, exp.optimizer, exp.data_shape), mesh)
     rng = np.random.default_rng(0)
     b = config.training.batch_size
-    batch = run_lib.shard_batch({"x": rng.uniform(-1, 1, (b,) + exp.data_shape).astype(np.float32),
+    batch = experiment.shard_batch({"x": rng.uniform(-1, 1, (b,) + exp.data_shape).astype(np.float32),
                                  "label": np.zeros(b, np.int32)}, mesh)
-    step = run_lib.jit_sharded_step(run_lib.make_train_step(exp.loss_fn(), exp.optimizer, 0.999, 0), mesh)
+    step = experiment.jit_sharded_step(experiment.make_train_step(exp.loss_fn(), exp.optimizer, 0.999, 0), mesh)
     t0 = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0

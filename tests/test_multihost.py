@@ -12,8 +12,9 @@ import sys
 import numpy as np
 import pytest
 
-import run_lib
-from tests.test_run_lib import REPO, compilation_cache, leaves, restore, subprocess_env, tiny_config  # noqa: F401
+import experiment
+from tests.test_run_lib import (REPO, compilation_cache, leaves, restore, subprocess_env,  # noqa: F401 (fixture)
+                                tiny_config, train)
 
 MAIN_ARGS = ["--config=configs/toy.py:two_moons", "--config.training.batch_size=16", "--config.sde.N=20",
              "--config.training.snapshot_sampling=False", "--config.model.hidden=32", "--config.model.num_layers=1",
@@ -69,7 +70,7 @@ def test_two_processes_match_one_process(tmp_path):
     assert "step 4/4" in outs[0][0] and "step 4/4" not in outs[1][0]  # only process 0 logs
     config = tiny_config(4, **{"training.data_shards": 2})
     multi = restore(config, tmp_path / "multi")
-    single = run_lib.train(config, str(tmp_path / "single"))
+    single = train(config, str(tmp_path / "single"))
     assert int(multi.step) == 4
     for a, b in zip(leaves(multi), leaves(single)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
@@ -80,9 +81,9 @@ def test_two_processes_from_environment_resume_exactly(tmp_path):
     """Coordinator from JAX_* environment variables; 2 processes resume a 1-process checkpoint and match 2N
     straight single-process steps."""
     config = tiny_config(6, **{"training.data_shards": 2})
-    run_lib.train(tiny_config(3, **{"training.data_shards": 2}), str(tmp_path / "multi"))
+    train(tiny_config(3, **{"training.data_shards": 2}), str(tmp_path / "multi"))
     launch(tmp_path / "multi", n_iters=6, num_processes=2, devices_per_process=1, use_env=True)
-    single = run_lib.train(config, str(tmp_path / "single"))
+    single = train(config, str(tmp_path / "single"))
     for a, b in zip(leaves(restore(config, tmp_path / "multi")), leaves(single)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
@@ -90,7 +91,7 @@ def test_two_processes_from_environment_resume_exactly(tmp_path):
 def test_data_shards_must_divide_over_processes():
     with pytest.raises(ValueError, match="data_shards=3 must be a multiple of the 1 processes and divide "
                                          "config.training.batch_size=16"):
-        run_lib.check_batch_size(16, shards=3)
+        experiment.check_batch_size(16, shards=3)
 
 
 @pytest.mark.slow

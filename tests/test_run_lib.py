@@ -14,6 +14,7 @@ import optax
 import pytest
 
 import datasets
+import experiment
 import run_lib
 import utils
 from configs import toy
@@ -65,6 +66,19 @@ def tiny_config(n_iters: int = 6, **overrides):
     return config
 
 
+def train(config, workdir):
+    """``--mode=train`` as ``main.py`` runs it: the experiment built once, then the runner."""
+    return run_lib.train(experiment.Experiment.from_config(config), str(workdir))
+
+
+def evaluate(config, workdir):
+    return run_lib.evaluate(experiment.Experiment.from_config(config), str(workdir))
+
+
+def sample(config, workdir):
+    return run_lib.sample(experiment.Experiment.from_config(config), str(workdir))
+
+
 def leaves(state) -> list:
     return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(state))]
 
@@ -80,8 +94,8 @@ def assert_states_equal(a, b, rtol=0.0, atol=0.0):
 
 
 def restore(config, workdir, step=None):
-    exp = run_lib.Experiment.from_config(config)
-    template = run_lib.init_train_state(config, exp.model, exp.optimizer, exp.data_shape)
+    exp = experiment.Experiment.from_config(config)
+    template = experiment.init_train_state(config, exp.model, exp.optimizer, exp.data_shape)
     ckpt = utils.CheckpointManager(pathlib.Path(workdir) / "checkpoints", config)
     try:
         return ckpt.restore(template, step)
@@ -97,8 +111,8 @@ def run_python(code: str, *args: str, devices: int = 1, timeout: int = 240):
 
 WORKER = """
 import json, sys
-import run_lib
-from tests.test_run_lib import tiny_config
+import experiment
+from tests.test_run_lib import tiny_config, train
 config = tiny_config(**json.loads(sys.argv[1]))
 """
 
@@ -115,9 +129,9 @@ def test_data_stream_start_step_is_exact():
 
 def test_exact_resume_gives_identical_state(tmp_path, capsys):
     """2N steps straight == N steps, stop, resume for N: bit-identical params, EMA and Adam moments."""
-    straight = run_lib.train(tiny_config(8), str(tmp_path / "a"))
-    run_lib.train(tiny_config(4), str(tmp_path / "b"))
-    resumed = run_lib.train(tiny_config(8), str(tmp_path / "b"))
+    straight = train(tiny_config(8), str(tmp_path / "a"))
+    train(tiny_config(4), str(tmp_path / "b"))
+    resumed = train(tiny_config(8), str(tmp_path / "b"))
     assert "resumed from step 4" in capsys.readouterr().out
     assert int(resumed.step) == 8
     assert_states_equal(straight, resumed)
@@ -126,9 +140,9 @@ def test_exact_resume_gives_identical_state(tmp_path, capsys):
 
 def test_resume_with_changed_lr_and_ema_rate_uses_new_values(tmp_path, capsys):
     """Resuming with lr=0 and ema_rate=1 freezes params and EMA exactly (Adam's step is lr-scaled)."""
-    first = run_lib.train(tiny_config(4), str(tmp_path))
+    first = train(tiny_config(4), str(tmp_path))
     capsys.readouterr()
-    again = run_lib.train(tiny_config(7, **{"optim.lr": 0.0, "model.ema_rate": 1.0}), str(tmp_path))
+    again = train(tiny_config(7, **{"optim.lr": 0.0, "model.ema_rate": 1.0}), str(tmp_path))
     out = capsys.readouterr().out
     assert "config.optim.lr: 0.01 in the checkpoint -> 0.0 now" in out
     assert "config.model.ema_rate: 0.99 in the checkpoint -> 1.0 now" in out
@@ -148,7 +162,7 @@ def save_then_die(self, step, state):
     if step == 6:
         os.kill(os.getpid(), signal.SIGKILL)
 utils.CheckpointManager.save = save_then_die
-run_lib.train(config, sys.argv[2])
+train(config, sys.argv[2])
 """
     workdir = tmp_path / "killed"
     overrides = {"n_iters": 9, "training.snapshot_freq": 3}
@@ -156,9 +170,9 @@ run_lib.train(config, sys.argv[2])
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     left = sorted(p.name for p in (workdir / "checkpoints").iterdir())
     assert "3" in left and "6" not in left and any(n.startswith("6.orbax-checkpoint-tmp") for n in left), left
-    resumed = run_lib.train(tiny_config(9, **{"training.snapshot_freq": 3}), str(workdir))
+    resumed = train(tiny_config(9, **{"training.snapshot_freq": 3}), str(workdir))
     assert "resumed from step 3" in capsys.readouterr().out
-    straight = run_lib.train(tiny_config(9, **{"training.snapshot_freq": 3}), str(tmp_path / "straight"))
+    straight = train(tiny_config(9, **{"training.snapshot_freq": 3}), str(tmp_path / "straight"))
     assert_states_equal(straight, resumed)
 
 
@@ -173,7 +187,7 @@ def corrupt(step_dir: pathlib.Path):
 
 def test_corrupt_latest_checkpoint_falls_back_with_warning(tmp_path, capsys):
     config = tiny_config(6, **{"training.snapshot_freq": 3})
-    run_lib.train(config, str(tmp_path))
+    train(config, str(tmp_path))
     at3 = restore(config, tmp_path, 3)
     corrupt(tmp_path / "checkpoints" / "6")
     with pytest.warns(UserWarning, match="checkpoints/6 is unreadable.*falling back"):
@@ -181,19 +195,19 @@ def test_corrupt_latest_checkpoint_falls_back_with_warning(tmp_path, capsys):
     assert int(state.step) == 3
     assert_states_equal(at3, state)
     with pytest.warns(UserWarning, match="falling back"):
-        again = run_lib.train(config, str(tmp_path))  # resumes at 3 and rewrites the corrupt step 6
+        again = train(config, str(tmp_path))  # resumes at 3 and rewrites the corrupt step 6
     assert_states_equal(again, restore(config, tmp_path, 6))
 
 
 def test_periodic_saves_keep_the_last_k(tmp_path):
-    run_lib.train(tiny_config(8, **{"training.snapshot_freq": 2, "training.keep_checkpoints": 2}), str(tmp_path))
+    train(tiny_config(8, **{"training.snapshot_freq": 2, "training.keep_checkpoints": 2}), str(tmp_path))
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [6, 8]
 
 
 def test_incompatible_checkpoint_is_refused_with_the_differing_key(tmp_path):
-    run_lib.train(tiny_config(2), str(tmp_path))
+    train(tiny_config(2), str(tmp_path))
     with pytest.raises(utils.IncompatibleCheckpointError, match=r"model\.hidden: checkpoint 32 vs config 64"):
-        run_lib.train(tiny_config(4, **{"model.hidden": 64}), str(tmp_path))
+        train(tiny_config(4, **{"model.hidden": 64}), str(tmp_path))
     with pytest.raises(utils.IncompatibleCheckpointError, match=r"sde\.name"):
         restore(tiny_config(4, **{"sde.name": "vesde"}), tmp_path)
 
@@ -219,11 +233,11 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-    good = run_lib.train(tiny_config(2), str(tmp_path))
+    good = train(tiny_config(2), str(tmp_path))
     absurd = tiny_config(50, **{"optim.lr": 1e30, "optim.warmup": 0, "training.snapshot_freq": 50})
     message = r"(loss|grad norm) became (nan|inf) at step \d+.*last good checkpoint is step 2"
     with pytest.raises(FloatingPointError, match=message):
-        run_lib.train(absurd, str(tmp_path))
+        train(absurd, str(tmp_path))
     state = restore(tiny_config(2), tmp_path)
     assert int(state.step) == 2
     assert_states_equal(good, state)
@@ -235,10 +249,10 @@ import numpy as np, jax, jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 assert jax.device_count() == int(sys.argv[3])
 try:
-    run_lib.check_batch_size(6)
+    experiment.check_batch_size(6)
 except ValueError as e:
     print("BATCH ERROR:", e)
-mesh = run_lib.make_mesh()  # noise drawn under the data sharding: shards differ, the whole equals the 1-device draw
+mesh = experiment.make_mesh()  # noise drawn under the data sharding: shards differ, the whole equals the 1-device draw
 data = NamedSharding(mesh, P("data"))
 z = jax.jit(lambda key, x: jax.random.normal(key, x.shape), out_shardings=data)(
     jax.random.key(0), jax.device_put(jnp.zeros((8, 3)), data))
@@ -246,7 +260,7 @@ shards = [np.asarray(s.data) for s in z.addressable_shards]
 distinct = all(not np.allclose(shards[0], s) for s in shards[1:])
 same = np.array_equal(np.asarray(z), np.asarray(jax.random.normal(jax.random.key(0), (8, 3))))
 print("NOISE", len(shards), distinct, same)
-state = run_lib.train(config, sys.argv[2])
+state = train(config, sys.argv[2])
 np.savez(sys.argv[2] + "/params.npz", *[np.asarray(x) for x in jax.tree.leaves(jax.device_get(state))])
 """
 
@@ -283,11 +297,11 @@ def test_sharded_training_matches_one_device_and_restores_onto_one(tmp_path, dev
     if devices != 4:
         run_sharded(workdir, devices)
     multi = np.load(workdir / "params.npz")
-    one4 = run_lib.train(tiny_config(4), str(tmp_path / "one"))
+    one4 = train(tiny_config(4), str(tmp_path / "one"))
     for i, x in enumerate(leaves(one4)):
         np.testing.assert_allclose(multi[f"arr_{i}"], x, rtol=1e-5, atol=1e-6)
-    resumed = run_lib.train(tiny_config(8), str(workdir))
-    one8 = run_lib.train(tiny_config(8), str(tmp_path / "one"))
+    resumed = train(tiny_config(8), str(workdir))
+    one8 = train(tiny_config(8), str(tmp_path / "one"))
     assert_states_equal(one8, resumed, rtol=1e-4, atol=1e-5)
 
 
@@ -295,7 +309,7 @@ def test_sharded_training_matches_one_device_and_restores_onto_one(tmp_path, dev
 def test_logging_writes_jsonl_tensorboard_and_sample_grids(tmp_path, capsys):
     config = tiny_config(4, **{"training.log_freq": 2, "training.snapshot_sampling": True,
                                "training.sample_freq": 2, "training.snapshot_freq": 4})
-    run_lib.train(config, str(tmp_path))
+    train(config, str(tmp_path))
     out = capsys.readouterr().out
     assert "step 2/4" in out and "ETA" in out and "samples/s" in out
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -330,8 +344,8 @@ def tensorboard_scalars(directory: pathlib.Path) -> dict:
 
 def test_eval_mode_evaluates_every_checkpoint_with_provenance(tmp_path, capsys):
     config = tiny_config(4, **{"training.snapshot_freq": 2})
-    run_lib.train(config, str(tmp_path))
-    results = run_lib.evaluate(config, str(tmp_path))
+    train(config, str(tmp_path))
+    results = evaluate(config, str(tmp_path))
     out = capsys.readouterr().out
     assert f"step 2 (EMA weights; {config.eval.num_samples} samples):" in out, out[-2000:]
     assert sorted(results) == [2, 4]
@@ -349,8 +363,8 @@ def test_eval_mode_evaluates_every_checkpoint_with_provenance(tmp_path, capsys):
 def test_eval_mode_adds_bits_per_dim_through_likelihood(tmp_path):
     config = tiny_config(2, **{"eval.enable_bpd": True, "eval.likelihood.num_examples": 16,
                                "eval.likelihood.divergence": "exact", "eval.enable_sampling": False})
-    run_lib.train(config, str(tmp_path))
-    result = run_lib.evaluate(config, str(tmp_path))[2]["metrics"]
+    train(config, str(tmp_path))
+    result = evaluate(config, str(tmp_path))[2]["metrics"]
     assert result["likelihood"]["num_examples"] == 16 and np.isfinite(result["likelihood"]["bpd"])
     assert (tmp_path / "likelihood" / "step_2_ode_test.json").exists()
 
@@ -380,12 +394,12 @@ def test_paper_optimizer_defaults_warmup_and_clipping():
 
     optim = get_base_config().optim
     assert (optim.lr, optim.warmup, optim.grad_clip) == (2e-4, 5000, 1.0)
-    schedule = run_lib.learning_rate_schedule(optim)
+    schedule = experiment.learning_rate_schedule(optim)
     np.testing.assert_allclose([schedule(0), schedule(2500), schedule(5000), schedule(10 ** 6)],
                                [0.0, 1e-4, 2e-4, 2e-4], rtol=1e-6)
     params = {"w": np.zeros(4, np.float32)}
     grads = {"w": np.array([60.0, 80.0, 0.0, 0.0], np.float32)}  # global norm 100
-    optimizer = run_lib.get_optimizer(optim)
+    optimizer = experiment.get_optimizer(optim)
     _, state = optimizer.update(grads, optimizer.init(params), params)
     mu = optax.tree_utils.tree_get(state, "mu")["w"]  # Adam's first moment
     np.testing.assert_allclose(mu, (1 - optim.beta1) * np.array([0.6, 0.8, 0, 0]), rtol=1e-5)

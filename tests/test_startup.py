@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 
+import experiment
 import run_lib
 import utils
 from configs import toy
@@ -76,10 +77,10 @@ def test_initial_state_agrees_with_a_fully_optimised_compile():
     """The initial state is compiled without LLVM optimisation on CPU; it must equal the optimised program's
     result to float rounding (and be the same tree)."""
     config = small_config()
-    exp = run_lib.Experiment.from_config(config)
-    fast = run_lib.init_train_state(config, exp.model, exp.optimizer, exp.data_shape)
-    init = run_lib._init_fn(exp.model, exp.optimizer, exp.data_shape)
-    reference = jax.jit(init)(run_lib._init_key(config))
+    exp = experiment.Experiment.from_config(config)
+    fast = experiment.init_train_state(config, exp.model, exp.optimizer, exp.data_shape)
+    init = experiment._init_fn(exp.model, exp.optimizer, exp.data_shape)
+    reference = jax.jit(init)(experiment._init_key(config))
     assert jax.tree.structure(fast) == jax.tree.structure(reference)
     for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(reference)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
@@ -88,9 +89,9 @@ def test_initial_state_agrees_with_a_fully_optimised_compile():
 
 def test_abstract_state_is_the_template_of_the_real_one():
     config = small_config()
-    exp = run_lib.Experiment.from_config(config)
-    real = run_lib.init_train_state(config, exp.model, exp.optimizer, exp.data_shape)
-    abstract = run_lib.abstract_train_state(config, exp.model, exp.optimizer, exp.data_shape)
+    exp = experiment.Experiment.from_config(config)
+    real = experiment.init_train_state(config, exp.model, exp.optimizer, exp.data_shape)
+    abstract = experiment.abstract_train_state(config, exp.model, exp.optimizer, exp.data_shape)
     assert jax.tree.structure(abstract) == jax.tree.structure(real)
     for a, b in zip(jax.tree.leaves(abstract), jax.tree.leaves(real)):
         assert isinstance(a, np.ndarray) and a.shape == b.shape and a.dtype == b.dtype and not a.any()
@@ -109,9 +110,9 @@ def test_sampling_batches_compiles_the_sampler_once(capsys):
     config = small_config()
     config.sde.N = 8
     config.sampling.num_samples, config.sampling.batch_size = 12, 4
-    exp = run_lib.Experiment.from_config(config)
-    params = run_lib.init_train_state(config, exp.model, exp.optimizer, exp.data_shape).params
-    x, nfe = run_lib.draw_samples(exp, params, 12, jax.random.key(0))
+    exp = experiment.Experiment.from_config(config)
+    params = experiment.init_train_state(config, exp.model, exp.optimizer, exp.data_shape).params
+    x, nfe = experiment.draw_samples(exp, params, 12, jax.random.key(0))
     assert x.shape == (12, 2) and np.all(np.isfinite(x))
     assert not np.allclose(x[:4], x[4:8])                          # each batch draws its own noise
     assert capsys.readouterr().out.count("compiling PC sampler (N=8, batch 4)…") == 1
@@ -121,7 +122,7 @@ def test_sampling_batches_compiles_the_sampler_once(capsys):
     other = jax.block_until_ready(jax.tree.map(lambda p: p * 1.01, params))
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
-        y, _ = run_lib.draw_samples(exp, other, 12, jax.random.key(1))
+        y, _ = experiment.draw_samples(exp, other, 12, jax.random.key(1))
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
     assert compiles == [], f"{len(compiles)} programs compiled for a new key and new parameters"
@@ -134,21 +135,22 @@ def test_sampling_batches_compiles_the_sampler_once(capsys):
 def test_step_compiled_in_the_background_is_the_one_train_uses_and_gives_the_same_result(monkeypatch):
     """``compile_step_in_background`` (``benchmarks/startup.py --background``) compiles the train step in a thread
     beside the init: that compilation must be for exactly the (state, batch) shapes the loop meets, and its result must equal the step compiled in
-    the foreground bit for bit, and the step's CPU compile options (``run_lib.STEP_COMPILER_OPTIONS``) must agree
-    with XLA's defaults to float rounding. Fault injection: a wrong batch size must not match."""
+    the foreground bit for bit, and the step's CPU compile options (``experiment.STEP_COMPILER_OPTIONS``) must
+    agree with XLA's defaults to float rounding. Fault injection: a wrong batch size must not match."""
     config = small_config()
-    exp = run_lib.Experiment.from_config(config)
-    mesh = run_lib.make_mesh()
-    step_fn = run_lib.jit_sharded_step(run_lib.make_train_step(exp.loss_fn(), exp.optimizer, config.model.ema_rate,
-                                                               config.seed), mesh)
-    compiling = run_lib.compile_step_in_background(step_fn, config, exp, mesh)
-    state = run_lib.replicate(run_lib.init_train_state(config, exp.model, exp.optimizer, exp.data_shape), mesh)
-    data = run_lib.train_batches(config, mesh)
+    exp = experiment.Experiment.from_config(config)
+    mesh = exp.mesh
+    step_fn = experiment.jit_sharded_step(experiment.make_train_step(exp.loss_fn(), exp.optimizer,
+                                                                     config.model.ema_rate, config.seed), mesh)
+    compiling = experiment.compile_step_in_background(step_fn, exp)
+    state = experiment.replicate(experiment.init_train_state(config, exp.model, exp.optimizer, exp.data_shape),
+                                 mesh)
+    data = experiment.train_batches(config, mesh)
     batch = next(data)
     data.close()
-    assert compiling.spec == run_lib._spec((state, batch))
+    assert compiling.spec == experiment.spec_of((state, batch))
     background = compiling.future.result()
-    foreground = step_fn.lower(state, batch).compile(run_lib.step_compiler_options())
+    foreground = step_fn.lower(state, batch).compile(experiment.step_compiler_options())
     fg_state, fg_metrics = foreground(jax.tree.map(jax.numpy.copy, state), batch)
     bg_state, bg_metrics = background(state, batch)
     for a, b in zip(jax.tree.leaves((fg_state, fg_metrics)), jax.tree.leaves((bg_state, bg_metrics))):
@@ -159,5 +161,5 @@ def test_step_compiled_in_the_background_is_the_one_train_uses_and_gives_the_sam
     for a, b in zip(jax.tree.leaves((ref_state, ref_metrics)), jax.tree.leaves((bg_state, bg_metrics))):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
     config.training.batch_size *= 2
-    other = run_lib.step_arguments_spec(config, exp, mesh)
-    assert run_lib._spec(other) != compiling.spec
+    other = experiment.step_arguments_spec(exp)
+    assert experiment.spec_of(other) != compiling.spec

@@ -1,5 +1,5 @@
-"""The daily loop on a trained workdir: modes from the saved config alone, ``run_lib.load_workdir``, progress lines,
-stopping within one batch, sample folders that never overwrite each other, and ``training.eval_freq``."""
+"""The daily loop on a trained workdir: modes from the saved config alone, ``experiment.load_workdir``, progress
+lines, stopping within one batch, sample folders that never overwrite each other, and ``training.eval_freq``."""
 import json
 import os
 import pathlib
@@ -13,9 +13,10 @@ import jax
 import numpy as np
 import pytest
 
+import experiment
 import run_lib
 import utils
-from test_run_lib import tensorboard_scalars, tiny_config
+from test_run_lib import sample, tensorboard_scalars, tiny_config, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -24,7 +25,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 def trained(tmp_path_factory):
     """A 4-step toy run (MLP width 32, N=20) whose config differs from configs/toy.py in shape-changing fields."""
     workdir = tmp_path_factory.mktemp("run")
-    run_lib.train(tiny_config(4, **{"training.snapshot_freq": 2, "model.ema_rate": 0.5}), str(workdir))
+    train(tiny_config(4, **{"training.snapshot_freq": 2, "model.ema_rate": 0.5}), str(workdir))
     return workdir
 
 
@@ -67,8 +68,8 @@ def test_sample_mode_from_the_workdir_alone_and_with_a_different_config(trained,
 
 
 def test_load_workdir_gives_config_params_sde_score_and_sampler(trained):
-    ema = run_lib.load_workdir(str(trained))
-    raw = run_lib.load_workdir(str(trained), use_ema=False, step=2)
+    ema = experiment.load_workdir(str(trained))
+    raw = experiment.load_workdir(str(trained), use_ema=False, step=2)
     assert (ema.step, raw.step, ema.ema, raw.ema) == (4, 2, True, False)
     assert ema.config.model.hidden == 32 and ema.sde.N == 20
     assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(ema.params), jax.tree.leaves(raw.params)))
@@ -83,10 +84,10 @@ def test_load_workdir_gives_config_params_sde_score_and_sampler(trained):
 def test_sampling_runs_get_their_own_folders_and_manifests(trained, tmp_path):
     config = utils.saved_config(trained)
     config.sampling.num_samples, config.sampling.corrector = 6, "none"
-    first = run_lib.sample(config, str(trained))
+    first = sample(config, str(trained))
     config.sampling.method, config.sampling.num_steps, config.seed = "ddim", 5, 7
-    second = run_lib.sample(config, str(trained))
-    again = run_lib.sample(config, str(trained))           # same settings: numbered, not overwritten
+    second = sample(config, str(trained))
+    again = sample(config, str(trained))           # same settings: numbered, not overwritten
     assert len({first, second, again}) == 3 and again.name == second.name + "-2"
     assert re.fullmatch(r"pc_euler_maruyama_none_N20_seed42_step4_ema(-\d+)?", first.name)  # other tests share it
     assert second.name == "ddim_N5_seed7_step4_ema"
@@ -95,9 +96,9 @@ def test_sampling_runs_get_their_own_folders_and_manifests(trained, tmp_path):
     assert (m2["method"], m2["options"]["num_steps"], m2["seed"], m2["num_written"]) == ("ddim", 5, 7, 6)
     assert not np.array_equal(np.load(first / "samples.npz")["samples"], np.load(second / "samples.npz")["samples"])
     config.sampling.outdir = str(tmp_path / "mine")
-    assert run_lib.sample(config, str(trained)) == tmp_path / "mine"
+    assert sample(config, str(trained)) == tmp_path / "mine"
     with pytest.raises(FileExistsError, match="already holds samples"):
-        run_lib.sample(config, str(trained))
+        sample(config, str(trained))
 
 
 def test_inpainting_inputs_show_the_unknown_pixels():
@@ -187,7 +188,7 @@ def test_a_second_sigint_exits_at_once_without_a_traceback(trained, tmp_path):
 # ---- item 6: periodic evaluation during training --------------------------------------------------------------------
 def test_eval_freq_logs_held_out_loss_to_jsonl_and_tensorboard(tmp_path, capsys):
     config = tiny_config(4, **{"training.eval_freq": 2, "training.eval_batches": 1, "training.log_freq": 2})
-    run_lib.train(config, str(tmp_path))
+    train(config, str(tmp_path))
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if r.get("kind") == "eval"]
     assert [r["step"] for r in evals] == [2, 4]
@@ -202,9 +203,10 @@ def test_eval_freq_logs_held_out_loss_to_jsonl_and_tensorboard(tmp_path, capsys)
 def test_training_eta_counts_the_sample_grids_still_to_come():
     config = tiny_config(1000, **{"training.snapshot_sampling": True, "training.snapshot_freq": 500,
                                   "training.eval_freq": 10**9})
-    pending = run_lib.periodic_seconds(config, run_lib.Experiment.from_config(config).sde)
+    sde = experiment.Experiment.from_config(config).sde
+    pending = run_lib.periodic_seconds(config, sde)
     # grids at 500 and 1000; a guessed grid costs nfe * samples * (step time / batch / 3)
-    guess = run_lib.nfe_guess(config.sampling, run_lib.Experiment.from_config(config).sde) * 32 * (0.3 / 16 / 3)
+    guess = run_lib.nfe_guess(config.sampling, sde) * 32 * (0.3 / 16 / 3)
     assert pending(100, {}, 0.3) == pytest.approx(2 * guess)
     assert pending(100, {"first_step": 5.0}, 0.3) == pytest.approx(2 * (guess + 5.0))   # plus compiling
     assert pending(600, {"sampling": 7.0}, 0.3) == pytest.approx(7.0)

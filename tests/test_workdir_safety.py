@@ -17,10 +17,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-import run_lib
+import experiment
 import utils
-from tests.test_run_lib import (REPO, compilation_cache, restore, subprocess_env,  # noqa: F401 (fixture)
-                                tiny_config)
+from tests.test_run_lib import (REPO, compilation_cache, restore, sample, subprocess_env,  # noqa: F401 (fixture)
+                                tiny_config, train)
 
 
 def all_finite(state) -> bool:
@@ -46,11 +46,11 @@ def step_dirs(workdir: pathlib.Path) -> list:
 def test_a_stray_higher_step_directory_does_not_swallow_saves(tmp_path):
     """An empty checkpoints/500 (unreadable, so restore falls back from it) made orbax skip every save below 500
     silently; now it is moved aside and the run's checkpoints exist."""
-    run_lib.train(tiny_config(2), str(tmp_path))
+    train(tiny_config(2), str(tmp_path))
     (tmp_path / "checkpoints" / "500").mkdir()
     config = tiny_config(6, **{"training.snapshot_freq": 2})
     with pytest.warns(UserWarning, match="checkpoints/500 is unreadable"):
-        final = run_lib.train(config, str(tmp_path))
+        final = train(config, str(tmp_path))
     assert step_dirs(tmp_path) == [2, 4, 6]
     assert (tmp_path / "checkpoints" / "500.unreadable").is_dir()
     assert int(restore(config, tmp_path).step) == 6 and int(final.step) == 6
@@ -59,8 +59,8 @@ def test_a_stray_higher_step_directory_does_not_swallow_saves(tmp_path):
 def test_a_declined_save_is_an_error_naming_the_stray_directory(tmp_path):
     """A save orbax declines (a higher step it did not fall back from) raises one line naming that directory."""
     config = tiny_config(2)
-    exp = run_lib.Experiment.from_config(config)
-    state = run_lib.init_train_state(config, exp.model, exp.optimizer, exp.data_shape)
+    exp = experiment.Experiment.from_config(config)
+    state = experiment.init_train_state(config, exp.model, exp.optimizer, exp.data_shape)
     (tmp_path / "checkpoints" / "500").mkdir(parents=True)
     ckpt = utils.CheckpointManager(tmp_path / "checkpoints", config)
     with pytest.raises(utils.CheckpointNotSaved, match=r"checkpoints/460 was not saved.*checkpoints/500 exists"):
@@ -72,7 +72,7 @@ def test_a_declined_save_is_an_error_naming_the_stray_directory(tmp_path):
 @pytest.fixture(scope="module")
 def trained_once(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("trained") / "run"
-    run_lib.train(tiny_config(2, **{"training.log_freq": 1}), str(workdir))
+    train(tiny_config(2, **{"training.log_freq": 1}), str(workdir))
     return workdir
 
 
@@ -92,13 +92,13 @@ def test_a_refused_resume_leaves_the_workdir_byte_for_byte_as_it_was(trained, ov
     before = snapshot(trained)
     time.sleep(0.01)
     with pytest.raises(Exception, match=error):
-        run_lib.train(tiny_config(4, **overrides), str(trained))
+        train(tiny_config(4, **overrides), str(trained))
     assert snapshot(trained) == before
 
 
 def test_a_refused_start_creates_no_workdir(tmp_path):
     with pytest.raises(Exception, match="no_such_toy"):
-        run_lib.train(tiny_config(2, **{"data.dataset": "no_such_toy"}), str(tmp_path / "new"))
+        train(tiny_config(2, **{"data.dataset": "no_such_toy"}), str(tmp_path / "new"))
     assert not (tmp_path / "new").exists()
 
 
@@ -126,14 +126,14 @@ def test_one_trainer_per_workdir_and_a_killed_holder_does_not_block(trained, cap
             f"error: workdir {trained} is in use by another training process (pid {holder.pid}, lock "
             f"{trained / 'train.lock'}); wait for it to end or stop it, or train in another --workdir"]
         with pytest.raises(utils.WorkdirLocked, match=f"pid {holder.pid}"):
-            run_lib.train(tiny_config(4), str(trained))
+            train(tiny_config(4), str(trained))
         config = tiny_config(2, **{"sampling.num_samples": 8})
-        run_lib.sample(config, str(trained))  # reading a training workdir stays allowed
+        sample(config, str(trained))  # reading a training workdir stays allowed
         assert list((trained / "samples").glob("*_step2_ema*/samples.npz"))
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-    state = run_lib.train(tiny_config(3), str(trained))  # the kernel dropped the killed holder's lock
+    state = train(tiny_config(3), str(trained))  # the kernel dropped the killed holder's lock
     assert int(state.step) == 3
     assert (trained / "train.lock").read_text().strip() == str(os.getpid())
 
@@ -143,10 +143,10 @@ def test_one_trainer_per_workdir_and_a_killed_holder_does_not_block(trained, cap
 def test_a_non_finite_state_is_never_saved(tmp_path):
     """lr=1e39 (inf in float32) with a checkpoint every step: the loss of the step is still finite, the new
     parameters are not. Training stops naming the last good step, whose checkpoint is finite everywhere."""
-    run_lib.train(tiny_config(2), str(tmp_path))
+    train(tiny_config(2), str(tmp_path))
     absurd = tiny_config(6, **{"optim.lr": 1e39, "optim.warmup": 0, "training.snapshot_freq": 1})
     with pytest.raises(FloatingPointError, match=r"non-finite.*last good checkpoint is step 2 in"):
-        run_lib.train(absurd, str(tmp_path))
+        train(absurd, str(tmp_path))
     assert step_dirs(tmp_path) == [2]
     state = restore(tiny_config(2), tmp_path)
     assert int(state.step) == 2 and all_finite(state)
@@ -155,7 +155,7 @@ def test_a_non_finite_state_is_never_saved(tmp_path):
 def test_absurd_lr_with_a_checkpoint_every_step_keeps_finite_checkpoints(tmp_path):
     """lr=1e10: whatever step the divergence is caught at, every checkpoint left restores finite."""
     with pytest.raises(FloatingPointError, match=r"last good checkpoint is"):
-        run_lib.train(tiny_config(40, **{"optim.lr": 1e10, "optim.warmup": 0, "training.snapshot_freq": 1,
+        train(tiny_config(40, **{"optim.lr": 1e10, "optim.warmup": 0, "training.snapshot_freq": 1,
                                          "training.keep_checkpoints": 100}), str(tmp_path))
     for step in step_dirs(tmp_path):
         assert all_finite(restore(tiny_config(40), tmp_path, step)), step
@@ -188,17 +188,17 @@ def test_a_non_finite_checkpoint_is_refused_or_fallen_back_from(trained):
 
 def test_non_finite_samples_are_written_and_reported(trained, monkeypatch):
     """A sampler whose output is NaN: --mode=sample writes the samples, then fails in one line."""
-    original = run_lib.Experiment.sample
+    original = experiment.Experiment.sample
 
     def nan_sampler(*args, **kwargs):
         x, nfe = original(*args, **kwargs)
         return x * np.nan, nfe
 
-    monkeypatch.setattr(run_lib.Experiment, "sample", nan_sampler)
+    monkeypatch.setattr(experiment.Experiment, "sample", nan_sampler)
     outdir = trained / "samples" / "nan_samples"
     shutil.rmtree(outdir, ignore_errors=True)
     with pytest.raises(FloatingPointError, match=r"8 of 8 samples hold NaN or inf values \(written to .*nan_samples"):
-        run_lib.sample(tiny_config(2, **{"sampling.num_samples": 8, "sampling.outdir": str(outdir)}), str(trained))
+        sample(tiny_config(2, **{"sampling.num_samples": 8, "sampling.outdir": str(outdir)}), str(trained))
     assert np.isnan(np.load(outdir / "samples.npz")["samples"]).all()
 
 
@@ -207,11 +207,11 @@ def test_metrics_have_one_record_per_step_after_a_resume(tmp_path):
     """A run killed after logging steps 4..6 but before checkpoint 6 (and mid-line) resumes from 3 and logs 4..6
     again: each step appears once."""
     config = tiny_config(6, **{"training.snapshot_freq": 3, "training.log_freq": 1})
-    run_lib.train(config, str(tmp_path))
+    train(config, str(tmp_path))
     shutil.rmtree(tmp_path / "checkpoints" / "6")
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"step": 7, "lo')
-    run_lib.train(config, str(tmp_path))
+    train(config, str(tmp_path))
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
 
@@ -244,7 +244,7 @@ def test_disk_full_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(t
     monkeypatch.setattr(ocp.CheckpointManager, "wait_until_finished", wait_until_finished)
     config = tiny_config(4, **{"training.snapshot_freq": 2})
     with pytest.raises(utils.CheckpointNotSaved) as info:
-        run_lib.train(config, str(tmp_path))
+        train(config, str(tmp_path))
     message = str(info.value)
     reason = " is missing or incomplete" if where == "silent" else ": No space left on device"
     assert "\n" not in message and f"checkpoints/4{reason}" in message

@@ -111,8 +111,8 @@ def sample_figures(recipe: str, fields: dict, workdir: pathlib.Path, out: pathli
     import utils
 
     config = load_config(recipe, fields)
-    ev = run_lib.restore_eval_state(config, str(workdir))
-    exp = run_lib.Experiment.from_config(config)
+    ev = experiment.restore_eval_state(Experiment.from_config(config), str(workdir))
+    exp = experiment.Experiment.from_config(config)
     n, steps = int(config.sampling.num_samples), int(fields["sampling.num_steps"])
     # the recipe's SDE with N = steps noise levels (its discrete predictors follow the chain of sde.N steps)
     short = load_config(recipe, {**fields, "sde.N": steps, "sampling.num_steps": None})
@@ -124,7 +124,7 @@ def sample_figures(recipe: str, fields: dict, workdir: pathlib.Path, out: pathli
     t1 = time.time()
     x, nfe = jax.block_until_ready(fn(jax.random.key(1)))
     t2 = time.time()
-    images = run_lib.to_output(exp, jax.device_get(x))
+    images = experiment.to_output(exp, jax.device_get(x))
     utils.save_image_grid(images, out / f"samples_{recipe}.png")
     return {"sampler": f"pc {config.sampling.predictor}+{config.sampling.corrector}", "sample_batch": n,
             "sample_steps": steps, "nfe": int(nfe), "first_call_s": round(t1 - t0, 2),

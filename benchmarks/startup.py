@@ -6,11 +6,12 @@
 
 Each run is a fresh process that does what ``run_lib.train`` does before its first step, timing each phase:
 
-- import: interpreter start -> ``run_lib`` imported (jax, flax, optax, orbax, the project);
+- import: interpreter start -> ``experiment`` (older checkouts: ``run_lib``) imported (jax, flax, optax, orbax,
+  the project);
 - init: the experiment, the initial train state (``experiment.init_train_state``) placed on the mesh;
 - compile: the sharded train step compiled for the first batch, after the init as in ``run_lib.train``
-  (``--background``: in a thread started before the init, ``experiment.compile_step_in_background``; then only the wait
-  that does not overlap the init shows here);
+  (``--background``: in a thread started before the init, ``experiment.compile_step_in_background``; then only the
+  wait that does not overlap the init shows here);
 - first step: that step run once (blocking).
 
 ``small`` is ``configs/default.py`` (8x8 digits, small U-Net, batch 128, real data through ``train_batches``);
@@ -56,7 +57,10 @@ def worker(args) -> dict:
     import jax
     import numpy as np
 
-    import run_lib
+    try:
+        import experiment as lib   # the composition module (issue 20); older checkouts: run_lib
+    except ImportError:
+        import run_lib as lib
     import utils
 
     marks["import"], cpu["import"] = time.time(), _cpu()
@@ -67,23 +71,24 @@ def worker(args) -> dict:
 
     name, batch = CONFIGS[args.config]
     config = get_config(name, batch, "float32")
-    exp = experiment.Experiment.from_config(config)
-    mesh = experiment.make_mesh()
-    step = experiment.jit_sharded_step(experiment.make_train_step(exp.loss_fn(), exp.optimizer, config.model.ema_rate,
-                                                            config.seed), mesh)
-    background = hasattr(run_lib, "compile_step_in_background") and args.background
+    exp = lib.Experiment.from_config(config)
+    mesh = lib.make_mesh()
+    step = lib.jit_sharded_step(lib.make_train_step(exp.loss_fn(), exp.optimizer, config.model.ema_rate,
+                                                    config.seed), mesh)
+    background = hasattr(lib, "compile_step_in_background") and args.background
     if background:  # the step compiles in a thread while the state is built (run_lib.train does not)
-        compiling = experiment.compile_step_in_background(step, config, exp, mesh)
-    state = experiment.replicate(experiment.init_train_state(config, exp.model, exp.optimizer, exp.data_shape), mesh)
+        compiling = (lib.compile_step_in_background(step, exp) if lib.__name__ == "experiment" else
+                     lib.compile_step_in_background(step, config, exp, mesh))
+    state = lib.replicate(lib.init_train_state(config, exp.model, exp.optimizer, exp.data_shape), mesh)
     jax.block_until_ready(state)
     marks["init"], cpu["init"] = time.time(), _cpu()
     if args.config == "small":
-        batch = next(experiment.train_batches(config, mesh))
+        batch = next(lib.train_batches(config, mesh))
     else:
         b = config.training.batch_size
-        batch = experiment.shard_batch({"x": np.zeros((b,) + exp.data_shape, np.float32),
-                                     "label": np.zeros(b, np.int32)}, mesh)
-    options = experiment.step_compiler_options() if hasattr(run_lib, "step_compiler_options") else None
+        batch = lib.shard_batch({"x": np.zeros((b,) + exp.data_shape, np.float32),
+                                 "label": np.zeros(b, np.int32)}, mesh)
+    options = lib.step_compiler_options() if hasattr(lib, "step_compiler_options") else None
     compiled = compiling.future.result() if background else step.lower(state, batch).compile(options)
     marks["compile"], cpu["compile"] = time.time(), _cpu()
     state, metrics = compiled(state, batch)

@@ -1,4 +1,5 @@
-"""Training throughput of ``run_lib``'s sharded step versus device count: steps/s, images/s, scaling efficiency.
+"""Training throughput of the sharded train step (``experiment``) versus device count: steps/s, images/s,
+scaling efficiency.
 
     python benchmarks/train_throughput.py                          # small + cifar10_reduced on 1, 2, 4, 8 devices
     python benchmarks/train_throughput.py --configs cifar10 --batch 128 --dtypes float32,bfloat16 --devices 1
@@ -60,17 +61,18 @@ def worker(args) -> dict:
     import jax
     import numpy as np
 
-    import run_lib
+    import experiment
 
     config = get_config(args.config, args.batch, args.dtype)
     exp = experiment.Experiment.from_config(config)
-    mesh = experiment.make_mesh()
+    mesh = exp.mesh
     experiment.check_batch_size(config.training.batch_size)
-    state = experiment.replicate(experiment.init_train_state(config, exp.model, exp.optimizer, exp.data_shape), mesh)
+    state = experiment.replicate(experiment.init_train_state(config, exp.model, exp.optimizer, exp.data_shape),
+                                 mesh)
     rng = np.random.default_rng(0)
     b = config.training.batch_size
     batch = experiment.shard_batch({"x": rng.uniform(-1, 1, (b,) + exp.data_shape).astype(np.float32),
-                                 "label": np.zeros(b, np.int32)}, mesh)
+                                    "label": np.zeros(b, np.int32)}, mesh)
     step = experiment.jit_sharded_step(experiment.make_train_step(exp.loss_fn(), exp.optimizer, 0.999, 0), mesh)
     t0 = time.perf_counter()
     compiled = step.lower(state, batch).compile()

@@ -323,19 +323,21 @@ def test_mask_image_larger_than_the_data_or_corrupt_is_refused_in_one_line(tmp_p
 
 # ---- digits: --mode=sample end to end ------------------------------------------------------------------------------
 def _train(config, workdir, n_iters):
+    import experiment
     import run_lib
 
     config.training.n_iters = n_iters
     config.training.snapshot_freq = n_iters
     config.training.log_freq = max(1, n_iters // 2)
     config.training.snapshot_sampling = False
-    run_lib.train(config, str(workdir))
+    run_lib.train(experiment.Experiment.from_config(config), str(workdir))
 
 
 @pytest.mark.slow
 def test_digits_sample_mode_tasks_end_to_end(tmp_path):
     """Tiny models trained for a few steps: the --mode=sample tasks write PNGs, keep the known pixels, and
     colorization of 1-channel data and guidance without a conditional model are clear errors."""
+    import experiment
     import run_lib
     from configs.digits_cfg import get_config as cfg_config
     from configs.digits_classifier import get_config as clf_config
@@ -356,7 +358,7 @@ def test_digits_sample_mode_tasks_end_to_end(tmp_path):
     out = cg.run(config, str(tmp_path / "cfg"))
     assert out["samples_uint8"].shape == (10, 8, 8, 1) and np.all(out["labels"] == 3)
     config.sampling.task, config.sampling.classifier_workdir = "class_conditional", str(tmp_path / "clf")
-    outdir = run_lib.sample(config, str(tmp_path / "cfg"))     # dispatch through run_lib
+    outdir = run_lib.sample(experiment.Experiment.from_config(config), str(tmp_path / "cfg"))  # dispatch
     assert outdir.name.startswith("class_conditional_") and "_label3_w" in outdir.name
     assert (outdir / "samples.png").exists() and json.loads((outdir / "manifest.json").read_text())["label"] == 3
     config.sampling.task = "colorize"

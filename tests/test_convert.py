@@ -31,6 +31,12 @@ def small_config(**model):
     return config
 
 
+def run_convert(config, workdir):
+    """``--mode=convert`` as ``main.py`` runs it: ``convert.run(experiment, workdir)``."""
+    experiment = pytest.importorskip("experiment")
+    return convert.run(experiment.Experiment.from_config(config), workdir)
+
+
 @pytest.fixture(scope="module")
 def checkpoint():
     return torch_io.load(shared_data_path("interop", f"{SMALL}.pth"))
@@ -191,24 +197,24 @@ def test_dense_kernel_layout():
 def test_run_requires_a_source(tmp_path):
     config = small_config()
     with pytest.raises(ValueError, match="--config.convert.checkpoint"):
-        convert.run(config, str(tmp_path))
+        run_convert(config, str(tmp_path))
     config.convert.checkpoint = str(tmp_path / "nope.pth")
     with pytest.raises(FileNotFoundError, match="nope.pth"):
-        convert.run(config, str(tmp_path))
+        run_convert(config, str(tmp_path))
 
 
 def test_run_writes_a_train_state_checkpoint(tmp_path, checkpoint, converted):
     """The orbax checkpoint holds step 3, raw and EMA params and torch's Adam moments (restored here into a
     template built from the converted params, without initialising the network)."""
-    run_lib, utils = pytest.importorskip("run_lib"), pytest.importorskip("utils")
+    experiment, utils = pytest.importorskip("experiment"), pytest.importorskip("utils")
     config = small_config()
     config.convert.checkpoint = str(shared_data_path("interop", f"{SMALL}.pth"))
-    convert.run(config, str(tmp_path))
+    run_convert(config, str(tmp_path))
     assert (tmp_path / "config.json").exists() and (tmp_path / "converted_from.json").exists()
     params, ema_params, _ = converted
-    opt = run_lib.get_optimizer(config.optim)
-    template = run_lib.TrainState(step=jnp.zeros((), jnp.int32), params=jax.tree.map(jnp.zeros_like, params),
-                                  ema_params=jax.tree.map(jnp.zeros_like, params), opt_state=opt.init(params))
+    opt = experiment.get_optimizer(config.optim)
+    template = experiment.TrainState(step=jnp.zeros((), jnp.int32), params=jax.tree.map(jnp.zeros_like, params),
+                                     ema_params=jax.tree.map(jnp.zeros_like, params), opt_state=opt.init(params))
     state = utils.CheckpointManager(tmp_path / "checkpoints", config).restore(template)
     assert int(state.step) == 3
     for got, expected in ((state.params, params), (state.ema_params, ema_params)):
@@ -222,23 +228,23 @@ def test_run_writes_a_train_state_checkpoint(tmp_path, checkpoint, converted):
                                   torch_state["exp_avg_sq"].transpose(2, 3, 1, 0))
     before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
     with pytest.raises(convert.ConversionError, match="checkpoints already has a checkpoint for step 3; "):
-        convert.run(config, str(tmp_path))
+        run_convert(config, str(tmp_path))
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
 
 
 @pytest.mark.slow
-def test_converted_checkpoint_restores_and_samples_through_run_lib(tmp_path, converted):
-    """--mode=convert then the eval path of run_lib (restore_eval_state) and a tiny ALD sampling run."""
-    run_lib = pytest.importorskip("run_lib")
+def test_converted_checkpoint_restores_and_samples_through_experiment(tmp_path, converted):
+    """--mode=convert then the eval path (experiment.restore_eval_state) and a tiny ALD sampling run."""
+    experiment = pytest.importorskip("experiment")
     config = small_config()
     config.convert.checkpoint = str(shared_data_path("interop", f"{SMALL}.pth"))
-    convert.run(config, str(tmp_path))
-    state = run_lib.restore_eval_state(config, str(tmp_path))
+    run_convert(config, str(tmp_path))
+    state = experiment.restore_eval_state(experiment.Experiment.from_config(config), str(tmp_path))
     assert state.step == 3
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(converted[1])):
         np.testing.assert_array_equal(a, b)
     config.sde.N, config.sampling.n_steps = 3, 1
-    exp = run_lib.Experiment.from_config(config)
+    exp = experiment.Experiment.from_config(config)
     x, nfe = exp.sample(jax.random.key(0), state.params, 2)
     assert x.shape == (2, 32, 32, 3) and np.isfinite(np.asarray(x)).all()
 
@@ -403,7 +409,7 @@ def test_run_refuses_a_nan_file_and_writes_nothing(tmp_path):
                                                nan_in_460))
     workdir = tmp_path / "work"
     with pytest.raises(convert.ConversionError, match=r"non-finite \(NaN/inf\) values in begin_conv.weight"):
-        convert.run(config, str(workdir))
+        run_convert(config, str(workdir))
     assert not workdir.exists()
 
 
@@ -418,7 +424,7 @@ def test_run_refuses_a_workdir_with_checkpoints_before_writing(tmp_path, stray, 
     target.mkdir() if not stray.endswith(".txt") else target.write_text("x")
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     with pytest.raises(convert.ConversionError, match=r"checkpoints (already has a checkpoint for step|is not empty)"):
-        convert.run(config, str(tmp_path))
+        run_convert(config, str(tmp_path))
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
     assert "converted" not in capsys.readouterr().out
 
@@ -431,6 +437,6 @@ def test_run_never_reports_a_save_that_did_not_happen(tmp_path, monkeypatch, cap
     config = small_config()
     config.convert.checkpoint = str(shared_data_path("interop", f"{SMALL}.pth"))
     with pytest.raises(convert.ConversionError, match=r"checkpoints/3 does not exist after the save"):
-        convert.run(config, str(tmp_path))
+        run_convert(config, str(tmp_path))
     assert "converted" not in capsys.readouterr().out
     assert not (tmp_path / "config.json").exists() and not (tmp_path / "converted_from.json").exists()

@@ -14,6 +14,7 @@ import pytest
 
 import datasets
 import losses
+import experiment
 import models
 import run_lib
 import samplers
@@ -220,12 +221,12 @@ def test_bars_source_through_the_pipeline():
 
 # ---- every example trains and samples -----------------------------------------------------------------------
 def tiny_run(config, steps: int, n: int, num_steps: int):
-    """Train ``steps`` steps with run_lib's train step on the config's own data, then sample n points."""
+    """Train ``steps`` steps with the train step of ``experiment`` on the config's own data, then sample n points."""
     config.optim.warmup = 0
     config.sampling.num_steps = num_steps
-    exp = run_lib.Experiment.from_config(config)
-    state = run_lib.init_train_state(config, exp.model, exp.optimizer, exp.data_shape)
-    step = jax.jit(run_lib.make_train_step(exp.loss_fn(), exp.optimizer, 0.9, config.seed))
+    exp = experiment.Experiment.from_config(config)
+    state = experiment.init_train_state(config, exp.model, exp.optimizer, exp.data_shape)
+    step = jax.jit(experiment.make_train_step(exp.loss_fn(), exp.optimizer, 0.9, config.seed))
     data = datasets.get_dataset(config, "train", infinite=True)
     loss_values = []
     try:
@@ -266,7 +267,7 @@ def test_every_example_config_builds():
     for name in EXAMPLES:
         module = example(name)
         if hasattr(module, "get_config"):
-            exp = run_lib.Experiment.from_config(module.get_config())
+            exp = experiment.Experiment.from_config(module.get_config())
             assert exp.loss_fn() is not None
 
 
@@ -328,15 +329,16 @@ def test_example_reaches_quality(name, tmp_path):
     config.training.n_iters = steps
     config.training.snapshot_freq = steps
     config.training.snapshot_sampling = False
-    state = run_lib.train(config, str(tmp_path))
-    exp = run_lib.Experiment.from_config(config)
+    exp = experiment.Experiment.from_config(config)
+    state = run_lib.train(exp, str(tmp_path))
     x = np.asarray(exp.sample(jax.random.key(1), state.ema_params, 1000 if name != "bars_dataset" else 256)[0])
     if name == "bars_dataset":
-        valid = float(module.is_bars(run_lib.to_output(exp, x)).mean())
+        valid = float(module.is_bars(experiment.to_output(exp, x)).mean())
         print(f"bars: {valid:.3f} of samples are valid bars images")
         assert valid > bound
     else:
-        distance = float(sliced_wasserstein(jax.random.key(0), x, run_lib._collect(config, "test", len(x))))
+        real = experiment.collect_examples(config, "test", len(x))
+        distance = float(sliced_wasserstein(jax.random.key(0), x, real))
         print(f"{name}: sliced W1 {distance:.3f}")
         assert distance < bound
 
@@ -356,8 +358,8 @@ def api_workdir(workdir: pathlib.Path):
 
     config = get_config("quick")
     config.model.update({"nf": 8, "ch_mult": (1,), "num_res_blocks": 1})
-    exp = run_lib.Experiment.from_config(config)
-    state = run_lib.init_train_state(config, exp.model, exp.optimizer, exp.data_shape)
+    exp = experiment.Experiment.from_config(config)
+    state = experiment.init_train_state(config, exp.model, exp.optimizer, exp.data_shape)
     utils.write_config(workdir, config)
     ckpt = utils.CheckpointManager(workdir / "checkpoints", config)
     ckpt.save(1, state)

@@ -310,12 +310,12 @@ def test_ddpm_bound_errors():
 def _checkpointed(config, workdir):
     import pathlib
 
-    import run_lib
+    import experiment
     import utils
 
-    exp = run_lib.Experiment.from_config(config)
+    exp = experiment.Experiment.from_config(config)
     ckpt = utils.CheckpointManager(pathlib.Path(workdir) / "checkpoints", config)
-    ckpt.save(1, run_lib.init_train_state(config, exp.model, exp.optimizer, exp.data_shape))
+    ckpt.save(1, experiment.init_train_state(config, exp.model, exp.optimizer, exp.data_shape))
     ckpt.wait()
     return exp
 
@@ -343,16 +343,16 @@ def test_run_writes_the_figure_with_every_setting(tmp_path, capsys):
         assert key in written, key
     assert written["num_examples"] == 6 and written["dequantization"] == "none" and written["data_bits"] is None
     x = np.concatenate([b["x"][b["mask"]] for b in datasets.get_dataset(config, "test", infinite=False)])
-    state = run_lib_restore(config, tmp_path)
+    state = restore(config, tmp_path)
     logp, _, _ = likelihood.log_likelihood(jax.random.key(0), exp.sde, exp.model.score_fn(state.params, exp.sde),
                                            jnp.asarray(x), rtol=1e-4, atol=1e-4)
     assert written["bpd"] == pytest.approx(float(np.mean(-logp / (2 * np.log(2)))), abs=1e-3)
 
 
-def run_lib_restore(config, workdir):
-    import run_lib
+def restore(config, workdir):
+    import experiment
 
-    return run_lib.restore_eval_state(config, str(workdir))
+    return experiment.restore_eval_state(experiment.Experiment.from_config(config), str(workdir))
 
 
 def test_run_rejects_bad_settings(tmp_path):

@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+import experiment
 import run_lib
 from analytic import sliced_wasserstein
 from configs import toy
@@ -36,12 +37,12 @@ def test_toy_config_learns_its_distribution(tmp_path, sde):
     """A few hundred steps bring samples within a sliced-Wasserstein bound of held-out data that the untrained
     model misses by far."""
     config = toy_config("two_moons", sde, 600)
-    state = run_lib.train(config, str(tmp_path))
-    exp = run_lib.Experiment.from_config(config)
-    real = run_lib._collect(config, "test", 2000)
+    exp = experiment.Experiment.from_config(config)
+    state = run_lib.train(exp, str(tmp_path))
+    real = experiment.collect_examples(config, "test", 2000)
     key = jax.random.key(0)
     trained = np.asarray(exp.sample(jax.random.key(1), state.ema_params, 1000)[0])
-    untrained_params = run_lib.init_train_state(config, exp.model, exp.optimizer, exp.data_shape).params
+    untrained_params = experiment.init_train_state(config, exp.model, exp.optimizer, exp.data_shape).params
     untrained = np.asarray(exp.sample(jax.random.key(1), untrained_params, 1000)[0])
     floor = float(sliced_wasserstein(key, real[:1000], real[1000:]))
     d_trained = float(sliced_wasserstein(key, trained, real[:1000]))

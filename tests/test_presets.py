@@ -39,15 +39,15 @@ def test_toy_config_string_combines_dataset_sde_and_preset():
 def test_fashion_quick_sampling_and_likelihood_announce_their_work():
     """Before: 64 images × 1000 steps (64000k network evaluations); quick: 16 × 100."""
     import likelihood
-    import run_lib
+    import experiment
     import sde_lib
     from configs import fashion_mnist
 
-    full = run_lib.Experiment.from_config(fashion_mnist.get_config())
-    quick = run_lib.Experiment.from_config(fashion_mnist.get_config("quick"))
-    assert run_lib.sampling_work(full, 64) == (
+    full = experiment.Experiment.from_config(fashion_mnist.get_config())
+    quick = experiment.Experiment.from_config(fashion_mnist.get_config("quick"))
+    assert experiment.sampling_work(full, 64) == (
         "sampling 64 images with pc: 1000 NFE each = 0.064M network evaluations in 1 batch of 64")
-    assert run_lib.sampling_work(quick, 16) == (
+    assert experiment.sampling_work(quick, 16) == (
         "sampling 16 images with pc: 100 NFE each = 0.0016M network evaluations in 1 batch of 16")
     cfg = fashion_mnist.get_config("quick")
     line = likelihood.likelihood_work(likelihood.likelihood_settings(cfg, sde_lib.get_sde(cfg.sde)), 64)

@@ -68,14 +68,15 @@ def test_concurrent_ensure_model_trains_once(tmp_path, monkeypatch):
     import threading
     import time
 
+    import experiment
     import run_lib
 
     calls = []
 
-    def fake_train(config, workdir):
+    def fake_train(exp, workdir):
         calls.append(workdir)
         time.sleep(0.3)
-        return run_lib.TrainState(step=config.training.n_iters, params={}, ema_params={}, opt_state=())
+        return experiment.TrainState(step=exp.config.training.n_iters, params={}, ema_params={}, opt_state=())
 
     monkeypatch.setattr(run_lib, "train", fake_train)
     setting = common.get_setting("minimal")
@@ -91,10 +92,11 @@ def test_concurrent_ensure_model_trains_once(tmp_path, monkeypatch):
 
 
 def test_interrupted_training_is_not_recorded_as_done(tmp_path, monkeypatch):
+    import experiment
     import run_lib
 
-    monkeypatch.setattr(run_lib, "train", lambda config, workdir: run_lib.TrainState(
-        step=config.training.n_iters - 1, params={}, ema_params={}, opt_state=()))
+    monkeypatch.setattr(run_lib, "train", lambda exp, workdir: experiment.TrainState(
+        step=exp.config.training.n_iters - 1, params={}, ema_params={}, opt_state=()))
     with pytest.raises(SystemExit, match="stopped at step 19 of 20; rerun"):
         common.ensure_model(tmp_path, common.get_setting("minimal"), "vp_dsm")
     assert not (common.model_dir(tmp_path, common.get_setting("minimal"), "vp_dsm") / "done.json").exists()

@@ -105,20 +105,20 @@ def sample_figures(recipe: str, fields: dict, workdir: pathlib.Path, out: pathli
     """The recipe's sampler on the trained checkpoint: first call (compile or cache) and a second, timed call."""
     import jax
 
-    import run_lib
+    import experiment
     import samplers
     import sde_lib
     import utils
 
     config = load_config(recipe, fields)
-    ev = experiment.restore_eval_state(Experiment.from_config(config), str(workdir))
     exp = experiment.Experiment.from_config(config)
+    ev = experiment.restore_eval_state(exp, str(workdir))
     n, steps = int(config.sampling.num_samples), int(fields["sampling.num_steps"])
     # the recipe's SDE with N = steps noise levels (its discrete predictors follow the chain of sde.N steps)
     short = load_config(recipe, {**fields, "sde.N": steps, "sampling.num_steps": None})
     sde = sde_lib.get_sde(short.sde)
     fn, _ = samplers.build_sampler(sde, exp.model.score_fn(ev.params, sde), (n,) + exp.data_shape,
-                                   short.sampling.method, **samplers.options_from_config(short.sampling))
+                                   short.sampling.method, mesh=exp.mesh, **samplers.options_from_config(short.sampling))
     t0 = time.time()
     jax.block_until_ready(fn(jax.random.key(0)))  # compiles (or loads from the cache)
     t1 = time.time()

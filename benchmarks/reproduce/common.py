@@ -122,6 +122,7 @@ def ensure_model(workdir: pathlib.Path, setting: Setting, name: str) -> dict:
     benchmarks.reproduce.common --train``) share a workdir: a second one waits for the training, then reads it."""
     import fcntl
 
+    import experiment
     import run_lib
 
     d = model_dir(workdir, setting, name)
@@ -135,7 +136,7 @@ def ensure_model(workdir: pathlib.Path, setting: Setting, name: str) -> dict:
             return json.loads(done.read_text())
         print(f"training {name} ({setting.n_iters} steps) in {d}", flush=True)
         t0 = time.time()
-        state = run_lib.train(Experiment.from_config(model_config(setting, name)), str(d))
+        state = run_lib.train(experiment.Experiment.from_config(model_config(setting, name)), str(d))
         if int(state.step) < setting.n_iters:   # stopped by a signal: resumable, not done
             raise SystemExit(f"training of {name} stopped at step {int(state.step)} of {setting.n_iters}; "
                              f"rerun the command to resume it")
@@ -151,13 +152,14 @@ class ModelCache:
         self.workdir, self.setting, self._states = pathlib.Path(workdir), setting, {}
 
     def get(self, name: str):
-        import run_lib
+        import experiment
 
         if name not in self._states:
             ensure_model(self.workdir, self.setting, name)
             cfg = model_config(self.setting, name)
-            self._states[name] = (cfg, experiment.restore_eval_state(Experiment.from_config(cfg), str(model_dir(self.workdir, self.setting,
-                                                                                          name))))
+            exp = experiment.Experiment.from_config(cfg)
+            self._states[name] = (cfg, experiment.restore_eval_state(exp, str(model_dir(self.workdir, self.setting,
+                                                                                        name))))
         return self._states[name]
 
 
@@ -185,7 +187,7 @@ def draw(cfg, ev, method: str, options: dict, n: int, seed: int, N: Optional[int
 
 
 def run_data_shape(cfg) -> tuple:
-    import run_lib
+    import experiment
 
     return experiment.data_shape(cfg)
 

@@ -26,8 +26,8 @@ MODES = {
     "eval": "run_lib:evaluate",
     "sample": "run_lib:sample",
     "likelihood": "likelihood:run",
-    "fid_stats": "evaluation:run_fid_stats",
-    "eval_samples": "evaluation:run_eval_samples",
+    "fid_stats": "run_lib:fid_stats",
+    "eval_samples": "run_lib:eval_samples",
     "convert": "convert:run",
     "describe": None,
 }

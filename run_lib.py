@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
+import hashlib
 import itertools
 import json
 import logging
@@ -32,6 +33,7 @@ import models
 import sde_lib
 import samplers
 import utils
+from evaluation import classifiers, features, inception, quality, reference, sample_files
 
 log = logging.getLogger(__name__)
 
@@ -210,13 +212,6 @@ def any_process(flag: bool) -> bool:
     return bool(np.any(multihost_utils.process_allgather(np.array([flag], bool))))
 
 
-def data_shape(config) -> tuple:
-    """Shape of one example: (D,) for toy vectors, (H, W, C) for images."""
-    if config.data.source == "toy":
-        return (config.data.get("dim", 2),)
-    return (config.data.image_size, config.data.image_size, config.data.num_channels)
-
-
 # ---- training ---------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Experiment:
@@ -234,7 +229,7 @@ class Experiment:
         sde = sde_lib.get_sde(config.sde)
         losses.check_loss_config(config, sde)
         model = models.create_model(config)
-        return cls(config, sde, model, get_optimizer(config.optim), data_shape(config))
+        return cls(config, sde, model, get_optimizer(config.optim), datasets.data_shape(config.data))
 
     def loss_fn(self):
         return losses.get_loss_fn(self.config, self.sde, self.model)
@@ -608,7 +603,7 @@ def _periodic_eval(run: Run, state: TrainState, step: int) -> Optional[dict]:
     if cfg.get("eval_quality", False):
         key = jax.random.fold_in(jax.random.key(run.exp.config.seed + 3), step)
         x, _ = draw_samples(run.exp, state.ema_params, int(run.exp.config.eval.num_samples), key, "eval sampling")
-        figures = quality_figures(run.exp.config, to_output(run.exp, x))
+        figures = quality.quality_figures(run.exp.config, to_output(run.exp, x))
         metrics.update({k: v for k, v in _flatten(figures).items() if isinstance(v, (int, float))})
     run.logger.log_eval(step, metrics, time.time() - t0)
     return metrics
@@ -616,7 +611,7 @@ def _periodic_eval(run: Run, state: TrainState, step: int) -> Optional[dict]:
 
 def report_quality(config, samples, workdir: pathlib.Path, step: int) -> dict:
     """Print and save (``samples/step_<k>/quality.json``) the quality figures of samples next to real data."""
-    figures = quality_figures(config, samples)
+    figures = quality.quality_figures(config, samples)
     if figures:
         utils.atomic_write_json(workdir / "samples" / f"step_{step}" / "quality.json", figures)
         print(f"sample quality ({len(samples)} samples of the EMA weights vs held-out real data):")
@@ -759,7 +754,7 @@ def save_sample_files(exp: Experiment, out: np.ndarray, nfe, outdir: pathlib.Pat
         if exp.config.sampling.get("save_pngs", False):
             utils.save_images(out, outdir / "images")
     else:
-        real = _collect(exp.config, "test", max(len(out), 1000)) if exp.config.data.source == "toy" else None
+        real = datasets.draw_examples(exp.config, "test", max(len(out), 1000), seed=exp.config.seed + 7)
         utils.save_scatter(out, outdir / "samples.png", reference=real, title=title)
     if manifest is not None:
         utils.atomic_write_json(outdir / "manifest.json", {**manifest, "nfe": nfe, "num_written": len(out)})
@@ -844,7 +839,7 @@ class Pretrained:
 
     @property
     def data_shape(self) -> tuple:
-        return data_shape(self.config)
+        return datasets.data_shape(self.config.data)
 
     def sample(self, key, n: int, **sampling) -> tuple:
         cfg = ml_collections.ConfigDict(self.config.to_dict())
@@ -1019,13 +1014,11 @@ def sample_quality(config, workdir: str, exp: Experiment, ev: EvalState) -> tupl
         outdir = pathlib.Path(workdir) / "eval" / f"samples_{ev.step}"
         outdir.mkdir(parents=True, exist_ok=True)
         utils.atomic_savez(outdir / "samples.npz", samples=out, nfe=nfe)
-    figures = dict(quality_figures(config, out))
+    figures = dict(quality.quality_figures(config, out))
     if len(exp.data_shape) == 3:
-        import evaluation
-
-        names = evaluation.default_extractors(config)
-        if all(evaluation.stats_path(config, workdir, name).exists() for name in names):
-            figures["fid"] = evaluation.evaluate_samples(config, workdir, out, n)
+        names = fid_extractor_names(config)
+        if all(fid_stats_path(config, workdir, name).exists() for name in names):
+            figures["fid"] = fid_figures(config, workdir, out, n)
         else:
             print(f"no FID reference statistics for {names} (run --mode=fid_stats); FID skipped")
     return figures, nfe
@@ -1050,37 +1043,142 @@ def _provenance(config, workdir: str, ev: EvalState, nfe, seconds: float) -> dic
             "processes": jax.process_count(), "wall_time_s": round(seconds, 2), "time": time.time()}
 
 
-def quality_figures(config, samples: np.ndarray) -> dict:
-    """A sample-quality figure next to the same figure on real held-out data.
+# =================================================================================================================
+# FID reference statistics and sample files: --mode=fid_stats, --mode=eval_samples (issue 20: moved here from
+# evaluation.py; the evaluation/ package holds the math, networks and files these runners combine)
+# =================================================================================================================
 
-    Digits: a classifier trained on the real digits (confidence, entropy, domain FID); colored digits: the same on
-    their gray versions, and the fraction of samples that are one palette colour. Toy data: sliced
-    Wasserstein distance to held-out data (and between two held-out sets as the floor).
-    """
-    if config.data.source == "digits":
-        import evaluation
-
-        return evaluation.digits_quality(samples)
-    if config.data.source == "colored_digits":
-        import evaluation
-
-        return evaluation.colored_digits_quality(samples, datasets.COLOR_PALETTE)
-    if config.data.source == "toy":
-        from analytic import sliced_wasserstein
-
-        real = _collect(config, "test", 2 * len(samples))
-        key = jax.random.key(0)
-        return {"sliced_wasserstein_samples": float(sliced_wasserstein(key, samples, real[:len(samples)])),
-                "sliced_wasserstein_real": float(sliced_wasserstein(key, real[len(samples):], real[:len(samples)])),
-                "num_samples": int(len(samples))}
-    return {}
+FEATURE_EXTRACTORS = {   # name (config.eval.fid_extractors) -> fn(config, workdir) -> extractor
+    "inception": lambda config, workdir: inception.InceptionExtractor(config.eval.get("inception_weights", None)),
+    "domain": lambda config, workdir: domain_classifier(config, _classifier_dir(config, workdir)),
+}
 
 
-def _collect(config, split: str, n: int) -> np.ndarray:
-    out, got = [], 0
-    for batch in datasets.get_dataset(config, split, infinite=True, seed=config.seed + 7):
-        out.append(np.asarray(batch["x"]))
-        got += len(out[-1])
-        if got >= n:
-            break
-    return np.concatenate(out)[:n]
+def feature_extractor(name: str, config, workdir):
+    """The feature extractor ``name`` of ``FEATURE_EXTRACTORS``: 'inception' or 'domain'."""
+    if name not in FEATURE_EXTRACTORS:
+        raise ValueError(f"unknown feature extractor {name!r} (config.eval.fid_extractors); valid: "
+                         f"{sorted(FEATURE_EXTRACTORS)}")
+    return FEATURE_EXTRACTORS[name](config, workdir)
+
+
+def fid_extractor_names(config) -> tuple:
+    """``config.eval.fid_extractors``, else Inception, plus the domain classifier for small grayscale data."""
+    return features.default_extractors(config.eval.get("fid_extractors", None), config.data.num_channels,
+                                       config.data.image_size)
+
+
+def fid_stats_path(config, workdir, extractor: str, split: Optional[str] = None) -> pathlib.Path:
+    """``config.eval.fid_stats_dir`` (default ``<workdir>/fid_stats``)/<dataset>_<split>[<n>]_<res>px_<extractor>.npz
+    with n = ``config.eval.fid_num_images`` when the statistics cover only the first n images."""
+    directory = config.eval.get("fid_stats_dir", None) or pathlib.Path(workdir) / "fid_stats"
+    return reference.stats_path(directory, dataset=config.data.dataset, split=split or config.eval.get(
+        "fid_split", "train"), image_size=config.data.image_size, extractor=extractor,
+        num_images=config.eval.get("fid_num_images", None))
+
+
+def _classifier_dir(config, workdir) -> pathlib.Path:
+    return pathlib.Path(config.eval.get("classifier_dir", None) or pathlib.Path(workdir) / "classifiers")
+
+
+def domain_classifier(config, cache_dir, num_steps: int = classifiers.DOMAIN_STEPS) -> classifiers.DomainExtractor:
+    """The domain classifier of ``config.data`` from ``cache_dir``, trained on its train split (key
+    ``config.seed``) and saved there when missing."""
+    d = config.data
+    path = classifiers.domain_classifier_path(cache_dir, d.dataset, d.image_size, d.num_channels)
+    info = {"dataset": d.dataset, "image_size": int(d.image_size), "num_channels": int(d.num_channels)}
+    return classifiers.get_domain_classifier(path, lambda split: datasets.uint8_split(config, split),
+                                             jax.random.key(int(config.seed)), num_steps, info)
+
+
+def feature_sharding() -> Optional[NamedSharding]:
+    """The batch axis of feature extraction split over the mesh, when one process holds several devices (every
+    process extracts the features of all images; a host-local batch cannot be placed on a multi-process mesh)."""
+    if jax.process_count() > 1 or jax.local_device_count() == 1:
+        return None
+    return NamedSharding(make_mesh(), P("data"))
+
+
+def fid_figures(config, workdir, samples_uint8, num_samples: Optional[int] = None) -> dict:
+    """FID/KID (and the classifier score) of uint8 samples (N, H, W, C) for every extractor of
+    ``fid_extractor_names``, against the statistics at ``fid_stats_path``: {"<extractor>": {fid, kid, kid_std,
+    num_samples, notes, reference_stats, reference_sha256, ...}, "num_samples": n}. The first ``num_samples``
+    (default ``config.eval.num_samples``) are used; fewer is an error."""
+    samples = features.check_samples(samples_uint8, int(config.eval.num_samples if num_samples is None
+                                                        else num_samples))
+    out = {"num_samples": int(len(samples))}
+    for name in fid_extractor_names(config):
+        stats = reference.load_stats(fid_stats_path(config, workdir, name), resolution=samples.shape[1],
+                                     extractor=name, num_channels=samples.shape[-1])
+        out[name] = features.evaluate_against(samples, feature_extractor(name, config, workdir), stats,
+                                              config.eval.batch_size, feature_sharding())
+    return out
+
+
+def fid_stats(config, workdir: str) -> None:
+    """``--mode=fid_stats``: statistics of every image (or the first ``config.eval.fid_num_images``) of
+    ``config.eval.fid_split`` (default "train"), as stored (uint8), for each extractor of ``fid_extractor_names``;
+    written by process 0 to ``fid_stats_path``. Prints a progress line per batch; a stop signal ends it after the
+    current batch, writing nothing."""
+    split, limit = config.eval.get("fid_split", "train"), config.eval.get("fid_num_images", None)
+    names, d, batch_size = fid_extractor_names(config), config.data, int(config.eval.batch_size)
+    print(f"FID reference statistics over {'every image' if limit is None else f'the first {limit} images'} of "
+          f"{d.dataset}/{split} with {', '.join(names)} features (config.eval.fid_num_images)", flush=True)
+    for name in names:
+        extractor = feature_extractor(name, config, workdir)
+        total = datasets.count_uint8_batches(config, split)
+        if limit is not None:
+            total = min(total or 1 << 62, -(-int(limit) // batch_size))
+        progress = utils.Progress(f"{name} features of {d.dataset}/{split}", total,
+                                  detail=f"batches of {batch_size}", min_interval=5.0)
+        images = (x for x, _ in datasets.uint8_batches(config, split))
+        try:
+            feats, _ = features.extract_features(extractor, images, batch_size, limit, progress=progress.update,
+                                                 sharding=feature_sharding())
+        except utils.Stopped as e:
+            e.message += f"; no {name} statistics written"
+            raise
+        if jax.process_index() == 0:
+            path = reference.save_stats(fid_stats_path(config, workdir, name, split), feats, dataset=d.dataset,
+                                        split=split, resolution=int(d.image_size), num_channels=int(d.num_channels),
+                                        extractor=name)
+            print(f"wrote {name} statistics of {len(feats)} {d.dataset}/{split} images to {path}")
+
+
+def _check_reference_stats(config, workdir) -> list:
+    """The reference statistics files ``fid_figures`` will read; a missing one is an error naming it."""
+    paths = [fid_stats_path(config, workdir, name) for name in fid_extractor_names(config)]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"reference statistics {missing} do not exist; write them with --mode=fid_stats "
+                                f"or point --config.eval.fid_stats_dir at them")
+    return paths
+
+
+def eval_samples(config, workdir: str) -> dict:
+    """``--mode=eval_samples``: FID/KID (and the classifier score) of ``config.eval.samples`` (a samples.npz or a
+    folder of PNGs) against the reference statistics of ``fid_extractor_names`` (written by ``--mode=fid_stats``;
+    ``config.eval.fid_stats_dir``). Written to ``<workdir>/eval_samples/<name>_<sha256[:8]>.json``."""
+    source = config.eval.get("samples", None)
+    if not source:
+        raise ValueError("--mode=eval_samples needs --config.eval.samples=<samples.npz or a folder of PNGs>")
+    refs = _check_reference_stats(config, workdir)
+    samples = sample_files.load_samples(source, int(config.data.image_size), int(config.data.num_channels))
+    print(f"evaluating {len(samples)} samples from {source} against {', '.join(map(str, refs))}", flush=True)
+    metrics = fid_figures(config, workdir, samples, len(samples))
+    digest = hashlib.sha256(samples.tobytes()).hexdigest()
+    unknown = dict.fromkeys(("reference_sha256", "sampler", "sampler_options", "nfe", "ema", "denoise", "seed",
+                             "checkpoint_step"))   # samples made elsewhere: how is not known here
+    provenance = {"num_samples": len(samples), "reference_stats": [str(p) for p in refs], **unknown,
+                  "samples": str(pathlib.Path(source).absolute()), "samples_sha256": digest}
+    name = pathlib.Path(source).stem if pathlib.Path(source).is_file() else pathlib.Path(source).name
+    path = pathlib.Path(workdir) / "eval_samples" / f"{name}_{digest[:8]}.json"
+    utils.atomic_write_json(path, {"metrics": metrics, "provenance": provenance})
+    for extractor in fid_extractor_names(config):
+        m = metrics[extractor]
+        kid = f", KID {m['kid']:.4g}" if "kid" in m else ""
+        print(f"{extractor}: FID {m['fid']:.4g}{kid} ({m['num_samples']} samples)")
+        for note in m.get("notes", []):
+            print(f"  note: {note}")
+    print(f"wrote {path}")
+    return {"metrics": metrics, "provenance": provenance, "path": str(path)}

@@ -106,7 +106,7 @@ def test_digits_batches_shapes_and_range():
 def test_colored_digits_are_the_digits_tinted_by_one_palette_colour():
     """Same split and labels as the digits; each image is round(gray · c) for one palette colour c, so its channel
     mean is gray/2 (all colours sum to 1.5) up to uint8 rounding; every colour is used in both splits."""
-    import evaluation
+    from evaluation import metrics
 
     gray_cfg, rgb_cfg = make_config(), make_config(source="colored_digits", num_channels=3)
     np.testing.assert_allclose(datasets.COLOR_PALETTE.sum(1), 1.5)
@@ -116,11 +116,11 @@ def test_colored_digits_are_the_digits_tinted_by_one_palette_colour():
         assert rgb.shape == gray.shape[:3] + (3,) and rgb.dtype == np.uint8
         np.testing.assert_array_equal(y, y_gray)
         assert np.abs(rgb.astype(float).mean(-1) - 0.5 * gray[..., 0]).max() <= 0.5
-        fit = evaluation.palette_fit(rgb, datasets.COLOR_PALETTE)
+        fit = metrics.palette_fit(rgb, datasets.COLOR_PALETTE)
         assert fit["residual"].max() < 0.01 and set(fit["color"]) == set(range(6))
         np.testing.assert_array_equal(datasets.tint(gray, fit["color"]), rgb)
     gray_rgb = np.repeat(gray, 3, -1)     # a gray image is no palette colour: residual 1/3
-    np.testing.assert_allclose(evaluation.palette_fit(gray_rgb, datasets.COLOR_PALETTE)["residual"], 1 / 3,
+    np.testing.assert_allclose(metrics.palette_fit(gray_rgb, datasets.COLOR_PALETTE)["residual"], 1 / 3,
                                atol=1e-9)
 
 

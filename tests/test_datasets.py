@@ -163,6 +163,26 @@ def test_toy_finite_mode_complete():
     assert x.shape == (50, 2)
 
 
+def test_sources_declare_their_shape_and_stored_splits_come_back_exactly(monkeypatch):
+    """Images: (H, W, C) from config.data; toy and any source registered with ``shape=``: what they declare, and
+    image-only consumers refuse them with one line. ``uint8_split`` returns the stored uint8 split exactly."""
+    assert datasets.data_shape(make_config(source="digits", image_size=8, num_channels=1).data) == (8, 8, 1)
+    assert datasets.data_shape(make_config(source="toy", dataset="two_moons").data) == (2,)
+    monkeypatch.setitem(datasets.SOURCES, "_vectors", None)
+    monkeypatch.setitem(datasets.SHAPES, "_vectors", lambda data: (5,))
+    vectors = make_config(source="_vectors")
+    assert datasets.data_shape(vectors.data) == (5,) and not datasets.holds_images(vectors.data)
+    with pytest.raises(ValueError, match=r"config.data.source='_vectors' holds vectors of shape \(5,\)"):
+        next(datasets.uint8_batches(vectors, "train"))
+    digits = make_config(source="digits", image_size=8, num_channels=1)
+    images, labels = datasets.uint8_split(digits, "test")
+    stored, stored_labels = datasets.load_digits(digits, "test")
+    np.testing.assert_array_equal(images, stored)
+    np.testing.assert_array_equal(labels, stored_labels)
+    assert datasets.count_uint8_batches(digits, "test") == -(-len(stored) // 16)
+    assert datasets.count_uint8_batches(make_config(source="toy", dataset="two_moons"), "test") is None
+
+
 # ---------------------------------------------------------------------------- pipeline properties
 
 def test_determinism_given_seed():

@@ -10,7 +10,7 @@ import pytest
 import scipy.linalg
 
 import run_lib
-from evaluation import classifiers, digits, inception, metrics, reference, sample_files
+from evaluation import classifiers, digits, inception, metrics, quality, reference, sample_files
 
 
 # ------------------------------------------------------------------------------------------------ FID / IS / KID
@@ -456,3 +456,26 @@ def test_eval_samples_loading_is_safe_and_bounded(tmp_path):
         sample_files.load_samples(tmp_path / "pngs", 8, 1)
     with pytest.raises(FileNotFoundError, match="config.eval.samples"):
         sample_files.load_samples(tmp_path / "missing.npz", 8, 1)
+
+
+# ------------------------------------------------------------------------------------- per-source quality registry
+
+
+def test_sources_own_their_quality_figure_classifier_and_palette():
+    """Runners look these up by config.data.source: digits' figure and label classifier, colored digits' palette
+    (a tinted image is one palette colour, residual ~0; its gray version 1/3), and no figure for other sources."""
+    import datasets
+    from configs.default import get_config
+
+    test, labels = digits.digits_uint8("test")
+    config = get_config()
+    figures = quality.quality_figures(config, test[:100])
+    assert figures["samples"] == figures["real_heldout"] and figures["samples"]["mean_confidence"] > 0.85
+    accuracy = np.mean(quality.LABEL_CLASSIFIERS["digits"](test).argmax(-1) == labels)
+    assert accuracy == pytest.approx(float(digits.load_digits_classifier()["test_accuracy"]))
+    tinted = datasets.tint(test[:12], np.arange(12) % 6)
+    fit = metrics.palette_fit(tinted, quality.PALETTES["colored_digits"])
+    assert np.all(fit["residual"] < 0.02) and np.array_equal(fit["color"], np.arange(12) % 6)
+    config.data.source = "bars_not_registered"
+    assert quality.quality_figures(config, test[:10]) == {}
+    assert "bars_not_registered" not in quality.LABEL_CLASSIFIERS and "bars_not_registered" not in quality.PALETTES

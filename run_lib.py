@@ -1005,8 +1005,8 @@ def _likelihood(config, workdir: str, step: int) -> dict:
 
 
 def sample_quality(config, workdir: str, exp: Experiment, ev: EvalState) -> tuple:
-    """``config.eval.num_samples`` samples: the built-in quality figures (digits, toy), and FID/KID/IS through
-    ``evaluation.evaluate_samples`` when its reference statistics exist. Returns (figures, nfe)."""
+    """``config.eval.num_samples`` samples: the data source's quality figure (``evaluation.quality``), and FID/KID/IS
+    through ``fid_figures`` when its reference statistics exist. Returns (figures, nfe)."""
     n = int(config.eval.num_samples)
     x, nfe = draw_samples(exp, ev.params, n, jax.random.fold_in(jax.random.key(config.seed + 3), ev.step))
     out = to_output(exp, x)

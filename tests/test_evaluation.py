@@ -229,7 +229,7 @@ def digits_config(tmp_path, monkeypatch):
     return config
 
 
-def test_run_fid_stats_counts_every_stored_image_once(digits_config, tmp_path):
+def test_fid_stats_counts_every_stored_image_once(digits_config, tmp_path):
     from sklearn.datasets import load_digits
 
     run_lib.fid_stats(digits_config, str(tmp_path))
@@ -246,7 +246,7 @@ def test_run_fid_stats_counts_every_stored_image_once(digits_config, tmp_path):
     assert stats["sha256"] == reference.sha256_file(stats["path"])
 
 
-def test_evaluate_samples_errors_and_self_fid(digits_config, tmp_path):
+def test_fid_figures_errors_and_self_fid(digits_config, tmp_path):
     run_lib.fid_stats(digits_config, str(tmp_path))
     real, _ = digits.digits_uint8("train")
     res = run_lib.fid_figures(digits_config, tmp_path, real[:50])

@@ -25,6 +25,7 @@ import numpy as np
 import losses
 import samplers
 import utils
+from evaluation import metrics, quality
 from sde_lib import SDE, batch_broadcast
 
 Array = jax.Array
@@ -572,8 +573,9 @@ def _run_imputation(config, ev, key, n, size, task, progress=None) -> dict:
 
 
 def _report(config, out: dict, images: dict) -> None:
-    """Print the error on the known part (imputation), how many colorized colored digits are one palette colour,
-    or the digits classifier's accuracy (class tasks); the figures are added to ``out``."""
+    """Print the error on the known part (imputation), how many colorized samples are one colour of the source's
+    palette, or the source's label classifier's accuracy (class tasks; ``evaluation.quality``); the figures are
+    added to ``out``."""
     if "mask" in out:
         reps = len(out["samples"]) // len(out["data"])
         err = np.abs(np.repeat(out["data"], reps, 0) - out["samples"]) * out["mask"]
@@ -584,19 +586,17 @@ def _report(config, out: dict, images: dict) -> None:
         err = np.abs(np.repeat(out["data"], reps, 0).mean(-1) - out["samples"].mean(-1))
         print(f"max |gray(x) - gray(data)|: {err.max():.3g}")
         out["known_error"] = float(err.max())
-    if config.sampling.get("task") == "colorize" and config.data.source == "colored_digits":
-        import datasets
-        import evaluation
-
-        fit = evaluation.palette_fit(images["samples"], datasets.COLOR_PALETTE)
+    palette = quality.PALETTES.get(config.data.source)
+    if config.sampling.get("task") == "colorize" and palette is not None:
+        fit = metrics.palette_fit(images["samples"], palette)
         single = fit["residual"] < 0.15
         out["palette_fraction"], out["palette_colors"] = float(single.mean()), int(len(np.unique(fit["color"][single])))
         print(f"{single.mean():.1%} of colorized samples are one palette colour (residual < 0.15; gray inputs: "
-              f"1/3), {out['palette_colors']} of {len(datasets.COLOR_PALETTE)} colours used")
-    if "labels" in out and config.data.source == "digits":
-        import evaluation
-
-        _, logits = evaluation.digits_features_logits(evaluation.load_digits_classifier(), images["samples"])
+              f"1/3), {out['palette_colors']} of {len(palette)} colours used")
+    classify = quality.LABEL_CLASSIFIERS.get(config.data.source)
+    if "labels" in out and classify is not None:
+        logits = classify(images["samples"])
         acc = float(np.mean(np.argmax(logits, -1) == out["labels"]))
-        print(f"digits classifier agrees with the requested label on {acc:.1%} of samples (chance 10%)")
+        print(f"the {config.data.source} classifier agrees with the requested label on {acc:.1%} of samples "
+              f"(chance {1 / logits.shape[-1]:.0%})")
         out["label_accuracy"] = acc

@@ -188,16 +188,43 @@ def fit_images(images: np.ndarray, size: int, channels: int, what: str) -> np.nd
 # --------------------------------------------------------------------------------------------------------------
 
 SOURCES: Dict[str, Callable] = {}
+SHAPES: Dict[str, Callable] = {}   # source -> shape(config.data) -> shape of one example; default ``image_shape``
 
 
-def register_source(name: str):
-    """Function decorator adding a source ``(config, split) -> (images, labels)`` to ``SOURCES``."""
+def register_source(name: str, shape: Optional[Callable] = None):
+    """Function decorator adding a source ``(config, split) -> (images, labels)`` to ``SOURCES``; ``shape``
+    (``config.data -> tuple``) declares the shape of one example when it is not ``image_shape``'s (H, W, C)."""
 
     def wrap(fn):
         SOURCES[name] = fn
+        if shape is not None:
+            SHAPES[name] = shape
         return fn
 
     return wrap
+
+
+def image_shape(data) -> tuple:
+    """(H, W, C) = (``data.image_size``, ``data.image_size``, ``data.num_channels``) of an image source."""
+    return (data.image_size, data.image_size, data.num_channels)
+
+
+def toy_shape(data) -> tuple:
+    """(D,) of the toy source's vectors: ``data.dim`` (default 2)."""
+    return (data.get("dim", 2),)
+
+
+SHAPES["toy"] = toy_shape
+
+
+def data_shape(data) -> tuple:
+    """Shape of one example of ``config.data``: what its source declared in ``SHAPES``, else (H, W, C)."""
+    return tuple(SHAPES.get(data.source, image_shape)(data))
+
+
+def holds_images(data) -> bool:
+    """Whether ``config.data``'s examples are images (H, W, C) rather than vectors."""
+    return len(data_shape(data)) == 3
 
 
 def _local_split(split: str) -> str:
@@ -907,3 +934,50 @@ def get_dataset(config, split: str, *, infinite: bool, seed: Optional[int] = Non
             return Prefetcher(iterator, size=int(config.data.get("prefetch", 2)),
                               num_batches=num_eval_batches(len(images), b, process_count))
     return Prefetcher(iterator, size=int(config.data.get("prefetch", 2)))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Whole splits as stored (uint8), and random draws of examples
+# --------------------------------------------------------------------------------------------------------------
+
+def uint8_batches(config, split: str) -> Iterator[Arrays]:
+    """Every image of a split exactly once, in order, as stored: yields (uint8 (b, H, W, C), labels (b,)).
+
+    Model-space batches of ``get_dataset(..., infinite=False)`` are mapped back with the data transform's inverse
+    (exact for stored uint8) and padding rows are dropped; every process reads the whole split.
+    """
+    if not holds_images(config.data):
+        raise ValueError(f"image statistics need an image dataset; config.data.source={config.data.source!r} "
+                         f"holds vectors of shape {data_shape(config.data)}")
+    inverse = get_data_transform(config).inverse
+    for batch in get_dataset(config, split, infinite=False, process_index=0, process_count=1):
+        mask = np.asarray(batch.get("mask", np.ones(len(batch["x"]), bool)), bool)
+        yield np.asarray(inverse(np.asarray(batch["x"])))[mask], np.asarray(batch["label"])[mask]
+
+
+def count_uint8_batches(config, split: str) -> Optional[int]:
+    """Batches ``uint8_batches`` yields, when the source holds its split in memory (``SOURCES``), else None."""
+    if config.data.source not in SOURCES:
+        return None
+    data = get_dataset(config, split, infinite=False, process_index=0, process_count=1)
+    data.close()
+    return getattr(data, "num_batches", None)
+
+
+def uint8_split(config, split: str) -> Arrays:
+    """The whole split in memory (small datasets): uint8 (N, H, W, C) and labels (N,)."""
+    images, labels = zip(*uint8_batches(config, split))
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def draw_examples(config, split: str, n: int, seed: int) -> np.ndarray:
+    """``n`` examples of ``split`` in model space, from the shuffled stream of ``seed``."""
+    out, got = [], 0
+    stream = get_dataset(config, split, infinite=True, seed=seed)
+    for batch in stream:
+        out.append(np.asarray(batch["x"]))
+        got += len(out[-1])
+        if got >= n:
+            break
+    stream.close()
+    return np.concatenate(out)[:n]

@@ -221,13 +221,6 @@ def any_process(flag: bool) -> bool:
     return bool(np.any(multihost_utils.process_allgather(np.array([flag], bool))))
 
 
-def data_shape(config) -> tuple:
-    """Shape of one example: (D,) for toy vectors, (H, W, C) for images."""
-    if config.data.source == "toy":
-        return (config.data.get("dim", 2),)
-    return (config.data.image_size, config.data.image_size, config.data.num_channels)
-
-
 # ---- the experiment ---------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Experiment:
@@ -254,8 +247,8 @@ class Experiment:
         model = models.create_model(config)
         mesh = make_mesh()
         local_mesh = mesh if jax.process_count() == 1 else make_mesh(jax.local_devices())
-        return cls(config, sde, model, get_optimizer(config.optim), data_shape(config), mesh, local_mesh,
-                   time.time() - t0)
+        return cls(config, sde, model, get_optimizer(config.optim), datasets.data_shape(config.data), mesh,
+                   local_mesh, time.time() - t0)
 
     def loss_fn(self):
         return losses.get_loss_fn(self.config, self.sde, self.model)
@@ -521,7 +514,7 @@ def save_sample_files(exp: Experiment, out: np.ndarray, nfe, outdir: pathlib.Pat
         if exp.config.sampling.get("save_pngs", False):
             utils.save_images(out, outdir / "images")
     else:
-        real = collect_examples(exp.config, "test", max(len(out), 1000)) if exp.config.data.source == "toy" else None
+        real = datasets.draw_examples(exp.config, "test", max(len(out), 1000), seed=exp.config.seed + 7)
         utils.save_scatter(out, outdir / "samples.png", reference=real, title=title)
     if manifest is not None:
         utils.atomic_write_json(outdir / "manifest.json", {**manifest, "nfe": nfe, "num_written": len(out)})
@@ -609,7 +602,7 @@ class Pretrained:
 
     @property
     def data_shape(self) -> tuple:
-        return data_shape(self.config)
+        return datasets.data_shape(self.config.data)
 
     def sample(self, key, n: int, **sampling) -> tuple:
         cfg = ml_collections.ConfigDict(self.config.to_dict())
@@ -638,14 +631,3 @@ def load_workdir(workdir: str, use_ema: bool = True, step: Optional[int] = None,
     exp = Experiment.from_config(config)
     ev = restore_eval_state(exp, workdir, step)
     return Pretrained(config, ev.params, ev.sde, ev.model, ev.step, bool(use_ema), pathlib.Path(workdir), exp.mesh)
-
-
-def collect_examples(config, split: str, n: int) -> np.ndarray:
-    """The first ``n`` examples (model space) of ``split``, with the data seed ``config.seed + 7``."""
-    out, got = [], 0
-    for batch in datasets.get_dataset(config, split, infinite=True, seed=config.seed + 7):
-        out.append(np.asarray(batch["x"]))
-        got += len(out[-1])
-        if got >= n:
-            break
-    return np.concatenate(out)[:n]

@@ -28,13 +28,13 @@ MODES = {
     "eval": "run_lib:evaluate",
     "sample": "run_lib:sample",
     "likelihood": "likelihood:run",
-    "fid_stats": "evaluation:run_fid_stats",
-    "eval_samples": "evaluation:run_eval_samples",
+    "fid_stats": "run_lib:fid_stats",
+    "eval_samples": "run_lib:eval_samples",
     "convert": "convert:run",
     "describe": None,
 }
 NEEDS_TRAINED_WORKDIR = ("sample", "eval", "likelihood")
-CONFIG_RUNNERS = ("likelihood", "fid_stats", "eval_samples")  # still fn(config, workdir): moving into run_lib
+CONFIG_RUNNERS = ("likelihood",)  # still fn(config, workdir): moving into run_lib
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "experiment config file (configs/...[:arg]); override any field "

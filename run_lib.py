@@ -1,4 +1,4 @@
-"""The ``--mode`` runners, each ``fn(experiment, workdir)``: train, evaluate, sample.
+"""The ``--mode`` runners, each ``fn(experiment, workdir)``: train, evaluate, sample, fid_stats, eval_samples.
 
 ``main.py`` builds the ``experiment.Experiment`` once and calls ``MODES[mode](experiment, workdir)``. The runners
 hold the loops and what they report (the train loop and its periodic work, per-checkpoint evaluation, the sample
@@ -29,10 +29,11 @@ import datasets
 import sde_lib
 import samplers
 import utils
+from evaluation import classifiers, features, inception, quality, reference, sample_files
 from experiment import (EvalState, Experiment, StepCompilation, TrainState, any_process, check_batch_size,
-                        collect_examples, compile_step, draw_samples, jit_sharded_step, learning_rate_schedule,
-                        make_train_step, open_training, replicate, restore_eval_state, sample_folder,
-                        sample_manifest, sampler_name, shard_batch, to_output, write_samples)
+                        compile_step, draw_samples, jit_sharded_step, learning_rate_schedule, make_train_step,
+                        open_training, replicate, restore_eval_state, sample_folder, sample_manifest, sampler_name,
+                        shard_batch, to_output, write_samples)
 
 log = logging.getLogger(__name__)
 
@@ -278,7 +279,7 @@ def _periodic_eval(run: Run, state: TrainState, step: int) -> Optional[dict]:
     if cfg.get("eval_quality", False):
         key = jax.random.fold_in(jax.random.key(run.exp.config.seed + 3), step)
         x, _ = draw_samples(run.exp, state.ema_params, int(run.exp.config.eval.num_samples), key, "eval sampling")
-        figures = quality_figures(run.exp.config, to_output(run.exp, x))
+        figures = quality.quality_figures(run.exp.config, to_output(run.exp, x))
         metrics.update({k: v for k, v in _flatten(figures).items() if isinstance(v, (int, float))})
     run.logger.log_eval(step, metrics, time.time() - t0)
     return metrics
@@ -286,7 +287,7 @@ def _periodic_eval(run: Run, state: TrainState, step: int) -> Optional[dict]:
 
 def report_quality(config, samples, workdir: pathlib.Path, step: int) -> dict:
     """Print and save (``samples/step_<k>/quality.json``) the quality figures of samples next to real data."""
-    figures = quality_figures(config, samples)
+    figures = quality.quality_figures(config, samples)
     if figures:
         utils.atomic_write_json(workdir / "samples" / f"step_{step}" / "quality.json", figures)
         print(f"sample quality ({len(samples)} samples of the EMA weights vs held-out real data):")
@@ -455,8 +456,8 @@ def _likelihood(config, workdir: str, step: int) -> dict:
 
 
 def sample_quality(exp: Experiment, workdir: str, ev: EvalState) -> tuple:
-    """``config.eval.num_samples`` samples: the built-in quality figures (digits, toy), and FID/KID/IS through
-    ``evaluation.evaluate_samples`` when its reference statistics exist. Returns (figures, nfe)."""
+    """``config.eval.num_samples`` samples: the data source's quality figure (``evaluation.quality``), and FID/KID/IS
+    through ``fid_figures`` when its reference statistics exist. Returns (figures, nfe)."""
     config = exp.config
     n = int(config.eval.num_samples)
     x, nfe = draw_samples(exp, ev.params, n, jax.random.fold_in(jax.random.key(config.seed + 3), ev.step))
@@ -465,13 +466,11 @@ def sample_quality(exp: Experiment, workdir: str, ev: EvalState) -> tuple:
         outdir = pathlib.Path(workdir) / "eval" / f"samples_{ev.step}"
         outdir.mkdir(parents=True, exist_ok=True)
         utils.atomic_savez(outdir / "samples.npz", samples=out, nfe=nfe)
-    figures = dict(quality_figures(config, out))
+    figures = dict(quality.quality_figures(config, out))
     if len(exp.data_shape) == 3:
-        import evaluation
-
-        names = evaluation.default_extractors(config)
-        if all(evaluation.stats_path(config, workdir, name).exists() for name in names):
-            figures["fid"] = evaluation.evaluate_samples(config, workdir, out, n)
+        names = fid_extractor_names(config)
+        if all(fid_stats_path(config, workdir, name).exists() for name in names):
+            figures["fid"] = fid_figures(exp, workdir, out, n)
         else:
             print(f"no FID reference statistics for {names} (run --mode=fid_stats); FID skipped")
     return figures, nfe
@@ -493,29 +492,145 @@ def _provenance(config, workdir: str, ev: EvalState, nfe, seconds: float) -> dic
             "processes": jax.process_count(), "wall_time_s": round(seconds, 2), "time": time.time()}
 
 
-def quality_figures(config, samples: np.ndarray) -> dict:
-    """A sample-quality figure next to the same figure on real held-out data.
+# =================================================================================================================
+# FID reference statistics and sample files: --mode=fid_stats, --mode=eval_samples (issue 20: moved here from
+# evaluation.py; the evaluation/ package holds the math, networks and files these runners combine)
+# =================================================================================================================
 
-    Digits: a classifier trained on the real digits (confidence, entropy, domain FID); colored digits: the same on
-    their gray versions, and the fraction of samples that are one palette colour. Toy data: sliced
-    Wasserstein distance to held-out data (and between two held-out sets as the floor).
-    """
-    if config.data.source == "digits":
-        import evaluation
-
-        return evaluation.digits_quality(samples)
-    if config.data.source == "colored_digits":
-        import evaluation
-
-        return evaluation.colored_digits_quality(samples, datasets.COLOR_PALETTE)
-    if config.data.source == "toy":
-        from analytic import sliced_wasserstein
-
-        real = collect_examples(config, "test", 2 * len(samples))
-        key = jax.random.key(0)
-        return {"sliced_wasserstein_samples": float(sliced_wasserstein(key, samples, real[:len(samples)])),
-                "sliced_wasserstein_real": float(sliced_wasserstein(key, real[len(samples):], real[:len(samples)])),
-                "num_samples": int(len(samples))}
-    return {}
+FEATURE_EXTRACTORS = {   # name (config.eval.fid_extractors) -> fn(config, workdir) -> extractor
+    "inception": lambda config, workdir: inception.InceptionExtractor(config.eval.get("inception_weights", None)),
+    "domain": lambda config, workdir: domain_classifier(config, _classifier_dir(config, workdir)),
+}
 
 
+def feature_extractor(name: str, config, workdir):
+    """The feature extractor ``name`` of ``FEATURE_EXTRACTORS``: 'inception' or 'domain'."""
+    if name not in FEATURE_EXTRACTORS:
+        raise ValueError(f"unknown feature extractor {name!r} (config.eval.fid_extractors); valid: "
+                         f"{sorted(FEATURE_EXTRACTORS)}")
+    return FEATURE_EXTRACTORS[name](config, workdir)
+
+
+def fid_extractor_names(config) -> tuple:
+    """``config.eval.fid_extractors``, else Inception, plus the domain classifier for small grayscale data."""
+    return features.default_extractors(config.eval.get("fid_extractors", None), config.data.num_channels,
+                                       config.data.image_size)
+
+
+def fid_stats_path(config, workdir, extractor: str, split: Optional[str] = None) -> pathlib.Path:
+    """``config.eval.fid_stats_dir`` (default ``<workdir>/fid_stats``)/<dataset>_<split>[<n>]_<res>px_<extractor>.npz
+    with n = ``config.eval.fid_num_images`` when the statistics cover only the first n images."""
+    directory = config.eval.get("fid_stats_dir", None) or pathlib.Path(workdir) / "fid_stats"
+    return reference.stats_path(directory, dataset=config.data.dataset, split=split or config.eval.get(
+        "fid_split", "train"), image_size=config.data.image_size, extractor=extractor,
+        num_images=config.eval.get("fid_num_images", None))
+
+
+def _classifier_dir(config, workdir) -> pathlib.Path:
+    return pathlib.Path(config.eval.get("classifier_dir", None) or pathlib.Path(workdir) / "classifiers")
+
+
+def domain_classifier(config, cache_dir, num_steps: int = classifiers.DOMAIN_STEPS) -> classifiers.DomainExtractor:
+    """The domain classifier of ``config.data`` from ``cache_dir``, trained on its train split (key
+    ``config.seed``) and saved there when missing."""
+    d = config.data
+    path = classifiers.domain_classifier_path(cache_dir, d.dataset, d.image_size, d.num_channels)
+    info = {"dataset": d.dataset, "image_size": int(d.image_size), "num_channels": int(d.num_channels)}
+    return classifiers.get_domain_classifier(path, lambda split: datasets.uint8_split(config, split),
+                                             jax.random.key(int(config.seed)), num_steps, info)
+
+
+def feature_sharding(exp: Experiment) -> Optional[NamedSharding]:
+    """The batch axis of feature extraction split over ``exp.mesh``, when one process holds several devices (every
+    process extracts the features of all images; a host-local batch cannot be placed on a multi-process mesh)."""
+    if jax.process_count() > 1 or jax.local_device_count() == 1:
+        return None
+    return NamedSharding(exp.mesh, P("data"))
+
+
+def fid_figures(exp: Experiment, workdir, samples_uint8, num_samples: Optional[int] = None) -> dict:
+    """FID/KID (and the classifier score) of uint8 samples (N, H, W, C) for every extractor of
+    ``fid_extractor_names``, against the statistics at ``fid_stats_path``: {"<extractor>": {fid, kid, kid_std,
+    num_samples, notes, reference_stats, reference_sha256, ...}, "num_samples": n}. The first ``num_samples``
+    (default ``config.eval.num_samples``) are used; fewer is an error."""
+    config = exp.config
+    samples = features.check_samples(samples_uint8, int(config.eval.num_samples if num_samples is None
+                                                        else num_samples))
+    out = {"num_samples": int(len(samples))}
+    for name in fid_extractor_names(config):
+        stats = reference.load_stats(fid_stats_path(config, workdir, name), resolution=samples.shape[1],
+                                     extractor=name, num_channels=samples.shape[-1])
+        out[name] = features.evaluate_against(samples, feature_extractor(name, config, workdir), stats,
+                                              config.eval.batch_size, feature_sharding(exp))
+    return out
+
+
+def fid_stats(exp: Experiment, workdir: str) -> None:
+    """``--mode=fid_stats``: statistics of every image (or the first ``config.eval.fid_num_images``) of
+    ``config.eval.fid_split`` (default "train"), as stored (uint8), for each extractor of ``fid_extractor_names``;
+    written by process 0 to ``fid_stats_path``. Prints a progress line per batch; a stop signal ends it after the
+    current batch, writing nothing."""
+    config = exp.config
+    split, limit = config.eval.get("fid_split", "train"), config.eval.get("fid_num_images", None)
+    names, d, batch_size = fid_extractor_names(config), config.data, int(config.eval.batch_size)
+    print(f"FID reference statistics over {'every image' if limit is None else f'the first {limit} images'} of "
+          f"{d.dataset}/{split} with {', '.join(names)} features (config.eval.fid_num_images)", flush=True)
+    for name in names:
+        extractor = feature_extractor(name, config, workdir)
+        total = datasets.count_uint8_batches(config, split)
+        if limit is not None:
+            total = min(total or 1 << 62, -(-int(limit) // batch_size))
+        progress = utils.Progress(f"{name} features of {d.dataset}/{split}", total,
+                                  detail=f"batches of {batch_size}", min_interval=5.0)
+        images = (x for x, _ in datasets.uint8_batches(config, split))
+        try:
+            feats, _ = features.extract_features(extractor, images, batch_size, limit, progress=progress.update,
+                                                 sharding=feature_sharding(exp))
+        except utils.Stopped as e:
+            e.message += f"; no {name} statistics written"
+            raise
+        if jax.process_index() == 0:
+            path = reference.save_stats(fid_stats_path(config, workdir, name, split), feats, dataset=d.dataset,
+                                        split=split, resolution=int(d.image_size), num_channels=int(d.num_channels),
+                                        extractor=name)
+            print(f"wrote {name} statistics of {len(feats)} {d.dataset}/{split} images to {path}")
+
+
+def _check_reference_stats(config, workdir) -> list:
+    """The reference statistics files ``fid_figures`` will read; a missing one is an error naming it."""
+    paths = [fid_stats_path(config, workdir, name) for name in fid_extractor_names(config)]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"reference statistics {missing} do not exist; write them with --mode=fid_stats "
+                                f"or point --config.eval.fid_stats_dir at them")
+    return paths
+
+
+def eval_samples(exp: Experiment, workdir: str) -> dict:
+    """``--mode=eval_samples``: FID/KID (and the classifier score) of ``config.eval.samples`` (a samples.npz or a
+    folder of PNGs) against the reference statistics of ``fid_extractor_names`` (written by ``--mode=fid_stats``;
+    ``config.eval.fid_stats_dir``). Written to ``<workdir>/eval_samples/<name>_<sha256[:8]>.json``."""
+    config = exp.config
+    source = config.eval.get("samples", None)
+    if not source:
+        raise ValueError("--mode=eval_samples needs --config.eval.samples=<samples.npz or a folder of PNGs>")
+    refs = _check_reference_stats(config, workdir)
+    samples = sample_files.load_samples(source, int(config.data.image_size), int(config.data.num_channels))
+    print(f"evaluating {len(samples)} samples from {source} against {', '.join(map(str, refs))}", flush=True)
+    metrics = fid_figures(exp, workdir, samples, len(samples))
+    digest = hashlib.sha256(samples.tobytes()).hexdigest()
+    unknown = dict.fromkeys(("reference_sha256", "sampler", "sampler_options", "nfe", "ema", "denoise", "seed",
+                             "checkpoint_step"))   # samples made elsewhere: how is not known here
+    provenance = {"num_samples": len(samples), "reference_stats": [str(p) for p in refs], **unknown,
+                  "samples": str(pathlib.Path(source).absolute()), "samples_sha256": digest}
+    name = pathlib.Path(source).stem if pathlib.Path(source).is_file() else pathlib.Path(source).name
+    path = pathlib.Path(workdir) / "eval_samples" / f"{name}_{digest[:8]}.json"
+    utils.atomic_write_json(path, {"metrics": metrics, "provenance": provenance})
+    for extractor in fid_extractor_names(config):
+        m = metrics[extractor]
+        kid = f", KID {m['kid']:.4g}" if "kid" in m else ""
+        print(f"{extractor}: FID {m['fid']:.4g}{kid} ({m['num_samples']} samples)")
+        for note in m.get("notes", []):
+            print(f"  note: {note}")
+    print(f"wrote {path}")
+    return {"metrics": metrics, "provenance": provenance, "path": str(path)}

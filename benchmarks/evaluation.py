@@ -19,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--weights", default=None, help="inception npz (default: evaluation's search path)")
+    parser.add_argument("--weights", default=None, help="inception npz (default: evaluation.inception's search path)")
     return parser
 
 
@@ -32,7 +32,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
 
-import evaluation  # noqa: E402
+from evaluation import digits, inception  # noqa: E402
 
 
 def throughput(extractor, images: np.ndarray, repeats: int):
@@ -51,14 +51,14 @@ def main(argv=None) -> None:
     device = jax.devices()[0]
     print(f"backend {jax.default_backend()} ({device.device_kind}), {jax.device_count()} device(s)")
     images = np.random.default_rng(0).integers(0, 256, (args.batch, args.size, args.size, 3), dtype=np.uint8)
-    first, rate = throughput(evaluation.InceptionExtractor(args.weights), images, args.repeats)
+    first, rate = throughput(inception.InceptionExtractor(args.weights), images, args.repeats)
     print(f"inception features, batch {args.batch} of {args.size}x{args.size}: first call {first:.1f} s, "
           f"{rate:.1f} images/s")
-    params = evaluation.load_digits_classifier(None)
+    params = digits.load_digits_classifier(None)
     digits = images[:, :8, :8, :1]
     t0 = time.perf_counter()
     for _ in range(args.repeats):
-        evaluation.digits_features_logits(params, digits)
+        digits.digits_features_logits(params, digits)
     print(f"digits classifier (numpy MLP): {args.repeats * len(digits) / (time.perf_counter() - t0):.0f} images/s")
 
 

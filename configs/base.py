@@ -94,7 +94,7 @@ def _eval_section():
     evaluate.enable_loss = True            # --mode=eval: loss on the test split
     evaluate.enable_bpd = False            # --mode=eval: bits/dim via likelihood.py (config.eval.likelihood)
     evaluate.enable_sampling = True        # --mode=eval: eval.num_samples samples and their quality figures
-    evaluate.fid_extractors = placeholder(str)     # comma list of evaluation.FEATURE_EXTRACTORS; None: by dataset
+    evaluate.fid_extractors = placeholder(str)     # comma list of run_lib.FEATURE_EXTRACTORS; None: by dataset
     evaluate.fid_split = "train"                   # reference split of the dataset statistics
     evaluate.fid_num_images = placeholder(int)     # reference statistics over the first n images; None: all
     evaluate.fid_stats_dir = placeholder(str)      # None: <workdir>/fid_stats

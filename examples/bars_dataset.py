@@ -1,6 +1,7 @@
 """Adding a dataset is one function in ``datasets.SOURCES``: ``source(config, split) -> (images, labels)`` with
 uint8 images (N, H, W, C) and int32 labels (N,). Batching, sharding over processes, shuffling, flips, scaling to
-[-1, 1] and the inverse transform for saved PNGs come from ``datasets.get_dataset``.
+[-1, 1] and the inverse transform for saved PNGs come from ``datasets.get_dataset``. An image source needs no
+shape (``datasets.image_shape``); its quality figure is one function in ``evaluation.quality.QUALITY_FIGURES``.
 
 The source here is the classic "bars" problem: 8×8 binary images in which every row (label 0) or every column
 (label 1) is independently on with probability ½, so a sample is valid exactly when it is constant along rows or
@@ -12,6 +13,7 @@ import numpy as np
 
 import datasets
 from configs.base import get_base_config
+from evaluation import quality
 
 BARS_SIZES = {"train": 4096, "test": 512}
 
@@ -40,6 +42,13 @@ def is_bars(images: np.ndarray) -> np.ndarray:
     rows = np.all(b == b[:, :, :1], axis=(1, 2))
     cols = np.all(b == b[:, :1, :], axis=(1, 2))
     return rows | cols
+
+
+@quality.register_quality_figure("bars")
+def bars_quality(config, samples: np.ndarray) -> dict:
+    """The quality figure of ``--mode=sample`` / ``--mode=eval``: the fraction of uint8 samples that are valid bars
+    images (every real image is)."""
+    return {"fraction_valid": float(is_bars(samples).mean()), "num_samples": int(len(samples))}
 
 
 def get_config():

@@ -106,7 +106,7 @@ def test_digits_batches_shapes_and_range():
 def test_colored_digits_are_the_digits_tinted_by_one_palette_colour():
     """Same split and labels as the digits; each image is round(gray · c) for one palette colour c, so its channel
     mean is gray/2 (all colours sum to 1.5) up to uint8 rounding; every colour is used in both splits."""
-    import evaluation
+    from evaluation import metrics
 
     gray_cfg, rgb_cfg = make_config(), make_config(source="colored_digits", num_channels=3)
     np.testing.assert_allclose(datasets.COLOR_PALETTE.sum(1), 1.5)
@@ -116,11 +116,11 @@ def test_colored_digits_are_the_digits_tinted_by_one_palette_colour():
         assert rgb.shape == gray.shape[:3] + (3,) and rgb.dtype == np.uint8
         np.testing.assert_array_equal(y, y_gray)
         assert np.abs(rgb.astype(float).mean(-1) - 0.5 * gray[..., 0]).max() <= 0.5
-        fit = evaluation.palette_fit(rgb, datasets.COLOR_PALETTE)
+        fit = metrics.palette_fit(rgb, datasets.COLOR_PALETTE)
         assert fit["residual"].max() < 0.01 and set(fit["color"]) == set(range(6))
         np.testing.assert_array_equal(datasets.tint(gray, fit["color"]), rgb)
     gray_rgb = np.repeat(gray, 3, -1)     # a gray image is no palette colour: residual 1/3
-    np.testing.assert_allclose(evaluation.palette_fit(gray_rgb, datasets.COLOR_PALETTE)["residual"], 1 / 3,
+    np.testing.assert_allclose(metrics.palette_fit(gray_rgb, datasets.COLOR_PALETTE)["residual"], 1 / 3,
                                atol=1e-9)
 
 
@@ -161,6 +161,26 @@ def test_toy_finite_mode_complete():
     config = make_config(source="toy", dataset="two_moons", toy_eval_size=50)
     x, labels = collect(datasets.get_dataset(config, "test", infinite=False, process_index=0, process_count=1))
     assert x.shape == (50, 2)
+
+
+def test_sources_declare_their_shape_and_stored_splits_come_back_exactly(monkeypatch):
+    """Images: (H, W, C) from config.data; toy and any source registered with ``shape=``: what they declare, and
+    image-only consumers refuse them with one line. ``uint8_split`` returns the stored uint8 split exactly."""
+    assert datasets.data_shape(make_config(source="digits", image_size=8, num_channels=1).data) == (8, 8, 1)
+    assert datasets.data_shape(make_config(source="toy", dataset="two_moons").data) == (2,)
+    monkeypatch.setitem(datasets.SOURCES, "_vectors", None)
+    monkeypatch.setitem(datasets.SHAPES, "_vectors", lambda data: (5,))
+    vectors = make_config(source="_vectors")
+    assert datasets.data_shape(vectors.data) == (5,) and not datasets.holds_images(vectors.data)
+    with pytest.raises(ValueError, match=r"config.data.source='_vectors' holds vectors of shape \(5,\)"):
+        next(datasets.uint8_batches(vectors, "train"))
+    digits = make_config(source="digits", image_size=8, num_channels=1)
+    images, labels = datasets.uint8_split(digits, "test")
+    stored, stored_labels = datasets.load_digits(digits, "test")
+    np.testing.assert_array_equal(images, stored)
+    np.testing.assert_array_equal(labels, stored_labels)
+    assert datasets.count_uint8_batches(digits, "test") == -(-len(stored) // 16)
+    assert datasets.count_uint8_batches(make_config(source="toy", dataset="two_moons"), "test") is None
 
 
 # ---------------------------------------------------------------------------- pipeline properties

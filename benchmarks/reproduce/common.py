@@ -187,24 +187,27 @@ def draw(cfg, ev, method: str, options: dict, n: int, seed: int, N: Optional[int
 
 
 def run_data_shape(cfg) -> tuple:
-    import experiment
+    import datasets
 
-    return experiment.data_shape(cfg)
+    return datasets.data_shape(cfg.data)
 
 
 def quality(cfg, workdir: pathlib.Path, images: np.ndarray) -> dict:
     """Domain-classifier FID of uint8 samples: digits classifier (digits), else the Fashion-MNIST domain
-    classifier of ``evaluation.py`` against train-split statistics built once in ``<workdir>/fid``."""
-    import evaluation
+    classifier of ``evaluation/classifiers.py`` against train-split statistics built once in ``<workdir>/fid``."""
+    import experiment
+    import run_lib
+    from evaluation import digits
 
     if cfg.data.source == "digits":
-        q = evaluation.digits_quality(images)
+        q = digits.digits_quality(images)
         return {"fid": q["samples"]["domain_fid"], "fid_real_heldout": q["real_heldout"]["domain_fid"],
                 "classifier_score": q["samples"]["classifier_score"]}
     cfg = _fid_config(cfg, workdir)
-    if not evaluation.stats_path(cfg, workdir, "domain").exists():
-        evaluation.run_fid_stats(cfg, str(workdir))
-    out = evaluation.evaluate_samples(cfg, str(workdir), images, len(images))
+    exp = experiment.Experiment.from_config(cfg)
+    if not run_lib.fid_stats_path(cfg, workdir, "domain").exists():
+        run_lib.fid_stats(exp, str(workdir))
+    out = run_lib.fid_figures(exp, str(workdir), images, len(images))
     return {"fid": out["domain"]["fid"], "kid": out["domain"].get("kid")}
 
 
@@ -224,10 +227,10 @@ def real_reference(setting: Setting, workdir: pathlib.Path, report_only: bool = 
     if report_only:
         return stored or None
     if "fid_subsets" not in stored:  # also upgrades a file written before the spread was recorded
-        import evaluation
+        import datasets
 
         cfg = model_config(setting, "vp_dsm")
-        images, _ = evaluation.dataset_uint8(cfg, "test")
+        images, _ = datasets.uint8_split(cfg, "test")
         stored = real_spread([quality(cfg, workdir, part)["fid"] for part in
                               disjoint_subsets(images, setting.num_samples, REAL_SUBSETS)], setting.num_samples)
         _write_json(path, stored)

@@ -52,10 +52,10 @@ def test_vp_alphas_cumprod_matches_integral_of_beta():
     i = np.arange(sde.N)
     t = (i + 1) / sde.N  # ᾱ_i covers i+1 steps of length 1/N
     alpha_t, _ = sde.alpha_sigma(jnp.asarray(t))
-    np.testing.assert_allclose(np.sqrt(sde.alphas_cumprod), alpha_t, rtol=0, atol=2e-3)
+    np.testing.assert_allclose(np.sqrt(sde.chain.alphas_cumprod), alpha_t, rtol=0, atol=2e-3)
     # DDPM's own schedule: β from 1e-4 to 0.02
-    np.testing.assert_allclose(sde.discrete_betas[[0, -1]], [1e-4, 0.02], rtol=1e-12)
-    np.testing.assert_allclose(sde.discrete_betas[1] - sde.discrete_betas[0],
+    np.testing.assert_allclose(sde.chain.betas[[0, -1]], [1e-4, 0.02], rtol=1e-12)
+    np.testing.assert_allclose(sde.chain.betas[1] - sde.chain.betas[0],
                                (sde.beta_max - sde.beta_min) / (sde.N * (sde.N - 1)), rtol=1e-9)
 
 
@@ -68,7 +68,7 @@ def test_vp_discretize_is_the_ddpm_chain():
         t = jnp.full((n,), i * sde.T / (sde.N - 1))
         f, G = sde.discretize(x, t)
         x = x + f + G[:, None] * jax.random.normal(jax.random.fold_in(jax.random.key(2), i), x.shape)
-    abar = sde.alphas_cumprod[39]
+    abar = sde.chain.alphas_cumprod[39]
     assert abs(float(x.mean()) - np.sqrt(abar) * x0) < 0.03
     assert abs(float(x.var()) - (1 - abar)) < 0.03
 
@@ -85,14 +85,14 @@ def test_posterior_matches_bayes_rule_on_a_grid():
     x0, xt = 0.7, -0.4
     grid = np.linspace(-6, 6, 200001)
     for i in [1, 10, 500, 999]:
-        abar_prev, alpha = sde.alphas_cumprod[i - 1], sde.alphas[i]
+        abar_prev, alpha = sde.chain.alphas_cumprod[i - 1], sde.chain.alphas[i]
         log_post = (stats.norm.logpdf(xt, np.sqrt(alpha) * grid, np.sqrt(1 - alpha))
                     + stats.norm.logpdf(grid, np.sqrt(abar_prev) * x0, np.sqrt(1 - abar_prev)))
         w = np.exp(log_post - log_post.max())
         w /= w.sum()
         mean = (w * grid).sum()
         var = (w * (grid - mean) ** 2).sum()
-        mu, v = sde.posterior(jnp.full((1, 1), xt), jnp.full((1, 1), x0), jnp.array([i]))
+        mu, v = sde.chain.posterior(jnp.full((1, 1), xt), jnp.full((1, 1), x0), jnp.array([i]))
         np.testing.assert_allclose(float(mu[0, 0]), mean, atol=1e-5)
         np.testing.assert_allclose(float(v[0]), var, rtol=1e-3)
 
@@ -238,10 +238,11 @@ def test_discrete_models_use_the_chains_marginal():
     i = np.floor(np.asarray(t) * (vp.N - 1) + 1e-4).astype(int)
     x = jnp.ones((3, 2))
     eps_hat = jnp.full((3, 2), 0.5)
+    expected = -0.5 / np.sqrt(1 - vp.chain.alphas_cumprod[i])
     np.testing.assert_allclose(vp.score_from_output(eps_hat, x, t, "eps", discrete=True),
-                               np.broadcast_to(-0.5 / np.sqrt(1 - vp.alphas_cumprod[i])[:, None], (3, 2)), rtol=1e-4)
+                               np.broadcast_to(expected[:, None], (3, 2)), rtol=1e-4)
     continuous = vp.score_from_output(eps_hat, x, t, "eps")
-    assert abs(float(continuous[0, 0]) / (-0.5 / np.sqrt(1 - vp.alphas_cumprod[i[0]])) - 1) > 0.01
+    assert abs(float(continuous[0, 0]) / expected[0] - 1) > 0.01
     np.testing.assert_allclose(ve.chain_alpha_sigma(t)[1], ve.discrete_sigmas[i], rtol=1e-5)
 
 
@@ -249,5 +250,5 @@ def test_vp_chain_too_short_is_a_clear_error():
     """With N ≤ β_max the DDPM β_N = β_max/N ≥ 1 (√(1-β) undefined): named error instead of NaN samples."""
     for cls in (sde_lib.VPSDE,):
         with pytest.raises(ValueError, match=r"N=10.*must be < 1; use N > 20"):
-            _ = cls(N=10).discrete_betas
-    assert sde_lib.VPSDE(N=21).discrete_betas[-1] < 1
+            _ = cls(N=10).chain
+    assert sde_lib.VPSDE(N=21).chain.betas[-1] < 1

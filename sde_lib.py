@@ -92,17 +92,18 @@ class DDPMChain:
         return cls(betas)
 
     @classmethod
-    def from_alpha_bar(cls, alpha_bar: Callable, N: int, max_beta: float = 0.999) -> "DDPMChain":
-        """β_i = min(1 - ᾱ(i/N) / ᾱ((i-1)/N), max_beta), i = 1..N, for a decreasing ᾱ(u) on u ∈ [0, 1]
-        (Nichol & Dhariwal 2021, Eq. 17; the clip keeps the last steps, where ᾱ → 0, finite)."""
-        abar = np.asarray(alpha_bar(np.arange(N + 1, dtype=np.float64) / N), np.float64)
+    def from_alpha_bar(cls, alpha_bar: Callable, N: int, max_beta: float = 0.999, T: float = 1.0) -> "DDPMChain":
+        """β_i = min(1 - ᾱ(u_i) / ᾱ(u_{i-1}), max_beta), u_i = i T/N, i = 1..N, for a decreasing ᾱ(u) (numpy,
+        float64) on [0, T] (Nichol & Dhariwal 2021, Eq. 17; the clip keeps the last steps, where ᾱ → 0, finite)."""
+        abar = np.asarray(alpha_bar(np.arange(N + 1, dtype=np.float64) * (T / N)), np.float64)
         return cls.from_betas(np.minimum(1.0 - abar[1:] / abar[:-1], max_beta))
 
     @classmethod
-    def cosine(cls, N: int, s: float = 0.008, max_beta: float = 0.999) -> "DDPMChain":
-        """The cosine schedule ᾱ(u) = f(u)/f(0), f(u) = cos²(π/2 · (u + s)/(1 + s)) (Nichol & Dhariwal 2021)."""
+    def cosine(cls, N: int, s: float = 0.008, max_beta: float = 0.999, T: float = 1.0) -> "DDPMChain":
+        """The cosine schedule ᾱ(u) = f(u)/f(0), f(u) = cos²(π/2 · (u + s)/(1 + s)) (Nichol & Dhariwal 2021), on
+        u ∈ [0, T] (T = 1: their chain; T < 1 stops before ᾱ reaches 0)."""
         f = lambda u: np.cos(0.5 * np.pi * (u + s) / (1 + s)) ** 2
-        return cls.from_alpha_bar(lambda u: f(u) / f(0.0), N, max_beta)
+        return cls.from_alpha_bar(lambda u: f(u) / f(0.0), N, max_beta, T)
 
     @property
     def N(self) -> int:

@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import torch_io
-from models.torch_mapping import ConversionError, Params, StateDict, get_converter, listed, non_trainable_names
+from models.torch_mapping import (MAX_LISTED, ConversionError, Params, StateDict, get_converter, listed,
+                                  non_trainable_names)
 
 BUFFERS = ("sigmas",)  # state-dict entries that are buffers, not parameters, in score_sde_pytorch models
 MAX_STEP = 2**31 - 1  # the train state's step is int32

@@ -9,8 +9,10 @@ Song et al., "Score-Based Generative Modeling through Stochastic Differential Eq
 Every SDE here is affine, so the perturbation kernel is Gaussian, p_0t(x(t) | x(0)) = N(α(t) x(0), σ(t)² I), and
 an SDE object owns *all* of its math: drift and diffusion, the marginal α(t), σ(t), the prior and its density,
 the discrete Markov chain it is the limit of (DDPM for VP, SMLD/NCSN for VE), the reverse SDE/ODE, and the
-conversion of a network's output into a score. Nothing outside this module branches on the type of an SDE:
-adding an SDE is writing one subclass (decorate it with ``@register_sde("name")`` to select it from configs).
+conversion of a network's output into a score. The DDPM chain is a value, ``DDPMChain``, built from any β schedule
+and owned by VP-type SDEs as ``sde.chain`` (None for the others). Nothing outside this module branches on the type
+of an SDE: adding an SDE is writing one subclass (decorate it with ``@register_sde("name")`` to select it from
+configs).
 
 Conventions: ``x`` has a leading batch axis, ``t`` has shape (batch,), time runs in [0, T] with data at t=0.
 """

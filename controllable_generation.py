@@ -8,8 +8,9 @@
 * Class-conditional sampling: s(x, t) + w ∇x log p_t(y | x) with a noise-conditional classifier.
 * Classifier-free guidance: (1 + w) s(x, t, y) - w s(x, t, ∅), ∅ the null label ``num_classes``.
 
-Also: the training objectives ``classifier`` and ``dsm_cfg`` (registered in ``losses.LOSSES``) and
-``run(config, workdir)``, the ``--mode=sample`` entry for ``config.sampling.task`` != "unconditional".
+The training objectives of the classifier and of the class-conditional model are ``losses``' ``classifier`` and
+``dsm_cfg``. Also ``run(config, workdir)``, the ``--mode=sample`` entry for ``config.sampling.task`` !=
+"unconditional".
 """
 from __future__ import annotations
 
@@ -22,7 +23,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import losses
 import samplers
 import utils
 from evaluation import metrics, quality
@@ -361,47 +361,6 @@ def model_cfg_score_fn(model, params, sde: SDE, y: Array, guidance_scale: float)
     check_labels(np.asarray(y), num_classes, y.shape[0])
     cond = lambda x, t, labels: model.score(params, sde, x, t, y=labels)
     return cfg_score_fn(cond, y, num_classes, guidance_scale)
-
-
-# ---- training objectives --------------------------------------------------------------------------------------
-@losses.register_loss("classifier")
-def get_classifier_loss(config, sde: SDE, model) -> losses.LossFn:
-    """Noise-conditional classifier: cross-entropy -log p_θ(y | x_t, t) on x_t ~ p_t(x_t | x_0), t ~ U[eps, T]
-    (``batch["label"]`` the class). Metrics: accuracy and t."""
-    eps = losses.training_eps(config, sde)
-
-    def loss_fn(params, key, batch):
-        x, y = batch["x"], batch["label"].astype(jnp.int32)
-        k_t, k_z, k_drop = jax.random.split(key, 3)
-        t = eps + jax.random.uniform(k_t, (x.shape[0],)) * (sde.T - eps)
-        x_t, _, _ = sde.perturb(k_z, x, t)
-        logits = model.output(params, sde, x_t, t, train=True, key=k_drop)
-        log_p = jax.nn.log_softmax(logits, axis=-1)
-        nll = -jnp.take_along_axis(log_p, y[:, None], axis=1)[:, 0]
-        return nll, {"accuracy": (jnp.argmax(logits, -1) == y).astype(jnp.float32), "t": t}
-
-    return loss_fn
-
-
-@losses.register_loss("dsm_cfg", continuous_time=True)
-def get_cfg_dsm_loss(config, sde: SDE, model) -> losses.LossFn:
-    """DSM of a class-conditional model s_θ(x, t, y) with label dropout: y replaced by the null label ∅ =
-    ``config.data.num_classes`` with probability ``config.training.label_dropout`` (Ho & Salimans 2022)."""
-    tc = config.training
-    p_drop, null = float(tc.get("label_dropout", 0.1)), int(config.data.num_classes)
-    sampler = losses.TimeSampler(sde, losses.training_eps(config, sde), tc.likelihood_weighting,
-                                 tc.importance_sampling)
-
-    def loss_fn(params, key, batch):
-        x = batch["x"]
-        k_t, k_z, k_drop, k_y = jax.random.split(key, 4)
-        y = jnp.where(jax.random.uniform(k_y, (x.shape[0],)) < p_drop, null, batch["label"].astype(jnp.int32))
-        t, weight = sampler(k_t, x.shape[0])
-        x_t, z, sigma = sde.perturb(k_z, x, t)
-        score = model.score(params, sde, x_t, t, train=True, key=k_drop, y=y)
-        return losses.dsm_at(score, z, sigma, weight, tc.reduce_mean), {"t": t}
-
-    return loss_fn
 
 
 # ---- --mode=sample with config.sampling.task ----------------------------------------------------------------------

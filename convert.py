@@ -5,151 +5,29 @@ A score_sde_pytorch checkpoint is ``torch.save({"optimizer", "model", "ema", "st
 ``shadow_params`` is an unnamed list of the *trainable* parameters in parameter order (buffers such as ``sigmas``
 and ``requires_grad=False`` parameters such as NCSN++'s Fourier ``W`` are absent; they come from ``model``).
 
-Each model family registers a converter ``fn(state_dict: StateDict, model_cfg, data_cfg) -> params`` in
-``TORCH_CONVERTERS`` (``@register_converter(name, non_trainable=...)``). Converters read tensors by their torch
-name (without ``module.``) through ``StateDict``, which records what was read. The mapping is strict: a tensor
-nobody read, a Flax parameter nobody produced, or a shape that differs from ``jax.eval_shape`` of the model's
-init is one error listing the names. Layout helpers: ``conv_kernel`` (OIHW -> HWIO), ``dense_kernel``
-((out, in) -> (in, out)).
+The converters are registered next to the models (``models.torch_mapping.register_converter``); the mapping is
+strict: a tensor nobody read, a Flax parameter nobody produced, or a shape that differs from ``jax.eval_shape`` of
+the model's init is one error listing the names.
 """
 from __future__ import annotations
 
 import dataclasses
 import pathlib
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+import experiment
+import models
 import torch_io
+import utils
+from models.torch_mapping import (MAX_LISTED, ConversionError, Params, StateDict, get_converter, listed,
+                                  non_trainable_names)
 
-Params = Dict[str, Any]
-ConverterFn = Callable[["StateDict", Any, Any], Params]
-
-TORCH_CONVERTERS: Dict[str, ConverterFn] = {}
-# model name -> names of non-trainable state-dict entries (absent from the EMA list), or fn(model_cfg) -> names.
-NON_TRAINABLE: Dict[str, Union[Sequence[str], Callable[[Any], Sequence[str]]]] = {}
-DEFAULT_NON_TRAINABLE = ("sigmas",)
 BUFFERS = ("sigmas",)  # state-dict entries that are buffers, not parameters, in score_sde_pytorch models
-MAX_LISTED = 8
 MAX_STEP = 2**31 - 1  # the train state's step is int32
-
-
-class ConversionError(ValueError):
-    """A checkpoint that does not map exactly onto the configured model."""
-
-
-def register_converter(name: str, non_trainable=DEFAULT_NON_TRAINABLE):
-    """Decorator registering ``fn(state_dict, model_cfg, data_cfg) -> params`` for ``config.model.name``.
-
-    ``non_trainable``: state-dict names absent from the EMA ``shadow_params`` list (buffers and
-    ``requires_grad=False`` parameters), or a function ``model_cfg -> names``.
-    """
-
-    def wrap(fn: ConverterFn) -> ConverterFn:
-        if name in TORCH_CONVERTERS and TORCH_CONVERTERS[name] is not fn:
-            raise ValueError(f"a torch converter for model {name!r} is already registered")
-        TORCH_CONVERTERS[name] = fn
-        NON_TRAINABLE[name] = non_trainable
-        return fn
-
-    return wrap
-
-
-def get_converter(name: str) -> ConverterFn:
-    import models
-    models._import_all()  # model modules register their converters next to their classes
-    if name not in TORCH_CONVERTERS:
-        raise ConversionError(f"no score_sde_pytorch converter for config.model.name={name!r}; models with one: "
-                              f"{sorted(TORCH_CONVERTERS)}")
-    return TORCH_CONVERTERS[name]
-
-
-def _listed(names: Sequence[str], n: int = MAX_LISTED) -> str:
-    names = list(names)
-    more = f" ... and {len(names) - n} more" if len(names) > n else ""
-    return ", ".join(names[:n]) + more
-
-
-# ---- layout helpers ----------------------------------------------------------------------------------------------
-
-
-def conv_kernel(w: np.ndarray) -> np.ndarray:
-    """torch Conv2d weight (out, in, kh, kw) -> Flax Conv kernel (kh, kw, in, out)."""
-    if w.ndim != 4:
-        raise ConversionError(f"expected a 4-D conv weight (out, in, kh, kw), got shape {w.shape}")
-    return np.ascontiguousarray(w.transpose(2, 3, 1, 0))
-
-
-def dense_kernel(w: np.ndarray) -> np.ndarray:
-    """torch Linear weight (out, in) -> Flax Dense kernel (in, out)."""
-    if w.ndim != 2:
-        raise ConversionError(f"expected a 2-D linear weight (out, in), got shape {w.shape}")
-    return np.ascontiguousarray(w.T)
-
-
-# ---- the tracked state dict --------------------------------------------------------------------------------------
-
-
-class StateDict(Mapping):
-    """A torch state dict (names without ``module.``) that records which tensors a converter read.
-
-    ``sd["a.weight"]`` returns the array; ``sd.conv("a")`` / ``sd.dense("a")`` return Flax ``{"kernel", "bias"}``
-    dicts; ``sd.skip(name)`` marks a tensor as deliberately unused. Every array handed out remembers its torch
-    name, so that shape errors can name the tensor.
-    """
-
-    def __init__(self, tensors: Mapping[str, np.ndarray], source: str = "checkpoint"):
-        self._tensors = dict(tensors)
-        self.source = source
-        self.used: set = set()
-        self.origin: Dict[int, str] = {}
-
-    def __getitem__(self, key: str) -> np.ndarray:
-        if key not in self._tensors:
-            stem = key.rsplit(".", 1)[0]
-            near = [k for k in self._tensors if k.startswith(stem)] or self.unused()
-            raise ConversionError(f"{self.source}: tensor {key!r} needed by the configured model is not in the "
-                                  f"checkpoint (wrong config?); unread checkpoint tensors: {_listed(near)}")
-        self.used.add(key)
-        return self._tensors[key]
-
-    def __iter__(self):
-        return iter(self._tensors)
-
-    def __len__(self):
-        return len(self._tensors)
-
-    def take(self, key: str, fn: Optional[Callable[[np.ndarray], np.ndarray]] = None) -> np.ndarray:
-        """``fn(sd[key])`` (default identity) as float32, remembered as coming from ``key``."""
-        arr = self[key]
-        arr = np.asarray(fn(arr) if fn is not None else arr)
-        if np.issubdtype(arr.dtype, np.floating):
-            arr = arr.astype(np.float32)
-        self.origin[id(arr)] = key
-        return arr
-
-    def conv(self, prefix: str, bias: bool = True) -> Params:
-        """Flax Conv params from torch ``<prefix>.weight`` (OIHW) and ``<prefix>.bias``."""
-        out = {"kernel": self.take(f"{prefix}.weight", conv_kernel)}
-        if bias:
-            out["bias"] = self.take(f"{prefix}.bias")
-        return out
-
-    def dense(self, prefix: str, bias: bool = True) -> Params:
-        """Flax Dense params from torch Linear ``<prefix>.weight`` (out, in) and ``<prefix>.bias``."""
-        out = {"kernel": self.take(f"{prefix}.weight", dense_kernel)}
-        if bias:
-            out["bias"] = self.take(f"{prefix}.bias")
-        return out
-
-    def skip(self, *keys: str) -> None:
-        for key in keys:
-            self[key]
-
-    def unused(self) -> List[str]:
-        return [k for k in self._tensors if k not in self.used]
 
 
 def strip_prefix(state: Mapping[str, np.ndarray], prefix: str = "module.") -> Dict[str, np.ndarray]:
@@ -160,11 +38,6 @@ def strip_prefix(state: Mapping[str, np.ndarray], prefix: str = "module.") -> Di
 
 
 # ---- EMA --------------------------------------------------------------------------------------------------------
-
-
-def non_trainable_names(model_name: str, model_cfg) -> Tuple[str, ...]:
-    names = NON_TRAINABLE.get(model_name, DEFAULT_NON_TRAINABLE)
-    return tuple(names(model_cfg) if callable(names) else names)
 
 
 def ema_state_dict(model_sd: Mapping[str, np.ndarray], shadow: Sequence[np.ndarray], non_trainable: Iterable[str],
@@ -183,7 +56,7 @@ def ema_state_dict(model_sd: Mapping[str, np.ndarray], shadow: Sequence[np.ndarr
            for i, (k, s) in enumerate(zip(trainable, shadow)) if tuple(model_sd[k].shape) != tuple(np.shape(s))]
     if bad:
         raise ConversionError(f"{source}: ema.shadow_params do not line up with the model's parameters: "
-                              f"{_listed(bad, 4)}")
+                              f"{listed(bad, 4)}")
     out = dict(model_sd)
     out.update(zip(trainable, (np.asarray(s) for s in shadow)))
     return out
@@ -204,7 +77,6 @@ def _flatten(tree: Mapping, prefix: str = "") -> Dict[str, Any]:
 
 def expected_shapes(config) -> Dict[str, Tuple[int, ...]]:
     """Flat ``{"Conv_0/kernel": shape}`` of the configured model's parameters, via ``jax.eval_shape``."""
-    import models
     model = models.create_model(config)
     shape = (1, config.data.image_size, config.data.image_size, config.data.num_channels)
     tree = jax.eval_shape(lambda k: model.init(k, jnp.zeros(shape, jnp.float32)), jax.random.key(0))
@@ -222,16 +94,16 @@ def check_mapping(params: Params, expected: Mapping[str, Tuple[int, ...]], sd: S
                   for p in flat if p in expected and tuple(np.shape(flat[p])) != expected[p]]
     if mismatched:
         problems.append(f"shape mismatches (first {min(len(mismatched), MAX_LISTED)} of {len(mismatched)}): "
-                        f"{_listed(mismatched)}")
+                        f"{listed(mismatched)}")
     missing = [p for p in expected if p not in flat]
     if missing:
-        problems.append(f"model parameters with no checkpoint tensor: {_listed(missing)}")
+        problems.append(f"model parameters with no checkpoint tensor: {listed(missing)}")
     extra = [named(p) for p in flat if p not in expected]
     if extra:
-        problems.append(f"converted tensors the model does not have: {_listed(extra)}")
+        problems.append(f"converted tensors the model does not have: {listed(extra)}")
     unread = sd.unused()
     if unread:
-        problems.append(f"checkpoint tensors left unmapped: {_listed(unread)}")
+        problems.append(f"checkpoint tensors left unmapped: {listed(unread)}")
     if problems:
         raise ConversionError(f"{sd.source} does not match the configured model ({what}):\n  "
                               + "\n  ".join(problems))
@@ -275,7 +147,7 @@ def check_finite(state: Mapping[str, np.ndarray], where: str) -> None:
     bad = [f"{k} ({int(np.size(v) - np.isfinite(v).sum())} of {np.size(v)} values)" for k, v in state.items()
            if (v.dtype.kind in "fc" or v.dtype.name == "bfloat16") and not np.isfinite(v).all()]
     if bad:
-        raise ConversionError(f"{where}: non-finite (NaN/inf) values in {_listed(bad)}; refusing to convert them")
+        raise ConversionError(f"{where}: non-finite (NaN/inf) values in {listed(bad)}; refusing to convert them")
 
 
 def check_step(value, where: str) -> int:
@@ -332,7 +204,7 @@ def ema_values(model_sd: Dict[str, np.ndarray], ema: Any, config, source: str) -
     named = strip_prefix(ema)
     unknown = [k for k in named if k not in model_sd]
     if unknown:
-        raise ConversionError(f"{source}: EMA tensors with no counterpart in the model: {_listed(unknown)}")
+        raise ConversionError(f"{source}: EMA tensors with no counterpart in the model: {listed(unknown)}")
     return {**model_sd, **named}
 
 
@@ -447,8 +319,8 @@ def check_no_checkpoints(workdir) -> None:
     entries = sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
     if entries:
         steps = [int(n) for n in entries if n.isdigit()]
-        held = f"already has a checkpoint for step{'s' if len(steps) > 1 else ''} {_listed(map(str, steps))}" \
-            if steps else f"is not empty ({_listed(entries)})"
+        held = f"already has a checkpoint for step{'s' if len(steps) > 1 else ''} {listed(map(str, steps))}" \
+            if steps else f"is not empty ({listed(entries)})"
         raise ConversionError(f"{directory} {held}; --mode=convert writes into a workdir without checkpoints "
                               f"(use a new --workdir)")
 
@@ -459,9 +331,6 @@ def save_converted(exp, workdir, params: Params, ema_params: Params, step: int, 
     the config, so that sample/eval/likelihood run on it and training resumes from it (with the converted Adam
     moments when given, else a fresh optimizer state). Returns the checkpoint directory, checked to exist after the
     save; the config and ``converted_from.json`` are written only then."""
-    import experiment  # not at the top while models/ import this module to register converters
-    import utils
-
     config, workdir = exp.config, pathlib.Path(workdir)
     utils.check_workdir_writable(str(workdir))
     check_no_checkpoints(workdir)

@@ -413,8 +413,8 @@ _jitted_ddpm_bound = jax.jit(_ddpm_bound_batch,
 def check_ddpm_bound_inputs(sde, space: DataSpace, num_steps: Optional[int]):
     import losses
 
-    if not losses.has_capability(sde, "ddpm_chain"):
-        raise ValueError(f"the DDPM bound needs {losses.CAPABILITIES['ddpm_chain'][1]}; "
+    if sde.chain is None:
+        raise ValueError(f"the DDPM bound needs {losses.CHAINS['chain']}; "
                          f"{type(sde).__name__} does not provide it")
     if space.bits != 8 or not space.centered:
         raise ValueError(f"the DDPM bound (discretized decoder on 256 levels in [-1, 1]) needs 8-bit data in "
@@ -453,7 +453,7 @@ def ddpm_bound_fn(sde, *, eps_fn_of: Optional[Callable] = None, score_fn_of: Opt
     if score_fn_of is not None:  # continuous times with α(t) = √ᾱ_i, found on the host (numpy) outside jit
         import losses
 
-        score_times = losses.time_of(sde, np.sqrt(sde.alphas_cumprod), "alpha", t_max=1.2 * sde.T)
+        score_times = losses.time_of(sde, np.sqrt(sde.chain.alphas_cumprod), "alpha", t_max=1.2 * sde.T)
 
     def fn(params, key, x):
         x0 = space.lattice(space.integers(x))

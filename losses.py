@@ -16,18 +16,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sde_lib import SDE, _qualified, batch_broadcast
+from sde_lib import SDE, DDPMChain, _qualified, batch_broadcast
 
 Array = jax.Array
 LossFn = Callable[[dict, Array, dict], Tuple[Array, Dict[str, Array]]]
 
 LOSSES: Dict[str, Callable] = {}
 
-# What an objective needs from the SDE, decided by the attributes the SDE provides (never by its class).
-CAPABILITIES: Dict[str, Tuple[Tuple[str, ...], str]] = {
-    "ddpm_chain": (("discrete_betas", "alphas", "alphas_cumprod", "alphas_cumprod_prev", "posterior_variance",
-                    "posterior"), "the DDPM Markov chain (β_i, ᾱ_i, posterior q(x_{i-1}|x_i,x_0)), e.g. vpsde"),
-    "smld_chain": (("discrete_sigmas",), "the SMLD/NCSN noise ladder σ_i (discrete_sigmas), e.g. vesde"),
+# What a discrete objective needs from the SDE: an attribute every SDE declares, None when it has no such chain
+# (decided by the SDE's value, never by its class).
+CHAINS: Dict[str, str] = {
+    "chain": "the DDPM Markov chain (sde.chain: β_i, ᾱ_i, posterior q(x_{i-1}|x_i,x_0)), e.g. vpsde",
+    "discrete_sigmas": "the SMLD/NCSN noise ladder σ_i (sde.discrete_sigmas), e.g. vesde",
 }
 CONTINUOUS_TIME = set()  # losses that draw t ∈ [eps, T] and accept likelihood weighting / importance sampling
 PROJECTIONS = ("gaussian", "rademacher")
@@ -38,9 +38,12 @@ VLB_VARIANCES = ("beta", "posterior")
 def register_loss(name: str, needs: Tuple[str, ...] = (), continuous_time: bool = False):
     """Function decorator adding a loss factory ``factory(config, sde, model) -> loss_fn`` to ``LOSSES``.
 
-    ``needs`` names entries of ``CAPABILITIES`` the SDE must have; ``continuous_time`` marks losses over
+    ``needs`` names the SDE attributes of ``CHAINS`` that must not be None; ``continuous_time`` marks losses over
     t ∈ [eps, T] (which accept ``likelihood_weighting`` and ``importance_sampling``).
     """
+    unknown = [n for n in needs if n not in CHAINS]
+    if unknown:
+        raise ValueError(f"loss {name!r} needs unknown SDE attribute(s) {unknown}; known: {sorted(CHAINS)}")
 
     def wrap(fn):
         old = LOSSES.get(name)
@@ -55,9 +58,9 @@ def register_loss(name: str, needs: Tuple[str, ...] = (), continuous_time: bool 
     return wrap
 
 
-def has_capability(sde: SDE, capability: str) -> bool:
-    """Whether ``sde`` provides the attributes of ``CAPABILITIES[capability]``."""
-    return all(hasattr(sde, a) for a in CAPABILITIES[capability][0])
+def provides(sde: SDE, needs: Tuple[str, ...]) -> bool:
+    """Whether every attribute in ``needs`` (keys of ``CHAINS``) is set (not None) on ``sde``."""
+    return all(getattr(sde, a) is not None for a in needs)
 
 
 # ---- helpers -----------------------------------------------------------------------------------------------
@@ -173,7 +176,7 @@ def step_time(sde: SDE, i: Array) -> Array:
     return i.astype(jnp.float32) * (sde.T / (sde.N - 1))
 
 
-@register_loss("smld", needs=("smld_chain",))
+@register_loss("smld", needs=("discrete_sigmas",))
 def get_smld_loss(config, sde: SDE, model) -> LossFn:
     """NCSN (Song & Ermon 2019): i ~ U{0..N-1}, x̃ = x + σ_i z, loss λ(σ_i) ‖s_θ(x̃, σ_i) + z/σ_i‖², λ = σ²."""
     reduce_mean = config.training.reduce_mean
@@ -210,9 +213,9 @@ def get_single_sigma_dsm_loss(config, sde: SDE, model) -> LossFn:
 
 
 # ---- DDPM: L_simple and the variational bound ----------------------------------------------------------------
-def ddpm_perturb(sde: SDE, key: Array, x0: Array, i: Array) -> Tuple[Array, Array]:
-    """x_i = √ᾱ_i x_0 + √(1-ᾱ_i) ε for 0-based steps i (b,). Returns (x_i, ε)."""
-    abar = jnp.asarray(sde.alphas_cumprod, jnp.float32)[i]
+def ddpm_perturb(chain: DDPMChain, key: Array, x0: Array, i: Array) -> Tuple[Array, Array]:
+    """x_i = √ᾱ_i x_0 + √(1-ᾱ_i) ε for 0-based steps i (b,) of the DDPM ``chain``. Returns (x_i, ε)."""
+    abar = jnp.asarray(chain.alphas_cumprod, jnp.float32)[i]
     noise = jax.random.normal(key, x0.shape, x0.dtype)
     return batch_broadcast(jnp.sqrt(abar), x0) * x0 + batch_broadcast(jnp.sqrt(1 - abar), x0) * noise, noise
 
@@ -223,50 +226,50 @@ def model_eps(model, params, sde: SDE, x: Array, i: Array, *, train: bool = Fals
     t = step_time(sde, i)
     if model.prediction == "eps":
         return model.output(params, sde, x, t, train=train, key=key)
-    std = jnp.sqrt(1.0 - jnp.asarray(sde.alphas_cumprod, jnp.float32)[i])
+    std = jnp.sqrt(1.0 - jnp.asarray(sde.chain.alphas_cumprod, jnp.float32)[i])
     return -batch_broadcast(std, x) * model.score(params, sde, x, t, train=train, key=key)
 
 
-@register_loss("ddpm", needs=("ddpm_chain",))
+@register_loss("ddpm", needs=("chain",))
 def get_ddpm_loss(config, sde: SDE, model) -> LossFn:
     """DDPM L_simple (Ho et al. 2020 Eq. 14): i ~ U{0..N-1}, ‖ε - ε̂_θ(√ᾱ_i x_0 + √(1-ᾱ_i) ε, i)‖².
 
     With s = -ε̂/σ_i, σ_i = √(1-ᾱ_i), this is ‖σ_i s + ε‖²: DSM with λ = σ² at the chain's noise levels.
     """
-    reduce_mean = config.training.reduce_mean
+    reduce_mean, chain = config.training.reduce_mean, sde.chain
 
     def loss_fn(params, key, batch):
         x = batch["x"]
         k_i, k_z, k_drop = jax.random.split(key, 3)
-        i = jax.random.randint(k_i, (x.shape[0],), 0, sde.N)
-        x_i, noise = ddpm_perturb(sde, k_z, x, i)
+        i = jax.random.randint(k_i, (x.shape[0],), 0, chain.N)
+        x_i, noise = ddpm_perturb(chain, k_z, x, i)
         eps_hat = model_eps(model, params, sde, x_i, i, train=True, key=k_drop)
         return reduce_dims((eps_hat - noise) ** 2, reduce_mean), {"step": i.astype(jnp.float32)}
 
     return loss_fn
 
 
-def ddpm_model_variance(sde: SDE, variance: str = "beta") -> np.ndarray:
+def ddpm_model_variance(chain: DDPMChain, variance: str = "beta") -> np.ndarray:
     """σ_i² (N,) of p_θ(x_{i-1}|x_i) = N(μ_θ, σ_i² I): β_i (``"beta"``) or β̃_i (``"posterior"``, with β̃_0 = 0
     replaced by β̃_1 as in Ho et al.'s clipped log-variance)."""
     if variance not in VLB_VARIANCES:
         raise ValueError(f"unknown DDPM decoder variance {variance!r}; expected one of {VLB_VARIANCES}")
     if variance == "beta":
-        return np.asarray(sde.discrete_betas, np.float64)
-    post = np.asarray(sde.posterior_variance, np.float64)
+        return np.asarray(chain.betas, np.float64)
+    post = np.asarray(chain.posterior_variance, np.float64)
     return np.concatenate([post[1:2], post[1:]])
 
 
-def ddpm_vlb_weights(sde: SDE, variance: str = "beta") -> np.ndarray:
+def ddpm_vlb_weights(chain: DDPMChain, variance: str = "beta") -> np.ndarray:
     """λ_i = β_i² / (2 σ_i² α_i (1-ᾱ_i)) (N,) with L_{i-1} = C_i + λ_i ‖ε - ε̂‖² = C_i + λ_i ‖σ s + ε‖²
     (σ = √(1-ᾱ_i), s = -ε̂/σ): each KL term of the bound is DSM with this weight (Ho et al. Eq. 12)."""
-    betas, abar = np.asarray(sde.discrete_betas, np.float64), np.asarray(sde.alphas_cumprod, np.float64)
-    return betas**2 / (2 * ddpm_model_variance(sde, variance) * (1 - betas) * (1 - abar))
+    betas, abar = np.asarray(chain.betas, np.float64), np.asarray(chain.alphas_cumprod, np.float64)
+    return betas**2 / (2 * ddpm_model_variance(chain, variance) * (1 - betas) * (1 - abar))
 
 
-def ddpm_vlb_constants(sde: SDE, variance: str = "beta") -> np.ndarray:
+def ddpm_vlb_constants(chain: DDPMChain, variance: str = "beta") -> np.ndarray:
     """C_i per dimension (N,): ½ (log(σ_i²/β̃_i) + β̃_i/σ_i² - 1), the KL of the variances (nats); C_0 unused."""
-    var, post = ddpm_model_variance(sde, variance), np.asarray(sde.posterior_variance, np.float64)
+    var, post = ddpm_model_variance(chain, variance), np.asarray(chain.posterior_variance, np.float64)
     post = np.where(post > 0, post, var)
     return 0.5 * (np.log(var / post) + post / var - 1)
 
@@ -293,28 +296,29 @@ def discretized_gaussian_log_likelihood(x: Array, mean: Array, std: Array, bins:
     return _log_ndtr_diff(upper, lower)
 
 
-def ddpm_model_mean(sde: SDE, x_i: Array, eps_hat: Array, i: Array) -> Array:
+def ddpm_model_mean(chain: DDPMChain, x_i: Array, eps_hat: Array, i: Array) -> Array:
     """μ_θ(x_i, i) = (x_i - β_i / √(1-ᾱ_i) ε̂) / √α_i (Ho et al. Eq. 11)."""
-    beta = batch_broadcast(jnp.asarray(sde.discrete_betas, jnp.float32)[i], x_i)
-    abar = batch_broadcast(jnp.asarray(sde.alphas_cumprod, jnp.float32)[i], x_i)
+    beta = batch_broadcast(jnp.asarray(chain.betas, jnp.float32)[i], x_i)
+    abar = batch_broadcast(jnp.asarray(chain.alphas_cumprod, jnp.float32)[i], x_i)
     return (x_i - beta / jnp.sqrt(1 - abar) * eps_hat) / jnp.sqrt(1 - beta)
 
 
-def ddpm_vlb_step(sde: SDE, x0: Array, x_i: Array, eps_hat: Array, i: Array, variance: str = "beta") -> Array:
+def ddpm_vlb_step(chain: DDPMChain, x0: Array, x_i: Array, eps_hat: Array, i: Array,
+                  variance: str = "beta") -> Array:
     """Term i of the bound in nats (b,): L_0 = -log p_θ(x_0|x_i) (discretized decoder) where i == 0, else
     L_{i-1} = KL(q(x_{i-1}|x_i, x_0) ‖ p_θ(x_{i-1}|x_i)) summed over dimensions. i: 0-based steps (b,)."""
-    var = batch_broadcast(jnp.asarray(ddpm_model_variance(sde, variance), jnp.float32)[i], x0)
-    mean = ddpm_model_mean(sde, x_i, eps_hat, i)
-    post_mean, post_var = sde.posterior(x_i, x0, i)
+    var = batch_broadcast(jnp.asarray(ddpm_model_variance(chain, variance), jnp.float32)[i], x0)
+    mean = ddpm_model_mean(chain, x_i, eps_hat, i)
+    post_mean, post_var = chain.posterior(x_i, x0, i)
     post_var = batch_broadcast(jnp.where(i == 0, 1.0, post_var), x0)  # i = 0 takes the decoder branch
     kl = reduce_dims(gaussian_kl(post_mean, post_var, mean, var), reduce_mean=False)
     nll = -reduce_dims(discretized_gaussian_log_likelihood(x0, mean, jnp.sqrt(var)), reduce_mean=False)
     return jnp.where(i == 0, nll, kl)
 
 
-def ddpm_prior_kl(sde: SDE, x0: Array) -> Array:
+def ddpm_prior_kl(chain: DDPMChain, x0: Array) -> Array:
     """L_T = KL(q(x_{N-1}|x_0) ‖ N(0, I)) in nats (b,)."""
-    abar = float(sde.alphas_cumprod[-1])
+    abar = float(chain.alphas_cumprod[-1])
     const = -abar - np.log1p(-abar)  # (1 - ᾱ) - 1 - log(1 - ᾱ) without cancellation
     return 0.5 * reduce_dims(abar * x0**2 + const, reduce_mean=False)
 
@@ -323,9 +327,9 @@ def _eps_fn_from_score(sde: SDE, score_fn, score_times=None):
     """ε̂(x_i, i) = -√(1-ᾱ_i) s(x_i, t̂_i), by default at the times where α(t̂_i) = √ᾱ_i (the continuous
     marginal equal to the chain's; for the last steps slightly beyond T, where the SDE formulas still hold)."""
     if score_times is None:
-        score_times = time_of(sde, np.sqrt(sde.alphas_cumprod), "alpha", t_max=1.2 * sde.T)
+        score_times = time_of(sde, np.sqrt(sde.chain.alphas_cumprod), "alpha", t_max=1.2 * sde.T)
     times = jnp.asarray(score_times, jnp.float32)
-    std = jnp.sqrt(1.0 - jnp.asarray(sde.alphas_cumprod, jnp.float32))
+    std = jnp.sqrt(1.0 - jnp.asarray(sde.chain.alphas_cumprod, jnp.float32))
     return lambda x, i: -batch_broadcast(std[i], x) * score_fn(x, times[i])
 
 
@@ -340,31 +344,32 @@ def ddpm_vlb_terms(sde: SDE, x0: Array, key: Array, *, eps_fn=None, score_fn=Non
     if (eps_fn is None) == (score_fn is None):
         raise ValueError("ddpm_vlb_terms needs exactly one of eps_fn or score_fn")
     eps_fn = eps_fn if score_fn is None else _eps_fn_from_score(sde, score_fn, score_times)
-    steps = jnp.arange(sde.N) if steps is None else jnp.asarray(steps, jnp.int32)
+    chain = sde.chain
+    steps = jnp.arange(chain.N) if steps is None else jnp.asarray(steps, jnp.int32)
     b, bpd = x0.shape[0], 1.0 / (np.prod(x0.shape[1:]) * np.log(2.0))
 
     def term(step):
         i = jnp.full((b,), step, jnp.int32)
-        x_i, _ = ddpm_perturb(sde, jax.random.fold_in(key, step), x0, i)
-        return ddpm_vlb_step(sde, x0, x_i, eps_fn(x_i, i), i, variance)
+        x_i, _ = ddpm_perturb(chain, jax.random.fold_in(key, step), x0, i)
+        return ddpm_vlb_step(chain, x0, x_i, eps_fn(x_i, i), i, variance)
 
     terms = jax.lax.map(term, steps).T * bpd
-    prior = ddpm_prior_kl(sde, x0) * bpd
-    return {"prior": prior, "terms": terms, "total": prior + sde.N * jnp.mean(terms, axis=1)}
+    prior = ddpm_prior_kl(chain, x0) * bpd
+    return {"prior": prior, "terms": terms, "total": prior + chain.N * jnp.mean(terms, axis=1)}
 
 
-@register_loss("ddpm_vlb", needs=("ddpm_chain",))
+@register_loss("ddpm_vlb", needs=("chain",))
 def get_ddpm_vlb_loss(config, sde: SDE, model) -> LossFn:
     """One-step unbiased estimate of the DDPM bound in bits/dim: L_T + N L_i, i ~ U{0..N-1}."""
-    variance = config.training.get("vlb_variance", "beta")
+    variance, chain = config.training.get("vlb_variance", "beta"), sde.chain
 
     def loss_fn(params, key, batch):
         x = batch["x"]
         k_i, k_z, k_drop = jax.random.split(key, 3)
-        i = jax.random.randint(k_i, (x.shape[0],), 0, sde.N)
-        x_i, _ = ddpm_perturb(sde, k_z, x, i)
+        i = jax.random.randint(k_i, (x.shape[0],), 0, chain.N)
+        x_i, _ = ddpm_perturb(chain, k_z, x, i)
         eps_hat = model_eps(model, params, sde, x_i, i, train=True, key=k_drop)
-        nats = ddpm_prior_kl(sde, x) + sde.N * ddpm_vlb_step(sde, x, x_i, eps_hat, i, variance)
+        nats = ddpm_prior_kl(chain, x) + chain.N * ddpm_vlb_step(chain, x, x_i, eps_hat, i, variance)
         return nats / (np.prod(x.shape[1:]) * np.log(2.0)), {"step": i.astype(jnp.float32)}
 
     return loss_fn
@@ -471,23 +476,51 @@ def get_ssm_vr_loss(config, sde: SDE, model) -> LossFn:
         config, sde, model, lambda f, x, k: ssm_objective(f, x, k, variance_reduction=True, **opts))
 
 
+# ---- guidance: a noise-conditional classifier and classifier-free guidance -------------------------------------
+@register_loss("classifier")
+def get_classifier_loss(config, sde: SDE, model) -> LossFn:
+    """Noise-conditional classifier: cross-entropy -log p_θ(y | x_t, t) on x_t ~ p_t(x_t | x_0), t ~ U[eps, T]
+    (``batch["label"]`` the class). Metrics: accuracy and t."""
+    eps = training_eps(config, sde)
+
+    def loss_fn(params, key, batch):
+        x, y = batch["x"], batch["label"].astype(jnp.int32)
+        k_t, k_z, k_drop = jax.random.split(key, 3)
+        t = eps + jax.random.uniform(k_t, (x.shape[0],)) * (sde.T - eps)
+        x_t, _, _ = sde.perturb(k_z, x, t)
+        logits = model.output(params, sde, x_t, t, train=True, key=k_drop)
+        log_p = jax.nn.log_softmax(logits, axis=-1)
+        nll = -jnp.take_along_axis(log_p, y[:, None], axis=1)[:, 0]
+        return nll, {"accuracy": (jnp.argmax(logits, -1) == y).astype(jnp.float32), "t": t}
+
+    return loss_fn
+
+
+@register_loss("dsm_cfg", continuous_time=True)
+def get_cfg_dsm_loss(config, sde: SDE, model) -> LossFn:
+    """DSM of a class-conditional model s_θ(x, t, y) with label dropout: y replaced by the null label ∅ =
+    ``config.data.num_classes`` with probability ``config.training.label_dropout`` (Ho & Salimans 2022)."""
+    tc = config.training
+    p_drop, null = float(tc.get("label_dropout", 0.1)), int(config.data.num_classes)
+    sampler = TimeSampler(sde, training_eps(config, sde), tc.likelihood_weighting, tc.importance_sampling)
+
+    def loss_fn(params, key, batch):
+        x = batch["x"]
+        k_t, k_z, k_drop, k_y = jax.random.split(key, 4)
+        y = jnp.where(jax.random.uniform(k_y, (x.shape[0],)) < p_drop, null, batch["label"].astype(jnp.int32))
+        t, weight = sampler(k_t, x.shape[0])
+        x_t, z, sigma = sde.perturb(k_z, x, t)
+        score = model.score(params, sde, x_t, t, train=True, key=k_drop, y=y)
+        return dsm_at(score, z, sigma, weight, tc.reduce_mean), {"t": t}
+
+    return loss_fn
+
+
 # ---- config-time checks and selection -------------------------------------------------------------------------
-LOSS_PLUGINS = ("controllable_generation",)  # modules registering more losses (classifier, dsm_cfg), imported lazily
-
-
-def _import_loss_plugins() -> None:
-    import importlib
-
-    for module in LOSS_PLUGINS:
-        importlib.import_module(module)
-
-
 def resolve_loss_name(config, sde: SDE) -> str:
     """The registered loss ``config.training`` selects: ``loss``, except that ``dsm`` with ``continuous=False``
     is the discrete objective of the SDE's own chain (``ddpm`` for a DDPM chain, ``smld`` for a σ ladder)."""
     name = config.training.loss
-    if name not in LOSSES:
-        _import_loss_plugins()
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r} in config.training.loss; registered losses: {sorted(LOSSES)}")
     if config.training.get("continuous", True) or name not in CONTINUOUS_TIME:
@@ -495,15 +528,15 @@ def resolve_loss_name(config, sde: SDE) -> str:
     if name != "dsm":
         raise ValueError(f"config.training.continuous=False is only defined for loss 'dsm' (it selects the SDE's "
                          f"discrete chain); config.training.loss={name!r} is a continuous-time objective")
-    for chain, discrete in (("ddpm_chain", "ddpm"), ("smld_chain", "smld")):
-        if has_capability(sde, chain):
+    for chain, discrete in (("chain", "ddpm"), ("discrete_sigmas", "smld")):
+        if provides(sde, (chain,)):
             return discrete
     raise ValueError(f"config.training.continuous=False with loss 'dsm' needs an SDE with a discrete chain "
                      f"(DDPM or SMLD); {type(sde).__name__} (config.sde.name) has none")
 
 
 def _compatible_losses(sde: SDE) -> list:
-    return sorted(n for n, f in LOSSES.items() if all(has_capability(sde, c) for c in f.needs))
+    return sorted(n for n, f in LOSSES.items() if provides(sde, f.needs))
 
 
 def _check_options(config, sde: SDE, name: str) -> None:
@@ -524,12 +557,12 @@ def _check_options(config, sde: SDE, name: str) -> None:
 
 def check_loss_config(config, sde: SDE) -> None:
     """Raise a ValueError naming the config key when the objective is unknown, incompatible with ``sde`` (decided
-    by the SDE's capabilities, see ``CAPABILITIES``), or given options it does not take."""
+    by the SDE's chains, see ``CHAINS``), or given options it does not take."""
     name = resolve_loss_name(config, sde)
-    for capability in LOSSES[name].needs:
-        if not has_capability(sde, capability):
+    for need in LOSSES[name].needs:
+        if not provides(sde, (need,)):
             raise ValueError(
-                f"config.training.loss={name!r} needs {CAPABILITIES[capability][1]}, which the SDE "
+                f"config.training.loss={name!r} needs {CHAINS[need]}, which the SDE "
                 f"config.sde.name={config.sde.get('name', type(sde).__name__)!r} does not provide; "
                 f"losses usable with it: {_compatible_losses(sde)}")
     for flag in ("likelihood_weighting", "importance_sampling"):

@@ -9,8 +9,10 @@ Song et al., "Score-Based Generative Modeling through Stochastic Differential Eq
 Every SDE here is affine, so the perturbation kernel is Gaussian, p_0t(x(t) | x(0)) = N(α(t) x(0), σ(t)² I), and
 an SDE object owns *all* of its math: drift and diffusion, the marginal α(t), σ(t), the prior and its density,
 the discrete Markov chain it is the limit of (DDPM for VP, SMLD/NCSN for VE), the reverse SDE/ODE, and the
-conversion of a network's output into a score. Nothing outside this module branches on the type of an SDE:
-adding an SDE is writing one subclass (decorate it with ``@register_sde("name")`` to select it from configs).
+conversion of a network's output into a score. The DDPM chain is a value, ``DDPMChain``, built from any β schedule
+and owned by VP-type SDEs as ``sde.chain`` (None for the others). Nothing outside this module branches on the type
+of an SDE: adding an SDE is writing one subclass (decorate it with ``@register_sde("name")`` to select it from
+configs).
 
 Conventions: ``x`` has a leading batch axis, ``t`` has shape (batch,), time runs in [0, T] with data at t=0.
 """
@@ -70,6 +72,99 @@ def standard_normal_logp(z: Array, scale=1.0) -> Array:
     return -0.5 * d * jnp.log(2 * jnp.pi * scale**2) - _sum_except_batch(z**2) / (2 * scale**2)
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class DDPMChain:
+    """The DDPM Markov chain (Ho et al. 2020) of a β schedule: q(x_i | x_{i-1}) = N(√(1-β_i) x_{i-1}, β_i I).
+
+    Built from any schedule (``from_betas``, ``from_alpha_bar``, ``cosine``); VP-type SDEs own one as ``sde.chain``.
+    Arrays are float64 numpy and 0-based: ``betas[i]`` is the papers' β_{i+1}, step i ends at time i T/(N-1).
+    """
+
+    betas: np.ndarray
+
+    @classmethod
+    def from_betas(cls, betas) -> "DDPMChain":
+        """The chain of β_1..β_N (a 1-D array with 0 ≤ β_i < 1)."""
+        betas = np.array(betas, np.float64)
+        if betas.ndim != 1 or betas.size == 0 or not np.all((betas >= 0) & (betas < 1)):
+            raise ValueError(f"a DDPM chain needs a non-empty 1-D β schedule with 0 <= β_i < 1, got shape "
+                             f"{betas.shape} with values in [{np.min(betas, initial=np.inf):g}, "
+                             f"{np.max(betas, initial=-np.inf):g}]")
+        betas.setflags(write=False)
+        return cls(betas)
+
+    @classmethod
+    def from_alpha_bar(cls, alpha_bar: Callable, N: int, max_beta: float = 0.999, T: float = 1.0) -> "DDPMChain":
+        """β_i = min(1 - ᾱ(u_i) / ᾱ(u_{i-1}), max_beta), u_i = i T/N, i = 1..N, for a decreasing ᾱ(u) (numpy,
+        float64) on [0, T] (Nichol & Dhariwal 2021, Eq. 17; the clip keeps the last steps, where ᾱ → 0, finite)."""
+        abar = np.asarray(alpha_bar(np.arange(N + 1, dtype=np.float64) * (T / N)), np.float64)
+        return cls.from_betas(np.minimum(1.0 - abar[1:] / abar[:-1], max_beta))
+
+    @classmethod
+    def cosine(cls, N: int, s: float = 0.008, max_beta: float = 0.999, T: float = 1.0) -> "DDPMChain":
+        """The cosine schedule ᾱ(u) = f(u)/f(0), f(u) = cos²(π/2 · (u + s)/(1 + s)) (Nichol & Dhariwal 2021), on
+        u ∈ [0, T] (T = 1: their chain; T < 1 stops before ᾱ reaches 0)."""
+        f = lambda u: np.cos(0.5 * np.pi * (u + s) / (1 + s)) ** 2
+        return cls.from_alpha_bar(lambda u: f(u) / f(0.0), N, max_beta, T)
+
+    @property
+    def N(self) -> int:
+        return self.betas.shape[0]
+
+    @functools.cached_property
+    def alphas(self) -> np.ndarray:
+        """α_i = 1 - β_i."""
+        return 1.0 - self.betas
+
+    @functools.cached_property
+    def alphas_cumprod(self) -> np.ndarray:
+        """ᾱ_i = Π_{j≤i} α_j, so q(x_i | x_0) = N(√ᾱ_i x_0, (1 - ᾱ_i) I)."""
+        return np.cumprod(self.alphas)
+
+    @functools.cached_property
+    def alphas_cumprod_prev(self) -> np.ndarray:
+        return np.append(1.0, self.alphas_cumprod[:-1])
+
+    @functools.cached_property
+    def posterior_variance(self) -> np.ndarray:
+        """β̃_i = (1 - ᾱ_{i-1}) / (1 - ᾱ_i) β_i, the variance of q(x_{i-1} | x_i, x_0)."""
+        return self.betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+
+    @functools.cached_property
+    def posterior_mean_coef1(self) -> np.ndarray:
+        """Coefficient of x_0 in μ̃_i(x_i, x_0): √ᾱ_{i-1} β_i / (1 - ᾱ_i)."""
+        return np.sqrt(self.alphas_cumprod_prev) * self.betas / (1.0 - self.alphas_cumprod)
+
+    @functools.cached_property
+    def posterior_mean_coef2(self) -> np.ndarray:
+        """Coefficient of x_i in μ̃_i(x_i, x_0): √α_i (1 - ᾱ_{i-1}) / (1 - ᾱ_i)."""
+        return np.sqrt(self.alphas) * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+
+    def posterior(self, x_t: Array, x_0: Array, i: Array) -> Tuple[Array, Array]:
+        """Mean μ̃_i and variance β̃_i (shape (batch,)) of q(x_{i-1} | x_i, x_0) at integer steps i (0-based)."""
+        c1 = batch_broadcast(jnp.asarray(self.posterior_mean_coef1)[i], x_t)
+        c2 = batch_broadcast(jnp.asarray(self.posterior_mean_coef2)[i], x_t)
+        return c1 * x_0 + c2 * x_t, jnp.asarray(self.posterior_variance)[i]
+
+    def alpha_sigma(self, i: Array) -> Tuple[Array, Array]:
+        """(√ᾱ_i, √(1 - ᾱ_i)) of q(x_i | x_0) at 0-based steps i."""
+        abar = jnp.asarray(self.alphas_cumprod, jnp.float32)[i]
+        return jnp.sqrt(abar), jnp.sqrt(1.0 - abar)
+
+    def discretize(self, x: Array, i: Array) -> Tuple[Array, Array]:
+        """x_i = √(1-β_i) x_{i-1} + √β_i z, i.e. f_i = (√(1-β_i) - 1) x, G_i = √β_i."""
+        beta = jnp.asarray(self.betas, x.dtype)[i]
+        return (batch_broadcast(jnp.sqrt(1.0 - beta), x) - 1.0) * x, jnp.sqrt(beta)
+
+    def ancestral_step(self, x: Array, i: Array, score: Array, variance: str | None = None) -> Tuple[Array, Array]:
+        """x_{i-1} = (x_i + β_i s) / √(1-β_i) + σ_i z (SDE paper Eq. 47): mean and std (batch,), with
+        σ_i² = β_i ("beta", default) or the posterior variance β̃_i ("beta_tilde"); DDPM Sec. 3.2."""
+        beta = jnp.asarray(self.betas, x.dtype)[i]
+        var = _ancestral_variance(variance, "beta", beta, jnp.asarray(self.posterior_variance, x.dtype)[i])
+        b = batch_broadcast(beta, x)
+        return (x + b * score) / jnp.sqrt(1.0 - b), jnp.sqrt(var)
+
+
 @dataclasses.dataclass(frozen=True)
 class SDE(abc.ABC):
     """Base class of affine-drift SDEs dx = f(t) x dt + g(t) dw with a Gaussian perturbation kernel.
@@ -118,11 +213,25 @@ class SDE(abc.ABC):
     def prior_logp(self, z: Array) -> Array:
         """log p_T(z) per example, shape (batch,)."""
 
+    @property
+    def chain(self) -> DDPMChain | None:
+        """The DDPM chain the SDE is the limit of (VP-type SDEs), or None. Setting it gives the SDE the chain's
+        discretization, ancestral sampling, Langevin α_i, the ``ddpm``/``ddpm_vlb`` losses and the DDPM bound."""
+        return None
+
+    @property
+    def discrete_sigmas(self) -> np.ndarray | None:
+        """The SMLD/NCSN noise ladder σ_0 < ... < σ_{N-1} the SDE is the limit of (VE-type SDEs), or None."""
+        return None
+
     def discretize(self, x: Array, t: Array) -> Tuple[Array, Array]:
         """One step of the discrete chain x_{i+1} = x_i + f_i(x_i) + G_i z_i ending at time t.
 
-        Default: Euler–Maruyama with Δt = T/N, f_i = f(x, t) Δt, G_i = g(t) √Δt.
+        The DDPM chain's step when ``chain`` is set, else Euler–Maruyama with Δt = T/N, f_i = f(x, t) Δt,
+        G_i = g(t) √Δt.
         """
+        if self.chain is not None:
+            return self.chain.discretize(x, self.step_index(t))
         dt = self.T / self.N
         drift, diffusion = self.sde(x, t)
         return drift * dt, diffusion * jnp.sqrt(dt)
@@ -145,8 +254,10 @@ class SDE(abc.ABC):
 
     # ---- network output <-> score -------------------------------------------------------------------------
     def chain_alpha_sigma(self, t: Array) -> Tuple[Array, Array]:
-        """α and σ of the discrete chain's marginal q(x_i | x_0) at the step i of t; SDEs without a chain of their
-        own use the continuous α(t), σ(t)."""
+        """α and σ of the discrete chain's marginal q(x_i | x_0) at the step i of t: (√ᾱ_i, √(1 - ᾱ_i)) with a DDPM
+        ``chain``; SDEs without a chain of their own use the continuous α(t), σ(t)."""
+        if self.chain is not None:
+            return self.chain.alpha_sigma(self.step_index(t))
         return self.alpha_sigma(t)
 
     def score_from_output(self, output: Array, x: Array, t: Array, prediction: str,
@@ -207,12 +318,17 @@ class SDE(abc.ABC):
         """Mean and std (shape (batch,)) of the ancestral transition x_{i-1} | x_i of the discrete chain.
 
         ``variance``: "beta" (the forward step's variance) or "beta_tilde" (the posterior q(x_{i-1}|x_i, x_0)'s);
-        None: the chain's usual choice."""
+        None: the chain's usual choice. Defined by the DDPM ``chain`` when there is one."""
+        if self.chain is not None:
+            return self.chain.ancestral_step(x, self.step_index(t), score, variance)
         raise NotImplementedError(
             f"{type(self).__name__} defines no discrete ancestral chain; use another predictor")
 
     def langevin_alpha(self, t: Array) -> Array:
-        """α_i multiplying the Langevin step size of the SDE paper's corrector (Alg. 4/5); 1 by default."""
+        """α_i multiplying the Langevin step size of the SDE paper's corrector (Alg. 4/5): the DDPM ``chain``'s
+        α_i = 1 - β_i, 1 without one."""
+        if self.chain is not None:
+            return jnp.asarray(self.chain.alphas, jnp.float32)[self.step_index(t)]
         return jnp.ones_like(t)
 
 
@@ -285,71 +401,13 @@ class VPSDE(_LinearBetaMixin, SDE):
         log_alpha = -0.5 * self.integral_beta(t)
         return jnp.exp(log_alpha), jnp.sqrt(-jnp.expm1(2 * log_alpha))
 
-    # ---- the DDPM chain (Ho et al. 2020) ---------------------------------------------------------------------
     @functools.cached_property
-    def discrete_betas(self) -> np.ndarray:
-        """β_1..β_N of DDPM; with N=1000 these are DDPM's linspace(1e-4, 0.02). Each must be < 1."""
+    def chain(self) -> DDPMChain:
+        """DDPM's chain with β_i = linspace(β_min/N, β_max/N); with N=1000 DDPM's linspace(1e-4, 0.02)."""
         if self.beta_max / self.N >= 1.0:
             raise ValueError(f"{type(self).__name__}(N={self.N}, beta_max={self.beta_max}): the discrete chain's "
                              f"β_N = beta_max/N = {self.beta_max / self.N:g} must be < 1; use N > {self.beta_max:g}")
-        return np.linspace(self.beta_min / self.N, self.beta_max / self.N, self.N)
-
-    @functools.cached_property
-    def alphas(self) -> np.ndarray:
-        """α_i = 1 - β_i."""
-        return 1.0 - self.discrete_betas
-
-    @functools.cached_property
-    def alphas_cumprod(self) -> np.ndarray:
-        """ᾱ_i = Π_{j≤i} α_j, so q(x_i | x_0) = N(√ᾱ_i x_0, (1 - ᾱ_i) I)."""
-        return np.cumprod(self.alphas)
-
-    @functools.cached_property
-    def alphas_cumprod_prev(self) -> np.ndarray:
-        return np.append(1.0, self.alphas_cumprod[:-1])
-
-    @functools.cached_property
-    def posterior_variance(self) -> np.ndarray:
-        """β̃_i = (1 - ᾱ_{i-1}) / (1 - ᾱ_i) β_i, the variance of q(x_{i-1} | x_i, x_0)."""
-        return self.discrete_betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
-
-    @functools.cached_property
-    def posterior_mean_coef1(self) -> np.ndarray:
-        """Coefficient of x_0 in μ̃_i(x_i, x_0): √ᾱ_{i-1} β_i / (1 - ᾱ_i)."""
-        return np.sqrt(self.alphas_cumprod_prev) * self.discrete_betas / (1.0 - self.alphas_cumprod)
-
-    @functools.cached_property
-    def posterior_mean_coef2(self) -> np.ndarray:
-        """Coefficient of x_i in μ̃_i(x_i, x_0): √α_i (1 - ᾱ_{i-1}) / (1 - ᾱ_i)."""
-        return np.sqrt(self.alphas) * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
-
-    def posterior(self, x_t: Array, x_0: Array, i: Array) -> Tuple[Array, Array]:
-        """Mean μ̃_i and variance β̃_i (shape (batch,)) of q(x_{i-1} | x_i, x_0) at integer steps i (0-based)."""
-        c1 = batch_broadcast(jnp.asarray(self.posterior_mean_coef1)[i], x_t)
-        c2 = batch_broadcast(jnp.asarray(self.posterior_mean_coef2)[i], x_t)
-        return c1 * x_0 + c2 * x_t, jnp.asarray(self.posterior_variance)[i]
-
-    def chain_alpha_sigma(self, t):
-        """(√ᾱ_i, √(1 - ᾱ_i)) at the DDPM step i of t."""
-        abar = jnp.asarray(self.alphas_cumprod, jnp.float32)[self.step_index(t)]
-        return jnp.sqrt(abar), jnp.sqrt(1.0 - abar)
-
-    def discretize(self, x, t):
-        """DDPM: x_i = √(1-β_i) x_{i-1} + √β_i z, i.e. f_i = (√(1-β_i) - 1) x, G_i = √β_i."""
-        beta = jnp.asarray(self.discrete_betas, x.dtype)[self.step_index(t)]
-        return (batch_broadcast(jnp.sqrt(1.0 - beta), x) - 1.0) * x, jnp.sqrt(beta)
-
-    def ancestral_step(self, x, t, score, variance=None):
-        """DDPM ancestral sampling: x_{i-1} = (x_i + β_i s) / √(1-β_i) + σ_i z (SDE paper Eq. 47), with
-        σ_i² = β_i ("beta", default) or the posterior variance β̃_i ("beta_tilde"); DDPM Sec. 3.2."""
-        i = self.step_index(t)
-        beta = jnp.asarray(self.discrete_betas, x.dtype)[i]
-        var = _ancestral_variance(variance, "beta", beta, jnp.asarray(self.posterior_variance, x.dtype)[i])
-        b = batch_broadcast(beta, x)
-        return (x + b * score) / jnp.sqrt(1.0 - b), jnp.sqrt(var)
-
-    def langevin_alpha(self, t):
-        return jnp.asarray(self.alphas, jnp.float32)[self.step_index(t)]
+        return DDPMChain.from_betas(np.linspace(self.beta_min / self.N, self.beta_max / self.N, self.N))
 
 
 @register_sde("subvpsde")

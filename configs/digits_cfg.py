@@ -12,7 +12,7 @@ from configs.presets import apply_presets
 
 def get_config(preset: str = ""):
     config = get_default_config()
-    config.training.loss = "dsm_cfg"           # controllable_generation.get_cfg_dsm_loss
+    config.training.loss = "dsm_cfg"           # losses.get_cfg_dsm_loss
     config.training.label_dropout = 0.1        # p(y -> ∅), ∅ = config.data.num_classes
     config.model.name = "class_conditional"    # models/classifier.py
     config.model.base = "small_unet"

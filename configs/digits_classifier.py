@@ -12,7 +12,7 @@ from configs.presets import apply_presets
 
 def get_config(preset: str = ""):
     config = get_default_config()
-    config.training.loss = "classifier"        # controllable_generation.get_classifier_loss
+    config.training.loss = "classifier"        # losses.get_classifier_loss
     config.training.n_iters = 2000
     config.training.snapshot_sampling = False  # a classifier has no samples
     config.eval.enable_sampling = False

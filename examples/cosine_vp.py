@@ -5,11 +5,14 @@
     dx = −½ β(t) x dt + √β(t) dw
 
 Only the forward SDE, the marginal coefficients and the prior are written here; marginals, the reverse SDE and
-probability-flow ODE, Euler–Maruyama discretization, score conversions, every sampler, loss and the likelihood
-come from the base class. Select it with ``config.sde.name = "cosine_vpsde"`` after importing this module (the
-config file `examples/cosine_vp_config.py` does both).
+probability-flow ODE, score conversions, every sampler, loss and the likelihood come from the base class. Its
+discrete chain is DDPM's with the cosine β schedule (``chain``: a ``sde_lib.DDPMChain``, not a copy of the VP
+SDE's), which gives it the DDPM discretization, ancestral sampling and the ``ddpm``/``ddpm_vlb`` losses. Select it
+with ``config.sde.name = "cosine_vpsde"`` after importing this module (the config file
+`examples/cosine_vp_config.py` does both).
 """
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -45,3 +48,8 @@ class CosineVPSDE(sde_lib.SDE):
 
     def prior_logp(self, z):
         return sde_lib.standard_normal_logp(z)
+
+    @functools.cached_property
+    def chain(self) -> sde_lib.DDPMChain:
+        """The cosine DDPM chain of N steps on [0, T] (Nichol & Dhariwal's when T = 1)."""
+        return sde_lib.DDPMChain.cosine(self.N, self.s, T=self.T)

@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from convert import register_converter
 from models import layers, register_model, torch_mapping
 from models.ncsnpp import activation, check_resolutions, compute_dtype, sigma_ladder
 
@@ -146,7 +145,7 @@ class DDPM(nn.Module):
         return names + ["norm_out", "conv_out"]
 
 
-@register_converter("ddpm", non_trainable=("sigmas",))
+@torch_mapping.register_converter("ddpm", non_trainable=("sigmas",))
 def params_from_torch(state_dict: Mapping[str, np.ndarray], model_cfg, data_cfg) -> dict:
     """Flax params of ``DDPM.from_config(model_cfg, data_cfg)`` from a score_sde_pytorch ``ddpm`` state dict.
 

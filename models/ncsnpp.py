@@ -16,7 +16,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from convert import register_converter
 from models import layers, register_model, torch_mapping
 
 Array = jax.Array
@@ -282,7 +281,7 @@ def torch_non_trainable(model_cfg) -> tuple:
     return ("sigmas", "all_modules.0.W") if fourier else ("sigmas",)
 
 
-@register_converter("ncsnpp", non_trainable=torch_non_trainable)
+@torch_mapping.register_converter("ncsnpp", non_trainable=torch_non_trainable)
 def params_from_torch(state_dict: Mapping[str, np.ndarray], model_cfg, data_cfg) -> dict:
     """Flax params of ``NCSNpp.from_config(model_cfg, data_cfg)`` from a score_sde_pytorch ``ncsnpp`` state dict.
 

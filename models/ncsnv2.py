@@ -18,7 +18,7 @@ its dilated convs are padded by 1 instead of by the dilation; here they are padd
 standardisation of channel means uses torch's unbiased variance over channels, as the papers' code does.
 
 Module names mirror score_sde_pytorch (``res1_0``, ``refine2/adapt_convs_1/1_2_conv``...) so that checkpoints map
-by renaming (``torch_params`` below, registered in ``convert.TORCH_CONVERTERS``).
+by renaming (``torch_params`` below, registered in ``models.torch_mapping.TORCH_CONVERTERS``).
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from models import register_model
+from models.torch_mapping import ConversionError, conv_kernel, register_converter
 
 ACTIVATIONS = {"elu": nn.elu, "relu": nn.relu, "lrelu": functools.partial(nn.leaky_relu, negative_slope=0.2),
                "swish": nn.swish}
@@ -426,11 +427,10 @@ def flax_path(torch_key: str) -> Tuple[str, ...]:
 def _check_sigmas(sd, model_cfg):
     if "sigmas" not in sd:
         return
-    import convert
     ours = geometric_sigmas(float(model_cfg.sigma_max), float(model_cfg.sigma_min), int(model_cfg.num_scales))
     theirs = np.asarray(sd["sigmas"], np.float64)
     if theirs.shape != ours.shape or not np.allclose(theirs, ours, rtol=1e-6):
-        raise convert.ConversionError(
+        raise ConversionError(
             f"{sd.source}: the checkpoint's σ ladder (sigmas: {theirs.shape[0]} values, {theirs.max():g} .. "
             f"{theirs.min():g}) differs from config.model (num_scales={model_cfg.num_scales}, "
             f"sigma_max={model_cfg.sigma_max}, sigma_min={model_cfg.sigma_min})")
@@ -439,14 +439,13 @@ def _check_sigmas(sd, model_cfg):
 def torch_params(sd, model_cfg, data_cfg) -> dict:
     """Flax params of ``ncsn``/``ncsnv2`` from a score_sde_pytorch (or ermongroup) state dict, by renaming; conv
     weights OIHW -> HWIO. The ``sigmas`` buffer is checked against the config's σ ladder."""
-    import convert
     _check_sigmas(sd, model_cfg)
     params: dict = {}
     for key in sd:
         if key == "sigmas":
             continue
         path = flax_path(key)
-        arr = sd.take(key, convert.conv_kernel if path[-1] == "kernel" else None)
+        arr = sd.take(key, conv_kernel if path[-1] == "kernel" else None)
         node = params
         for p in path[:-1]:
             node = node.setdefault(p, {})
@@ -454,10 +453,5 @@ def torch_params(sd, model_cfg, data_cfg) -> dict:
     return params
 
 
-def _register_converters():
-    import convert
-    for name in ("ncsnv2", "ncsnv2_64", "ncsnv2_128", "ncsnv2_256", "ncsn"):
-        convert.register_converter(name)(torch_params)
-
-
-_register_converters()
+for _name in ("ncsnv2", "ncsnv2_64", "ncsnv2_128", "ncsnv2_256", "ncsn"):
+    register_converter(_name)(torch_params)

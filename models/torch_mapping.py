@@ -14,20 +14,164 @@ torch leaf          ndim   flax leaf (layout change)
 ``W``               2      ``kernel`` (NIN, already (in, out))
 ``W``               1      ``W`` (Gaussian Fourier features)
 =================  =====  ===========================================
+
+This module also holds the converter registry: each model family registers a converter
+``fn(state_dict: StateDict, model_cfg, data_cfg) -> params`` in ``TORCH_CONVERTERS``
+(``@register_converter(name, non_trainable=...)``) next to its class, and ``convert.py`` (the ``--mode=convert``
+runner) looks it up with ``get_converter``. Converters read tensors by their torch name (without ``module.``)
+through ``StateDict``, which records what was read. Layout helpers: ``conv_kernel`` (OIHW -> HWIO),
+``dense_kernel`` ((out, in) -> (in, out)).
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Mapping, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import flax
 import jax
 import numpy as np
 
-from convert import ConversionError
+import models
 
 Path = Tuple[str, ...]
+Params = Dict[str, Any]
+ConverterFn = Callable[["StateDict", Any, Any], Params]
+
+TORCH_CONVERTERS: Dict[str, ConverterFn] = {}
+# model name -> names of non-trainable state-dict entries (absent from the EMA list), or fn(model_cfg) -> names.
+NON_TRAINABLE: Dict[str, Union[Sequence[str], Callable[[Any], Sequence[str]]]] = {}
+DEFAULT_NON_TRAINABLE = ("sigmas",)
+MAX_LISTED = 8
 # buffers of the torch models that are not parameters here (NCSN++/DDPM keep a float64 copy of the σ ladder)
 IGNORED_BUFFERS = ("sigmas",)
+
+
+# ---- the converter registry --------------------------------------------------------------------------------------
+
+
+class ConversionError(ValueError):
+    """A checkpoint that does not map exactly onto the configured model."""
+
+
+def register_converter(name: str, non_trainable=DEFAULT_NON_TRAINABLE):
+    """Decorator registering ``fn(state_dict, model_cfg, data_cfg) -> params`` for ``config.model.name``.
+
+    ``non_trainable``: state-dict names absent from the EMA ``shadow_params`` list (buffers and
+    ``requires_grad=False`` parameters), or a function ``model_cfg -> names``.
+    """
+
+    def wrap(fn: ConverterFn) -> ConverterFn:
+        if name in TORCH_CONVERTERS and TORCH_CONVERTERS[name] is not fn:
+            raise ValueError(f"a torch converter for model {name!r} is already registered")
+        TORCH_CONVERTERS[name] = fn
+        NON_TRAINABLE[name] = non_trainable
+        return fn
+
+    return wrap
+
+
+def get_converter(name: str) -> ConverterFn:
+    """The converter registered for ``config.model.name`` = ``name``."""
+    models._import_all()  # model modules register their converters next to their classes
+    if name not in TORCH_CONVERTERS:
+        raise ConversionError(f"no score_sde_pytorch converter for config.model.name={name!r}; models with one: "
+                              f"{sorted(TORCH_CONVERTERS)}")
+    return TORCH_CONVERTERS[name]
+
+
+def non_trainable_names(model_name: str, model_cfg) -> Tuple[str, ...]:
+    """State-dict names of ``model_name`` absent from score_sde_pytorch's EMA list (see ``register_converter``)."""
+    names = NON_TRAINABLE.get(model_name, DEFAULT_NON_TRAINABLE)
+    return tuple(names(model_cfg) if callable(names) else names)
+
+
+def listed(names: Sequence[str], n: int = MAX_LISTED) -> str:
+    """The first ``n`` names, comma-separated, with a count of the rest (for one-line errors)."""
+    names = list(names)
+    more = f" ... and {len(names) - n} more" if len(names) > n else ""
+    return ", ".join(names[:n]) + more
+
+
+# ---- layout helpers ---------------------------------------------------------------------------------------------
+
+
+def conv_kernel(w: np.ndarray) -> np.ndarray:
+    """torch Conv2d weight (out, in, kh, kw) -> Flax Conv kernel (kh, kw, in, out)."""
+    if w.ndim != 4:
+        raise ConversionError(f"expected a 4-D conv weight (out, in, kh, kw), got shape {w.shape}")
+    return np.ascontiguousarray(w.transpose(2, 3, 1, 0))
+
+
+def dense_kernel(w: np.ndarray) -> np.ndarray:
+    """torch Linear weight (out, in) -> Flax Dense kernel (in, out)."""
+    if w.ndim != 2:
+        raise ConversionError(f"expected a 2-D linear weight (out, in), got shape {w.shape}")
+    return np.ascontiguousarray(w.T)
+
+
+# ---- the tracked state dict -------------------------------------------------------------------------------------
+
+
+class StateDict(Mapping):
+    """A torch state dict (names without ``module.``) that records which tensors a converter read.
+
+    ``sd["a.weight"]`` returns the array; ``sd.conv("a")`` / ``sd.dense("a")`` return Flax ``{"kernel", "bias"}``
+    dicts; ``sd.skip(name)`` marks a tensor as deliberately unused. Every array handed out remembers its torch
+    name, so that shape errors can name the tensor.
+    """
+
+    def __init__(self, tensors: Mapping[str, np.ndarray], source: str = "checkpoint"):
+        self._tensors = dict(tensors)
+        self.source = source
+        self.used: set = set()
+        self.origin: Dict[int, str] = {}
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        if key not in self._tensors:
+            stem = key.rsplit(".", 1)[0]
+            near = [k for k in self._tensors if k.startswith(stem)] or self.unused()
+            raise ConversionError(f"{self.source}: tensor {key!r} needed by the configured model is not in the "
+                                  f"checkpoint (wrong config?); unread checkpoint tensors: {listed(near)}")
+        self.used.add(key)
+        return self._tensors[key]
+
+    def __iter__(self):
+        return iter(self._tensors)
+
+    def __len__(self):
+        return len(self._tensors)
+
+    def take(self, key: str, fn: Optional[Callable[[np.ndarray], np.ndarray]] = None) -> np.ndarray:
+        """``fn(sd[key])`` (default identity) as float32, remembered as coming from ``key``."""
+        arr = self[key]
+        arr = np.asarray(fn(arr) if fn is not None else arr)
+        if np.issubdtype(arr.dtype, np.floating):
+            arr = arr.astype(np.float32)
+        self.origin[id(arr)] = key
+        return arr
+
+    def conv(self, prefix: str, bias: bool = True) -> Params:
+        """Flax Conv params from torch ``<prefix>.weight`` (OIHW) and ``<prefix>.bias``."""
+        out = {"kernel": self.take(f"{prefix}.weight", conv_kernel)}
+        if bias:
+            out["bias"] = self.take(f"{prefix}.bias")
+        return out
+
+    def dense(self, prefix: str, bias: bool = True) -> Params:
+        """Flax Dense params from torch Linear ``<prefix>.weight`` (out, in) and ``<prefix>.bias``."""
+        out = {"kernel": self.take(f"{prefix}.weight", dense_kernel)}
+        if bias:
+            out["bias"] = self.take(f"{prefix}.bias")
+        return out
+
+    def skip(self, *keys: str) -> None:
+        for key in keys:
+            self[key]
+
+    def unused(self) -> List[str]:
+        return [k for k in self._tensors if k not in self.used]
+
+
+# ---- the all_modules renaming ------------------------------------------------------------------------------------
 
 
 def _leaf(name: str, array: np.ndarray) -> Tuple[str, np.ndarray]:
@@ -74,7 +218,7 @@ def map_state_dict(state_dict: Mapping[str, np.ndarray], module_names: Sequence[
     """Nested Flax params from a torch state dict; every tensor and every expected parameter must match.
 
     ``expected`` maps each Flax parameter path to its shape. Raises ``ValueError`` listing unmapped torch
-    tensors, missing Flax parameters and shape mismatches (first ones first) as ``convert.ConversionError``.
+    tensors, missing Flax parameters and shape mismatches (first ones first) as ``ConversionError``.
     """
     flat, unmapped, mismatched, seen = {}, [], [], set()
     for key, value in _strip(state_dict).items():

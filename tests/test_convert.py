@@ -13,6 +13,7 @@ import models
 import sde_lib
 import torch_io
 from conftest import shared_data_path
+from models import torch_mapping
 
 SMALL = "ncsnv2_ve_small"
 
@@ -108,7 +109,7 @@ def test_prefix_free_state_dict_and_bare_state_dict(checkpoint, converted):
 
 
 def test_wrong_width_names_first_mismatching_tensors(checkpoint):
-    with pytest.raises(convert.ConversionError) as info:
+    with pytest.raises(torch_mapping.ConversionError) as info:
         convert.convert_loaded(checkpoint, small_config(nf=32), SMALL)
     msg = str(info.value)
     assert "shape mismatches" in msg and "begin_conv.weight -> begin_conv/kernel" in msg
@@ -117,50 +118,50 @@ def test_wrong_width_names_first_mismatching_tensors(checkpoint):
 
 def test_wrong_depth_lists_missing_parameters(checkpoint):
     config = small_config(image_size=128)  # the 5-stage network: res5 and refine5 are missing from the file
-    with pytest.raises(convert.ConversionError, match="model parameters with no checkpoint tensor: refine5/"):
+    with pytest.raises(torch_mapping.ConversionError, match="model parameters with no checkpoint tensor: refine5/"):
         convert.convert_loaded(checkpoint, config, SMALL)
 
 
 def test_wrong_noise_ladder(checkpoint):
-    with pytest.raises(convert.ConversionError, match="σ ladder.*num_scales=100"):
+    with pytest.raises(torch_mapping.ConversionError, match="σ ladder.*num_scales=100"):
         convert.convert_loaded(checkpoint, small_config(N=100), SMALL)
 
 
 def test_extra_and_missing_tensors(checkpoint):
     model = dict(checkpoint["model"])
     model["module.extra.weight"] = np.zeros((2, 2, 3, 3), np.float32)
-    with pytest.raises(convert.ConversionError, match=r"converted tensors the model does not have: extra\.weight"):
+    with pytest.raises(torch_mapping.ConversionError, match=r"converted tensors the model does not have: extra\.weight"):
         convert.convert_state_dict(model, small_config(), "extra")
     model = dict(checkpoint["model"])
     del model["module.res2.0.shortcut.conv.bias"]
-    with pytest.raises(convert.ConversionError, match="no checkpoint tensor: res2_0/shortcut/conv/bias"):
+    with pytest.raises(torch_mapping.ConversionError, match="no checkpoint tensor: res2_0/shortcut/conv/bias"):
         convert.convert_state_dict(model, small_config(), "missing")
 
 
 def test_unread_tensors_are_listed():
-    sd = convert.StateDict({"a.weight": np.ones((2, 3)), "b.bias": np.ones(2)}, "file.pth")
+    sd = torch_mapping.StateDict({"a.weight": np.ones((2, 3)), "b.bias": np.ones(2)}, "file.pth")
     params = {"a": sd.dense("a", bias=False)}
-    with pytest.raises(convert.ConversionError, match=r"(?s)file.pth .*left unmapped: b\.bias"):
+    with pytest.raises(torch_mapping.ConversionError, match=r"(?s)file.pth .*left unmapped: b\.bias"):
         convert.check_mapping(params, {"a/kernel": (3, 2)}, sd, "model")
-    with pytest.raises(convert.ConversionError, match="tensor 'c.weight' needed by the configured model"):
+    with pytest.raises(torch_mapping.ConversionError, match="tensor 'c.weight' needed by the configured model"):
         sd["c.weight"]
 
 
 def test_ema_list_that_does_not_line_up(checkpoint):
     bad = dict(checkpoint, ema=dict(checkpoint["ema"], shadow_params=checkpoint["ema"]["shadow_params"][1:]))
-    with pytest.raises(convert.ConversionError, match="shadow_params has 152 tensors .* 153 trainable"):
+    with pytest.raises(torch_mapping.ConversionError, match="shadow_params has 152 tensors .* 153 trainable"):
         convert.convert_loaded(bad, small_config(), SMALL)
     swapped = list(checkpoint["ema"]["shadow_params"])
     swapped[0], swapped[1] = swapped[1], swapped[0]
     bad = dict(checkpoint, ema=dict(checkpoint["ema"], shadow_params=swapped))
-    with pytest.raises(convert.ConversionError, match="do not line up.*begin_conv.weight"):
+    with pytest.raises(torch_mapping.ConversionError, match="do not line up.*begin_conv.weight"):
         convert.convert_loaded(bad, small_config(), SMALL)
 
 
 def test_unknown_model_has_no_converter(checkpoint):
     config = small_config()
     config.model.name = "small_unet"
-    with pytest.raises(convert.ConversionError, match="no score_sde_pytorch converter .* 'ncsnv2'"):
+    with pytest.raises(torch_mapping.ConversionError, match="no score_sde_pytorch converter .* 'ncsnv2'"):
         convert.convert_loaded(checkpoint, config, SMALL)
 
 
@@ -178,17 +179,17 @@ def test_conv_kernel_layout_matches_torch_cross_correlation():
         for j in range(6):
             torch_out[0, :, i, j] = np.einsum("oikl,ikl->o", w, xp[0, :, i:i + 3, j:j + 3]) + b
     conv = nn.Conv(4, (3, 3), padding=1)
-    out = conv.apply({"params": {"kernel": convert.conv_kernel(w), "bias": b}}, x.transpose(0, 2, 3, 1))
+    out = conv.apply({"params": {"kernel": torch_mapping.conv_kernel(w), "bias": b}}, x.transpose(0, 2, 3, 1))
     np.testing.assert_allclose(np.asarray(out).transpose(0, 3, 1, 2), torch_out, atol=1e-5)
 
 
 def test_dense_kernel_layout():
     rng = np.random.default_rng(1)
     w, b, x = rng.normal(size=(5, 3)), rng.normal(size=5), rng.normal(size=(2, 3))
-    out = nn.Dense(5).apply({"params": {"kernel": convert.dense_kernel(w), "bias": b}}, x)
+    out = nn.Dense(5).apply({"params": {"kernel": torch_mapping.dense_kernel(w), "bias": b}}, x)
     np.testing.assert_allclose(out, x @ w.T + b, rtol=1e-5)
-    with pytest.raises(convert.ConversionError, match="4-D conv weight"):
-        convert.conv_kernel(w)
+    with pytest.raises(torch_mapping.ConversionError, match="4-D conv weight"):
+        torch_mapping.conv_kernel(w)
 
 
 # ---- --mode=convert ------------------------------------------------------------------------------------------------
@@ -227,7 +228,7 @@ def test_run_writes_a_train_state_checkpoint(tmp_path, checkpoint, converted):
     np.testing.assert_array_equal(adam[0].nu["begin_conv"]["kernel"],
                                   torch_state["exp_avg_sq"].transpose(2, 3, 1, 0))
     before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
-    with pytest.raises(convert.ConversionError, match="checkpoints already has a checkpoint for step 3; "):
+    with pytest.raises(torch_mapping.ConversionError, match="checkpoints already has a checkpoint for step 3; "):
         run_convert(config, str(tmp_path))
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
 
@@ -303,9 +304,9 @@ def test_ermongroup_list_layout_with_named_ema(checkpoint, converted):
     for a, b in zip(jax.tree.leaves((params, ema_params)), jax.tree.leaves(converted[:2])):
         np.testing.assert_array_equal(a, b)
     legacy[4] = dict(named_ema, **{"module.bogus": np.zeros(1)})
-    with pytest.raises(convert.ConversionError, match="EMA tensors with no counterpart in the model: bogus"):
+    with pytest.raises(torch_mapping.ConversionError, match="EMA tensors with no counterpart in the model: bogus"):
         convert.convert_loaded(legacy, small_config(), "ermongroup")
-    with pytest.raises(convert.ConversionError, match="not a score_sde_pytorch checkpoint"):
+    with pytest.raises(torch_mapping.ConversionError, match="not a score_sde_pytorch checkpoint"):
         convert.convert_loaded({"foo": 1}, small_config(), "odd")
 
 
@@ -357,7 +358,7 @@ def test_malformed_checkpoints_are_one_line_conversion_errors(checkpoint, case, 
     object is not iterable), AttributeError ('list' object has no attribute 'startswith'), OverflowError (step
     2**40) or a silently converted negative step."""
     ck = _edited(checkpoint, case)
-    with pytest.raises(convert.ConversionError, match=message) as info:
+    with pytest.raises(torch_mapping.ConversionError, match=message) as info:
         if case.startswith(("optimizer", "adam")):
             convert.adam_moments(ck, small_config(), SMALL)
         else:
@@ -381,7 +382,7 @@ def test_non_finite_weights_are_refused_naming_the_tensor(checkpoint, part):
         state[0] = {**state[0], "exp_avg": bad}
         ck["optimizer"] = {**checkpoint["optimizer"], "state": state}
         call, name = lambda: convert.adam_moments(ck, small_config(), SMALL), "begin_conv.weight (2 of 432"
-    with pytest.raises(convert.ConversionError, match="non-finite") as info:
+    with pytest.raises(torch_mapping.ConversionError, match="non-finite") as info:
         call()
     assert name in str(info.value) and len(str(info.value).splitlines()) == 1
 
@@ -408,7 +409,7 @@ def test_run_refuses_a_nan_file_and_writes_nothing(tmp_path):
     config.convert.checkpoint = str(_rewritten(shared_data_path("interop", f"{SMALL}.pth"), tmp_path / "nan.pth",
                                                nan_in_460))
     workdir = tmp_path / "work"
-    with pytest.raises(convert.ConversionError, match=r"non-finite \(NaN/inf\) values in begin_conv.weight"):
+    with pytest.raises(torch_mapping.ConversionError, match=r"non-finite \(NaN/inf\) values in begin_conv.weight"):
         run_convert(config, str(workdir))
     assert not workdir.exists()
 
@@ -423,7 +424,7 @@ def test_run_refuses_a_workdir_with_checkpoints_before_writing(tmp_path, stray, 
     target.parent.mkdir(parents=True)
     target.mkdir() if not stray.endswith(".txt") else target.write_text("x")
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
-    with pytest.raises(convert.ConversionError, match=r"checkpoints (already has a checkpoint for step|is not empty)"):
+    with pytest.raises(torch_mapping.ConversionError, match=r"checkpoints (already has a checkpoint for step|is not empty)"):
         run_convert(config, str(tmp_path))
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
     assert "converted" not in capsys.readouterr().out
@@ -436,7 +437,7 @@ def test_run_never_reports_a_save_that_did_not_happen(tmp_path, monkeypatch, cap
     monkeypatch.setattr(utils.CheckpointManager, "save", lambda self, step, state: None)
     config = small_config()
     config.convert.checkpoint = str(shared_data_path("interop", f"{SMALL}.pth"))
-    with pytest.raises(convert.ConversionError, match=r"checkpoints/3 does not exist after the save"):
+    with pytest.raises(torch_mapping.ConversionError, match=r"checkpoints/3 does not exist after the save"):
         run_convert(config, str(tmp_path))
     assert "converted" not in capsys.readouterr().out
     assert not (tmp_path / "config.json").exists() and not (tmp_path / "converted_from.json").exists()

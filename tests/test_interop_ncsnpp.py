@@ -82,7 +82,7 @@ def test_scores_and_labels_match_reference(converted):
     np.testing.assert_allclose(np.asarray(sde.model_time(t, model.time_input)), ref["labels"], rtol=1e-5)
     with jax.default_matmul_precision("highest"):
         if model.time_input == "index":
-            std = np.sqrt(1.0 - sde.alphas_cumprod[np.round(ref["labels"]).astype(int)])
+            std = np.sqrt(1.0 - sde.chain.alphas_cumprod[np.round(ref["labels"]).astype(int)])
             np.testing.assert_allclose(std, ref["score_divisor_std"], rtol=1e-4)  # torch: float32 cumprod
             std = ref["score_divisor_std"]
             std = std[:, None, None, None]

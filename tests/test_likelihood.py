@@ -274,7 +274,7 @@ def test_ddpm_bound_of_a_point_mass_is_closed_form(variance):
     k = np.random.default_rng(0).integers(0, 256, size=(3, 4, 4, 1))
     k[0, 0, :2, 0] = (0, 255)
     x0 = space.lattice(k)
-    abar = jnp.asarray(sde.alphas_cumprod, jnp.float32)
+    abar = jnp.asarray(sde.chain.alphas_cumprod, jnp.float32)
 
     def eps_fn(x, i):
         a = abar[i][:, None, None, None]

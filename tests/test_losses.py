@@ -194,16 +194,16 @@ def test_ddpm_vlb_of_the_exact_posterior_matches_closed_form(variance):
     sde = small_vp()
     x0 = jnp.round(jax.random.uniform(jax.random.key(4), (6, 2, 2, 1), minval=-1, maxval=1) * 127.5) / 127.5
     x0 = x0.at[0, 0, 0, 0].set(-1.0).at[1, 0, 0, 0].set(1.0)
-    abar = jnp.asarray(sde.alphas_cumprod, jnp.float32)
+    abar = jnp.asarray(sde.chain.alphas_cumprod, jnp.float32)
     oracle = lambda x, i: (x - jnp.sqrt(abar[i])[:, None, None, None] * x0) / jnp.sqrt(1 - abar[i])[:, None, None,
                                                                                                         None]
     out = losses.ddpm_vlb_terms(sde, x0, jax.random.key(5), eps_fn=oracle, variance=variance)
     d, x = 4, np.asarray(x0, np.float64).reshape(6, -1)
-    s0 = np.sqrt(losses.ddpm_model_variance(sde, variance)[0])
+    s0 = np.sqrt(losses.ddpm_model_variance(sde.chain, variance)[0])
     edge = (np.abs(x) > 1 - 1e-3)
     decoder = -np.sum(np.where(edge, norm.logcdf(1 / 255 / s0), np.log(2 * norm.cdf(1 / 255 / s0) - 1)), axis=1)
-    kl = d * np.sum(losses.ddpm_vlb_constants(sde, variance)[1:])
-    a = sde.alphas_cumprod[-1]
+    kl = d * np.sum(losses.ddpm_vlb_constants(sde.chain, variance)[1:])
+    a = sde.chain.alphas_cumprod[-1]
     prior = 0.5 * np.sum(a * x**2 + (1 - a) - 1 - np.log(1 - a), axis=1)
     exact = (prior + decoder + kl) / (d * np.log(2))
     np.testing.assert_allclose(out["total"], exact, rtol=2e-4)
@@ -214,8 +214,8 @@ def test_ddpm_vlb_with_the_exact_gaussian_score_matches_closed_form():
     """Gaussian data N(μ, s²): μ̃ - μ_θ is affine in (u, e) for x_0 = μ + s u, x_i = a x_0 + b e, so each E L_{i-1}
     is closed form. Checks the score_fn path (times with α(t) = √ᾱ_i) against a Monte Carlo estimate."""
     sde = small_vp()
-    betas, abar = np.asarray(sde.discrete_betas), np.asarray(sde.alphas_cumprod)
-    var_post = np.asarray(sde.posterior_variance)
+    betas, abar = np.asarray(sde.chain.betas), np.asarray(sde.chain.alphas_cumprod)
+    var_post = np.asarray(sde.chain.posterior_variance)
     exact = np.sum(ddpm_gaussian_kl(betas, abar, var_post, betas)[1:])  # variance β, per dimension
     x0 = GAUSS.sample(jax.random.key(6), 4000)
     score_fn = lambda x, t: GAUSS.score_t(sde, x, t)
@@ -251,13 +251,13 @@ def test_vlb_term_is_dsm_with_ddpm_weight(variance):
     keys = jax.random.split(jax.random.key(8), 3)
     x0 = jax.random.uniform(keys[0], (64, 3), minval=-1, maxval=1)
     i = jax.random.randint(keys[1], (64,), 1, sde.N)
-    x_i, noise = losses.ddpm_perturb(sde, keys[2], x0, i)
+    x_i, noise = losses.ddpm_perturb(sde.chain, keys[2], x0, i)
     eps_hat = noise + 0.3 * jnp.tanh(x_i) - 0.1
-    kl = losses.ddpm_vlb_step(sde, x0, x_i, eps_hat, i, variance)
-    sigma = jnp.sqrt(1 - jnp.asarray(sde.alphas_cumprod, jnp.float32)[i])
+    kl = losses.ddpm_vlb_step(sde.chain, x0, x_i, eps_hat, i, variance)
+    sigma = jnp.sqrt(1 - jnp.asarray(sde.chain.alphas_cumprod, jnp.float32)[i])
     dsm = losses.dsm_at(-eps_hat / sigma[:, None], noise, sigma, jnp.ones(64), reduce_mean=False)
-    lam, const = (np.asarray(f(sde, variance))[np.asarray(i)] for f in (losses.ddpm_vlb_weights,
-                                                                         losses.ddpm_vlb_constants))
+    lam, const = (np.asarray(f(sde.chain, variance))[np.asarray(i)]
+                  for f in (losses.ddpm_vlb_weights, losses.ddpm_vlb_constants))
     np.testing.assert_allclose(kl, 3 * const + lam * np.asarray(dsm), rtol=2e-3, atol=1e-5)
 
 
@@ -271,8 +271,8 @@ def test_l_simple_is_dsm_at_the_chain_levels():
     loss, metrics = losses.get_loss_fn(config, sde, model)({}, key, {"x": x, "label": jnp.zeros(256, jnp.int32)})
     k_i, k_z, _ = jax.random.split(key, 3)
     i = jax.random.randint(k_i, (256,), 0, sde.N)
-    x_i, noise = losses.ddpm_perturb(sde, k_z, x, i)
-    sigma = jnp.sqrt(1 - jnp.asarray(sde.alphas_cumprod, jnp.float32)[i])
+    x_i, noise = losses.ddpm_perturb(sde.chain, k_z, x, i)
+    sigma = jnp.sqrt(1 - jnp.asarray(sde.chain.alphas_cumprod, jnp.float32)[i])
     eps_hat = model.output({}, sde, x_i, losses.step_time(sde, i))
     np.testing.assert_allclose(metrics["step"], i)
     np.testing.assert_allclose(loss, losses.dsm_at(-eps_hat / sigma[:, None], noise, sigma, 1.0, False), rtol=1e-4)
@@ -348,9 +348,9 @@ def toy_errors(config, sde, model, params, n=4096):
     errors = {}
     for j, level in enumerate(levels):
         if loss in ("ddpm", "ddpm_vlb"):  # nearest chain step, exact score at α(t) = √ᾱ_i
-            std = np.sqrt(1 - sde.alphas_cumprod)
+            std = np.sqrt(1 - sde.chain.alphas_cumprod)
             i = int(np.argmin(np.abs(std - level)))
-            t_exact = float(losses.time_of(sde, np.sqrt(sde.alphas_cumprod[i]), "alpha", t_max=1.2))
+            t_exact = float(losses.time_of(sde, np.sqrt(sde.chain.alphas_cumprod[i]), "alpha", t_max=1.2))
             score = lambda x: -losses.model_eps(model, params, sde, x, jnp.full((n,), i)) / std[i]
         elif loss == "smld":  # nearest rung of the σ ladder
             i = int(np.argmin(np.abs(np.asarray(sde.discrete_sigmas) - level)))

@@ -52,10 +52,10 @@ def test_vp_alphas_cumprod_matches_integral_of_beta():
     i = np.arange(sde.N)
     t = (i + 1) / sde.N  # ᾱ_i covers i+1 steps of length 1/N
     alpha_t, _ = sde.alpha_sigma(jnp.asarray(t))
-    np.testing.assert_allclose(np.sqrt(sde.alphas_cumprod), alpha_t, rtol=0, atol=2e-3)
+    np.testing.assert_allclose(np.sqrt(sde.chain.alphas_cumprod), alpha_t, rtol=0, atol=2e-3)
     # DDPM's own schedule: β from 1e-4 to 0.02
-    np.testing.assert_allclose(sde.discrete_betas[[0, -1]], [1e-4, 0.02], rtol=1e-12)
-    np.testing.assert_allclose(sde.discrete_betas[1] - sde.discrete_betas[0],
+    np.testing.assert_allclose(sde.chain.betas[[0, -1]], [1e-4, 0.02], rtol=1e-12)
+    np.testing.assert_allclose(sde.chain.betas[1] - sde.chain.betas[0],
                                (sde.beta_max - sde.beta_min) / (sde.N * (sde.N - 1)), rtol=1e-9)
 
 
@@ -68,7 +68,7 @@ def test_vp_discretize_is_the_ddpm_chain():
         t = jnp.full((n,), i * sde.T / (sde.N - 1))
         f, G = sde.discretize(x, t)
         x = x + f + G[:, None] * jax.random.normal(jax.random.fold_in(jax.random.key(2), i), x.shape)
-    abar = sde.alphas_cumprod[39]
+    abar = sde.chain.alphas_cumprod[39]
     assert abs(float(x.mean()) - np.sqrt(abar) * x0) < 0.03
     assert abs(float(x.var()) - (1 - abar)) < 0.03
 
@@ -80,19 +80,72 @@ def test_ve_discretize_accumulates_the_sigma_ladder():
     np.testing.assert_allclose(np.cumsum(np.asarray(G, np.float64) ** 2), sde.discrete_sigmas**2, rtol=1e-4)
 
 
+def test_ddpm_chain_of_the_linear_schedule_is_the_vp_chain():
+    """DDPM's published schedule linspace(1e-4, 0.02, 1000), given to ``DDPMChain``, is VPSDE's chain, and VPSDE's
+    discrete steps are this chain's: f_i = (√(1-β_i) - 1) x, G_i = √β_i, ancestral mean (x + β_i s)/√(1-β_i)."""
+    betas = np.linspace(1e-4, 0.02, 1000)
+    chain, vp = sde_lib.DDPMChain.from_betas(betas), sde_lib.VPSDE(N=1000)
+    assert chain.N == vp.N == 1000
+    for name in ("betas", "alphas", "alphas_cumprod", "alphas_cumprod_prev", "posterior_variance",
+                 "posterior_mean_coef1", "posterior_mean_coef2"):
+        np.testing.assert_allclose(getattr(vp.chain, name), getattr(chain, name), rtol=1e-12, atol=0, err_msg=name)
+    np.testing.assert_allclose(chain.alphas_cumprod, np.cumprod(1 - betas), rtol=1e-12)
+    i = np.array([0, 1, 250, 998, 999])
+    t, x = jnp.asarray(i / 999.0, jnp.float32), jnp.linspace(-1.0, 2.0, 10).reshape(5, 2)
+    score = -x
+    f, G = vp.discretize(x, t)
+    np.testing.assert_allclose(f, (np.sqrt(1 - betas[i])[:, None] - 1) * np.asarray(x), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(G, np.sqrt(betas[i]), rtol=1e-6)
+    mean, std = vp.ancestral_step(x, t, score, "beta_tilde")
+    np.testing.assert_allclose(mean, (np.asarray(x) + betas[i, None] * np.asarray(score))
+                               / np.sqrt(1 - betas[i, None]), rtol=1e-6)
+    np.testing.assert_allclose(std**2, chain.posterior_variance[i], rtol=1e-5)
+    np.testing.assert_allclose(vp.langevin_alpha(t), 1 - betas[i], rtol=1e-6)
+    np.testing.assert_allclose(vp.chain_alpha_sigma(t)[0], np.sqrt(np.cumprod(1 - betas)[i]), rtol=1e-6)
+
+
+def test_cosine_chain_matches_the_closed_form_alpha_bar():
+    """Nichol & Dhariwal (2021): ᾱ_i = f(i/N)/f(0), f(u) = cos²(π/2 (u + s)/(1 + s)), s = 0.008, β clipped at 0.999
+    (only the last step, where f(1) = 0, is clipped)."""
+    N, s = 1000, 0.008
+    f = lambda u: np.cos((u + s) / (1 + s) * np.pi / 2) ** 2
+    chain = sde_lib.DDPMChain.cosine(N)
+    abar = f(np.arange(1, N + 1) / N) / f(0.0)
+    np.testing.assert_allclose(chain.alphas_cumprod[:-1], abar[:-1], rtol=1e-9, atol=1e-15)
+    assert chain.betas[-1] == 0.999 and np.all(chain.betas[:-1] < 0.999) and np.all(np.diff(chain.betas) > 0)
+    np.testing.assert_allclose(chain.alphas_cumprod[-1], 0.001 * abar[-2], rtol=1e-9)
+    np.testing.assert_allclose(chain.betas[0], 1 - f(1 / N) / f(0.0), rtol=1e-12)
+    # a chain is a value of its schedule: the same β give the same chain, any β schedule gives one
+    np.testing.assert_array_equal(sde_lib.DDPMChain.from_betas(chain.betas).posterior_variance,
+                                  chain.posterior_variance)
+
+
+@pytest.mark.parametrize("betas", [np.array([0.1, 1.0]), np.array([[0.1, 0.2]]), np.array([]),
+                                   np.array([-0.1, 0.2])])
+def test_ddpm_chain_refuses_a_schedule_outside_0_1(betas):
+    with pytest.raises(ValueError, match="1-D β schedule with 0 <= β_i < 1"):
+        sde_lib.DDPMChain.from_betas(betas)
+
+
+def test_only_vp_type_sdes_have_a_ddpm_chain():
+    assert isinstance(sde_lib.VPSDE().chain, sde_lib.DDPMChain)
+    assert sde_lib.subVPSDE().chain is None and sde_lib.VESDE().chain is None
+    assert sde_lib.VESDE(N=5).discrete_sigmas.shape == (5,) and sde_lib.VPSDE().discrete_sigmas is None
+
+
 def test_posterior_matches_bayes_rule_on_a_grid():
     sde = sde_lib.VPSDE()
     x0, xt = 0.7, -0.4
     grid = np.linspace(-6, 6, 200001)
     for i in [1, 10, 500, 999]:
-        abar_prev, alpha = sde.alphas_cumprod[i - 1], sde.alphas[i]
+        abar_prev, alpha = sde.chain.alphas_cumprod[i - 1], sde.chain.alphas[i]
         log_post = (stats.norm.logpdf(xt, np.sqrt(alpha) * grid, np.sqrt(1 - alpha))
                     + stats.norm.logpdf(grid, np.sqrt(abar_prev) * x0, np.sqrt(1 - abar_prev)))
         w = np.exp(log_post - log_post.max())
         w /= w.sum()
         mean = (w * grid).sum()
         var = (w * (grid - mean) ** 2).sum()
-        mu, v = sde.posterior(jnp.full((1, 1), xt), jnp.full((1, 1), x0), jnp.array([i]))
+        mu, v = sde.chain.posterior(jnp.full((1, 1), xt), jnp.full((1, 1), x0), jnp.array([i]))
         np.testing.assert_allclose(float(mu[0, 0]), mean, atol=1e-5)
         np.testing.assert_allclose(float(v[0]), var, rtol=1e-3)
 
@@ -238,10 +291,11 @@ def test_discrete_models_use_the_chains_marginal():
     i = np.floor(np.asarray(t) * (vp.N - 1) + 1e-4).astype(int)
     x = jnp.ones((3, 2))
     eps_hat = jnp.full((3, 2), 0.5)
+    expected = -0.5 / np.sqrt(1 - vp.chain.alphas_cumprod[i])
     np.testing.assert_allclose(vp.score_from_output(eps_hat, x, t, "eps", discrete=True),
-                               np.broadcast_to(-0.5 / np.sqrt(1 - vp.alphas_cumprod[i])[:, None], (3, 2)), rtol=1e-4)
+                               np.broadcast_to(expected[:, None], (3, 2)), rtol=1e-4)
     continuous = vp.score_from_output(eps_hat, x, t, "eps")
-    assert abs(float(continuous[0, 0]) / (-0.5 / np.sqrt(1 - vp.alphas_cumprod[i[0]])) - 1) > 0.01
+    assert abs(float(continuous[0, 0]) / expected[0] - 1) > 0.01
     np.testing.assert_allclose(ve.chain_alpha_sigma(t)[1], ve.discrete_sigmas[i], rtol=1e-5)
 
 
@@ -249,5 +303,5 @@ def test_vp_chain_too_short_is_a_clear_error():
     """With N ≤ β_max the DDPM β_N = β_max/N ≥ 1 (√(1-β) undefined): named error instead of NaN samples."""
     for cls in (sde_lib.VPSDE,):
         with pytest.raises(ValueError, match=r"N=10.*must be < 1; use N > 20"):
-            _ = cls(N=10).discrete_betas
-    assert sde_lib.VPSDE(N=21).discrete_betas[-1] < 1
+            _ = cls(N=10).chain
+    assert sde_lib.VPSDE(N=21).chain.betas[-1] < 1

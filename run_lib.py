@@ -235,13 +235,14 @@ class Experiment:
         return losses.get_loss_fn(self.config, self.sde, self.model)
 
     def sample(self, key, params, n: int, mesh="auto"):
-        """``(x (n, *data_shape), nfe)``; with several processes each samples alone on its local devices."""
+        """``(x (n, *data_shape), nfe)`` sharded over ``mesh`` ("auto": every device; with several processes each
+        samples alone on its local devices; None: one device)."""
         if jax.process_count() > 1 and mesh == "auto":
             mesh = Mesh(np.array(jax.local_devices()), ("data",))
             params = jax.device_get(params)
-        return self.sampler(n, mesh)(params, key)
+        return self.sampler(n, make_mesh() if mesh == "auto" else mesh)(params, key)
 
-    def sampler(self, n: int, mesh="auto") -> Callable:
+    def sampler(self, n: int, mesh: Optional[Mesh] = None) -> Callable:
         """The jitted ``(params, key) -> (x, nfe)`` of ``config.sampling`` for batches of ``n``: built once per
         (n, mesh, sampling settings) and kept, so new parameters, keys and batches reuse one compilation (snapshot
         and final samples of a run, every batch of ``--mode=sample``). Says so before its first (long) compile."""
@@ -845,7 +846,8 @@ class Pretrained:
         cfg = ml_collections.ConfigDict(self.config.to_dict())
         for k, v in sampling.items():
             utils.set_path(cfg, f"sampling.{k}", v)
-        return samplers.sample_from_config(key, self.sde, self.score_fn, (int(n),) + self.data_shape, cfg.sampling)
+        return samplers.sample_from_config(key, self.sde, self.score_fn, (int(n),) + self.data_shape, cfg.sampling,
+                                           make_mesh())
 
     def to_output(self, x) -> np.ndarray:
         x = np.asarray(jax.device_get(x))

@@ -303,13 +303,15 @@ def test_time_grids_are_monotone_and_karras():
 
 SHARDING_SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np, pytest
+    from jax.sharding import Mesh
     import samplers, sde_lib
     from analytic import GaussianMixture
     assert jax.device_count() == 4
+    mesh = Mesh(np.array(jax.devices()), ("data",))
     gm = GaussianMixture(weights=[0.5, 0.5], means=[[-2., 0.], [2., 0.]], stds=[0.5, 0.5])
     sde = sde_lib.VPSDE(N=50)
     for method, opts in [("pc", {}), ("ode", dict(rtol=1e-4, atol=1e-4)), ("dpm_solver++", {})]:
-        x, nfe = samplers.sample(jax.random.key(0), sde, gm.score_fn(sde), (16, 2), method, **opts)
+        x, nfe = samplers.sample(jax.random.key(0), sde, gm.score_fn(sde), (16, 2), method, mesh=mesh, **opts)
         x = jax.block_until_ready(x)
         assert len(x.sharding.device_set) == 4, (method, x.sharding)
         x1, nfe1 = samplers.sample(jax.random.key(0), sde, gm.score_fn(sde), (16, 2), method, mesh=None, **opts)
@@ -318,7 +320,9 @@ SHARDING_SCRIPT = textwrap.dedent("""
         np.testing.assert_allclose(np.asarray(x), np.asarray(x1), atol=1e-4, err_msg=method)
         assert nfe == nfe1
     with pytest.raises(ValueError, match="batch size 6 .* not divisible by the 4 devices"):
-        samplers.sample(jax.random.key(0), sde, gm.score_fn(sde), (6, 2))
+        samplers.sample(jax.random.key(0), sde, gm.score_fn(sde), (6, 2), mesh=mesh)
+    x, _ = samplers.sample(jax.random.key(0), sde, gm.score_fn(sde), (16, 2), "ddim")   # no mesh: one device
+    assert len(jax.block_until_ready(x).sharding.device_set) == 1
     print("OK")
 """)
 

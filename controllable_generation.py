@@ -18,7 +18,6 @@ import functools
 import pathlib
 from typing import Callable, NamedTuple, Optional, Tuple, Union
 
-import diffrax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,8 +30,6 @@ from sde_lib import SDE, batch_broadcast
 Array = jax.Array
 ScoreFn = Callable[[Array, Array], Array]
 TASKS = ("unconditional", "inpaint", "colorize", "class_conditional", "cfg")
-GRID_METHODS = ("ddim", "dpm_solver++", "heun")   # samplers.py fast solvers, with a ``project`` hook
-IMPUTATION_METHODS = ("pc", "ode", "smc") + GRID_METHODS
 
 
 # ---- decoupled coordinates ------------------------------------------------------------------------------------
@@ -140,13 +137,19 @@ def impute_fn(sde: SDE, known: Array, mask: Array, decoupling: Decoupling = IDEN
     return project
 
 
+def imputation_methods() -> Tuple[str, ...]:
+    """``pc``, ``ode``, ``smc`` and every registered sampler that takes the ``project`` hook."""
+    return ("pc", "ode", "smc") + tuple(m for m in samplers.methods_with("project") if m != "pc")
+
+
 def impute(key: Array, sde: SDE, score_fn: ScoreFn, known: Array, mask, decoupling: Decoupling = IDENTITY,
            method: str = "pc", **options) -> Tuple[Array, object]:
     """Samples of x given the known part ``mask ⊙ forward(x) = mask ⊙ known`` (known in decoupled coordinates,
     (batch, ...)). ``method``: ``pc`` (any predictor/corrector; ``options`` as ``samplers.build_pc``), ``ode``
-    (``options`` as ``solve_imputation_flow``), ``smc`` (``smc_impute``), or a fast solver ``ddim`` /
-    ``dpm_solver++`` / ``heun`` (``options`` as its ``samplers.build_*``; the known part follows one noisy path
-    α(t) u_y + σ(t) z per sample, as in the ODE). The known part of the result is exactly the data.
+    (``options`` as ``solve_imputation_flow``), ``smc`` (``smc_impute``), or any other sampler that takes the
+    ``project`` hook (``samplers.methods_with``: ``ddim``, ``dpm_solver++``, ``heun``, every ``grid_method``;
+    ``options`` as its builder's; the known part follows one noisy path α(t) u_y + σ(t) z per sample, as in the
+    ODE). The known part of the result is exactly the data.
     Returns (x, nfe)."""
     known = jnp.asarray(known, jnp.float32)
     if known.ndim < 2:
@@ -156,7 +159,7 @@ def impute(key: Array, sde: SDE, score_fn: ScoreFn, known: Array, mask, decoupli
         fn, nfe = samplers.build_sampler(sde, score_fn, known.shape, "pc",
                                          project=impute_fn(sde, known, mask, decoupling), **options)
         x, nfe = fn(key)
-    elif method in GRID_METHODS:
+    elif method in samplers.methods_with("project"):
         k_path, key = jax.random.split(key)
         project = impute_fn(sde, known, mask, decoupling, noise=jax.random.normal(k_path, known.shape))
         fn, nfe = samplers.build_sampler(sde, score_fn, known.shape, method, project=project, **options)
@@ -167,7 +170,7 @@ def impute(key: Array, sde: SDE, score_fn: ScoreFn, known: Array, mask, decoupli
         x, nfe = smc_impute(key, sde, score_fn, known, mask, decoupling, **options)
         known = jnp.repeat(known, options.get("num_particles", 16), axis=0)
     else:
-        raise ValueError(f"imputation method {method!r} is not supported; expected one of {IMPUTATION_METHODS}")
+        raise ValueError(f"imputation method {method!r} is not supported; expected one of {imputation_methods()}")
     u = decoupling.forward(x)
     return decoupling.inverse(mask * known + (1 - mask) * u), nfe
 
@@ -179,7 +182,6 @@ def solve_imputation_flow(key: Array, sde: SDE, score_fn: ScoreFn, known: Array,
     """Probability-flow ODE of the unknown coordinates du/dt = [f - ½ g² s](x(u), t) from T to eps, with the
     known coordinates on the path α(t) u_y + σ(t) z (one z per sample), then Tweedie's denoiser. (x, nfe)."""
     eps = samplers.check_eps(sde, eps)
-    cls, adaptive = samplers._lookup(samplers.ODE_SOLVERS, solver, "ODE solver")
     k_prior, k_path = jax.random.split(key)
     z = jax.random.normal(k_path, known.shape)
     path = lambda t: batch_broadcast(sde.alpha_sigma(_tb(t, known))[0], known) * known + \
@@ -192,11 +194,8 @@ def solve_imputation_flow(key: Array, sde: SDE, score_fn: ScoreFn, known: Array,
 
     def run(k):
         u0 = decoupling.forward(sde.prior_sampling(k, known.shape))
-        controller = diffrax.PIDController(rtol=rtol, atol=atol) if adaptive else diffrax.ConstantStepSize()
-        sol = diffrax.diffeqsolve(diffrax.ODETerm(field), cls(), sde.T, eps, (eps - sde.T) / num_steps, u0,
-                                  stepsize_controller=controller, max_steps=max_steps)
-        x = decoupling.inverse(mask * path(eps) + (1 - mask) * sol.ys[-1])
-        nfe = samplers._ode_nfe(solver, sol.stats)
+        u, nfe, _ = samplers.solve_ode(field, u0, sde.T, eps, solver, rtol, atol, num_steps, max_steps)
+        x = decoupling.inverse(mask * path(eps) + (1 - mask) * u)
         if denoise:
             x, nfe = samplers.tweedie(sde, score_fn, x, eps), nfe + 1
         return x, nfe
@@ -380,9 +379,9 @@ def _test_data(config, n: int) -> Tuple[np.ndarray, np.ndarray]:
 
 
 def imputation_options(sampling_cfg, method: str) -> dict:
-    """Options of an imputation ``method`` (``IMPUTATION_METHODS``) from ``config.sampling``."""
-    if method not in IMPUTATION_METHODS:
-        raise ValueError(f"config.sampling.method={method!r} cannot impute; expected one of {IMPUTATION_METHODS}")
+    """Options of an imputation ``method`` (``imputation_methods()``) from ``config.sampling``."""
+    if method not in imputation_methods():
+        raise ValueError(f"config.sampling.method={method!r} cannot impute; expected one of {imputation_methods()}")
     if method == "smc":
         names = ("num_particles", "num_steps", "eps", "denoise")
         return {k: sampling_cfg[k] for k in names if sampling_cfg.get(k, None) is not None}

@@ -37,6 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+import samplers
+
 Array = jax.Array
 ScoreFn = Callable[[Array, Array], Array]
 
@@ -76,28 +78,18 @@ DIVERGENCES = {
     "rademacher": (hutchinson_divergence, _rademacher_probes),
 }
 
-SOLVERS = {
-    "tsit5": diffrax.Tsit5,
-    "dopri5": diffrax.Dopri5,
-    "rk45": diffrax.Dopri5,      # scipy's solve_ivp RK45 (score_sde's likelihood): see samplers.ODE_SOLVERS
-    "dopri8": diffrax.Dopri8,
-    "heun": diffrax.Heun,
+SOLVERS = {  # name -> (diffrax solver, adaptive) for ``samplers.solve_ode``; always adaptive here
+    "tsit5": (diffrax.Tsit5, True),
+    "dopri5": (diffrax.Dopri5, True),
+    "rk45": (diffrax.Dopri5, True),      # scipy's solve_ivp RK45 (score_sde's likelihood): see samplers.ODE_SOLVERS
+    "dopri8": (diffrax.Dopri8, True),
+    "heun": (diffrax.Heun, True),
 }
 
 
 def _check_choice(value: str, valid, what: str):
     if value not in valid:
         raise ValueError(f"unknown {what} {value!r}; valid: {sorted(valid)}")
-
-
-def solver_nfe(solver: diffrax.AbstractSolver, num_steps: Array) -> Array:
-    """Drift evaluations of an explicit RK solve: 1 for f(t0) when the tableau is first-same-as-last (FSAL),
-    then (stages - FSAL) per attempted (accepted or rejected) step. (diffrax 0.7's PID controller picks the
-    first step without evaluating the drift.) Checked against a counting callback in the tests.
-    """
-    tableau = solver.tableau
-    fsal = int(bool(tableau.fsal))
-    return fsal + num_steps * (tableau.num_stages - fsal)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -121,16 +113,14 @@ def _flow_vector_field(sde, score_fn: ScoreFn, divergence: str) -> Callable:
     return vector_field
 
 
-def _solve_one(vector_field, solver, controller, t0, t1, max_steps, x, probes):
-    """Integrate one example from t0 to t1; returns (x(t1), ∫div, number of attempted steps, or -1 when the
-    solve failed, e.g. ran out of max_steps). No error is raised inside the computation (``throw=False``): that
-    would need a host callback, which keeps the compiled function out of JAX's persistent compilation cache."""
+def _solve_one(vector_field, solver, rtol, atol, t0, t1, max_steps, x, probes):
+    """Integrate one example from t0 to t1; returns (x(t1), ∫div, NFE, or -1 when the solve failed, e.g. ran out
+    of max_steps). No error is raised inside the computation (``throw=False``): that would need a host callback,
+    which keeps the compiled function out of JAX's persistent compilation cache."""
     y0 = (x, jnp.zeros((), x.dtype))
-    sol = diffrax.diffeqsolve(diffrax.ODETerm(vector_field), solver, t0, t1, None, y0, args=probes,
-                              stepsize_controller=controller, max_steps=max_steps, throw=False)
-    z, delta = sol.ys
-    steps = jnp.where(sol.result == diffrax.RESULTS.successful, sol.stats["num_steps"], -1)
-    return z[0], delta[0], steps
+    (z, delta), nfe, ok = samplers.solve_ode(vector_field, y0, t0, t1, solver, rtol, atol, num_steps=None,
+                                             max_steps=max_steps, args=probes, throw=False, solvers=SOLVERS)
+    return z, delta, jnp.where(ok, nfe, -1)
 
 
 def _draw_probes(key, divergence: str, num_probes: int, x: Array):
@@ -144,13 +134,9 @@ def _draw_probes(key, divergence: str, num_probes: int, x: Array):
 
 def _log_likelihood(params, key, x, *, sde, score_fn_of, divergence, num_probes, rtol, atol, eps, solver,
                     max_steps, mesh):
-    solver_obj = SOLVERS[solver]()
-    controller = diffrax.PIDController(rtol=rtol, atol=atol)
-
     def solve_batch(params, x, probes):
         vf = _flow_vector_field(sde, score_fn_of(params), divergence)
-        return jax.vmap(functools.partial(_solve_one, vf, solver_obj, controller, eps, sde.T, max_steps))(
-            x, probes)
+        return jax.vmap(functools.partial(_solve_one, vf, solver, rtol, atol, eps, sde.T, max_steps))(x, probes)
 
     probes = _draw_probes(key, divergence, num_probes, x)
     if mesh is not None:  # each device solves its own examples: no collectives inside the adaptive loop
@@ -159,10 +145,9 @@ def _log_likelihood(params, key, x, *, sde, score_fn_of, divergence, num_probes,
                                     out_specs=(spec, spec, spec), check_vma=False)
         sharding = NamedSharding(mesh, spec)
         x, probes = jax.lax.with_sharding_constraint((x, probes), (sharding, sharding))
-    z, delta, steps = solve_batch(params, x, probes)
-    failed = steps < 0
-    logp = jnp.where(failed, jnp.nan, sde.prior_logp(z) + delta)
-    return logp, z, jnp.where(failed, -1, solver_nfe(solver_obj, steps))
+    z, delta, nfe = solve_batch(params, x, probes)
+    logp = jnp.where(nfe < 0, jnp.nan, sde.prior_logp(z) + delta)
+    return logp, z, nfe
 
 
 _jitted_log_likelihood = jax.jit(

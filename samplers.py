@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from sde_lib import SDE, batch_broadcast
+from sde_lib import SDE, _qualified, batch_broadcast
 
 Array = jax.Array
 ScoreFn = Callable[[Array, Array], Array]
@@ -197,18 +197,13 @@ def ncsnv2_step_size(sigma_L: float, gamma: float, n_steps: int) -> float:
 
 
 # ---- sharding -------------------------------------------------------------------------------------------------
-def batch_sharding(shape, mesh="auto") -> Optional[NamedSharding]:
-    """Sharding of the batch axis over all devices of ``mesh`` ("auto": every device; None: no sharding).
-
-    Returns None when there is a single device. The batch must divide evenly over the devices."""
+def batch_sharding(shape, mesh: Optional[Mesh] = None) -> Optional[NamedSharding]:
+    """Sharding of the batch axis over all devices of ``mesh`` (None, or a mesh of one device: no sharding).
+    Samplers never build a mesh; the caller passes its own. The batch must divide evenly over the devices."""
     if mesh is None:
         return None
-    if isinstance(mesh, str):
-        if mesh != "auto":
-            raise ValueError(f"mesh must be a jax.sharding.Mesh, 'auto' or None, got {mesh!r}")
-        if jax.device_count() == 1:
-            return None
-        mesh = Mesh(np.array(jax.devices()), ("data",))
+    if not isinstance(mesh, Mesh):
+        raise ValueError(f"mesh must be a jax.sharding.Mesh or None, got {mesh!r}")
     n = mesh.devices.size
     if n == 1:
         return None
@@ -299,7 +294,7 @@ def pc_step_fn(sde: SDE, score_fn: ScoreFn, predictor: Predictor, corrector: Cor
 def build_pc(sde: SDE, score_fn: ScoreFn, shape, predictor: str = "euler_maruyama", corrector: str = "langevin",
              snr: float = 0.16, n_steps: int = 1, num_steps: Optional[int] = None, denoise: bool = True,
              eps: Optional[float] = None, ald_step_size: Optional[float] = None,
-             ancestral_variance: Optional[str] = None, grid="uniform", mesh="auto",
+             ancestral_variance: Optional[str] = None, grid="uniform", mesh: Optional[Mesh] = None,
              project: Optional[Callable] = None, x_init: Optional[Array] = None,
              trajectory: bool = False) -> Tuple[SamplerFn, int]:
     """PC sampler on ``num_steps`` (default ``sde.N``) times t_i from T to eps (``grid``, see ``resolve_grid``:
@@ -403,30 +398,43 @@ def time_grid(sde: SDE, n: int, eps: float, kind: str = "uniform", rho: float = 
 GRIDS = {"uniform": "uniform in t", "log_snr": "uniform in λ = log(α/σ)", "karras": "EDM, ρ=7 in σ/α"}
 
 
-def _grid_sampler(sde, score_fn, shape, ts, step, init_state, denoise, sharding, x_init=None,
-                  project: Optional[Callable] = None, trajectory: bool = False) -> Callable:
-    """Shared loop: x = ``x_init`` or a prior sample at ts[0]; ``(x, state) = step(key, x, state, i, ts[i],
-    ts[i+1])`` over the grid; then Tweedie at ts[-1] when ``denoise``. ``project(key, x, t)`` (optional) runs on
-    the start and after every step, at the time it ends at (as in ``build_pc``). Returns ``run(key, x_init=None)
-    -> (x, nfe placeholder 0[, trajectory])``; ``_with_nfe`` fills in the NFE."""
-    if project is not None:
-        step = _projected_grid_step(step, project)
+# ---- the grid-step protocol: DDIM, DPM-Solver++, Heun and user samplers ---------------------------------------------
+class GridStep(NamedTuple):
+    """One step of a grid sampler: ``step(key, x, state, i, t, t_next) -> (x, state)`` moves x (batch, ...) from
+    the grid time t = ts[i] to t_next = ts[i + 1] with ``nfe`` score evaluations of the batch; ``init(x) -> state``
+    is what the loop carries between steps (a multistep solver's history; default nothing)."""
 
-    def run(key, x_init_=None):
+    step: Callable
+    nfe: int
+    init: Callable = lambda x: ()
+
+
+def grid_sampler(sde: SDE, score_fn: ScoreFn, shape, ts, step: GridStep, denoise: bool = True,
+                 mesh: Optional[Mesh] = None, project: Optional[Callable] = None, x_init: Optional[Array] = None,
+                 trajectory: bool = False) -> Tuple[SamplerFn, int]:
+    """The jitted ``fn(key, x_init=None) -> (x, nfe[, trajectory])`` of ``step`` on the times ``ts`` (K,), and its
+    NFE = (K - 1)·step.nfe + denoise: x = ``x_init`` or a prior sample at ts[0], one step per interval, then
+    Tweedie's denoiser at ts[-1] (``denoise``). The batch is sharded over ``mesh`` (None: one device).
+    ``project(key, x, t) -> x`` (optional, e.g. inpainting) runs on the start and after every step at the time
+    it ends at; the state keeps the unprojected values. ``trajectory``: also x at every grid time (``_outputs``)."""
+    sharding, nfe = batch_sharding(shape, mesh), (len(ts) - 1) * step.nfe + int(denoise)
+    advance = step.step if project is None else _projected_grid_step(step.step, project)
+
+    def run(key, x_init=None):
         k_prior, k_loop = jax.random.split(key)
-        x = x0 = _initial(sde, k_prior, shape, x_init if x_init_ is None else x_init_, sharding)
+        x = x0 = _initial(sde, k_prior, shape, x_init, sharding)
         if project is not None:
             x = x0 = project(jax.random.fold_in(k_prior, 1), x, ts[0])
 
         def body(carry, i):
-            x, state = step(jax.random.fold_in(k_loop, i), *carry, i, ts[i], ts[i + 1])
+            x, state = advance(jax.random.fold_in(k_loop, i), *carry, i, ts[i], ts[i + 1])
             return (x, state), (x if trajectory else None)
 
-        (x, _), xs = jax.lax.scan(body, (x, init_state(x)), jnp.arange(len(ts) - 1))
+        (x, _), xs = jax.lax.scan(body, (x, step.init(x)), jnp.arange(len(ts) - 1))
         x = tweedie(sde, score_fn, x, ts[-1]) if denoise else x
-        return _outputs(x, 0, ts, x0, xs)
+        return _outputs(x, nfe, ts, x0, xs)
 
-    return run
+    return _jit(_with_default_x_init(run, x_init), sharding, trajectory), nfe
 
 
 def _projected_grid_step(step: Callable, project: Callable) -> Callable:
@@ -439,20 +447,34 @@ def _projected_grid_step(step: Callable, project: Callable) -> Callable:
     return projected
 
 
-def _with_nfe(run: Callable, nfe: int, sharding, trajectory: bool = False) -> Tuple[SamplerFn, int]:
-    """The jitted ``(key, x_init=None) -> (x, nfe[, trajectory])`` of a ``_grid_sampler`` loop."""
+def grid_method(make_step: Callable, num_steps: int = 50, grid="uniform") -> Callable:
+    """A ``SAMPLERS`` builder from ``make_step(sde, score_fn, ts, **options) -> GridStep``: ``builder(sde,
+    score_fn, shape, num_steps, grid, denoise=True, eps=None, mesh=None, project=None, x_init=None,
+    trajectory=False, **options)`` takes ``num_steps`` times of the named ``grid`` down to ``eps``, or the array
+    ``grid`` (``resolve_grid``), and runs ``grid_sampler``. make_step's keyword parameters are its further options."""
+    def build(sde, score_fn, shape, num_steps=num_steps, grid=grid, denoise=True, eps=None, mesh=None,
+              project=None, x_init=None, trajectory=False, **options):
+        ts = resolve_grid(sde, grid, num_steps, eps)
+        return grid_sampler(sde, score_fn, shape, ts, make_step(sde, score_fn, ts, **options), denoise, mesh,
+                            project, x_init, trajectory)
 
-    def fn(key, x_init=None):
-        out = run(key, x_init)
-        return (out[0], jnp.asarray(nfe)) + tuple(out[2:])
-
-    return _jit(fn, sharding, trajectory), nfe
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    common = list(inspect.signature(build).parameters.values())[:-1]
+    own = [p.replace(kind=keyword) for p in list(inspect.signature(make_step).parameters.values())[3:]]
+    build.__signature__ = inspect.Signature(common + own)
+    build.__module__, build.__name__, build.__qualname__ = (make_step.__module__, make_step.__name__,
+                                                            make_step.__qualname__)
+    build.__doc__ = make_step.__doc__
+    return build
 
 
 # ---- DDIM --------------------------------------------------------------------------------------------------------
-def ddim_step(sde: SDE, score_fn: ScoreFn, eta: float) -> Callable:
-    """DDIM (Song et al. 2021, Eq. 12) for any α, σ: with x̂0 = (x + σ² s)/α and ε̂ = -σ s,
-    x' = α' x̂0 + √(σ'² - c²) ε̂ + c z, c = η σ' √(1 - (α σ' / (α' σ))²) (c = posterior std times η)."""
+def ddim_step(sde: SDE, score_fn: ScoreFn, ts: Array, eta: float = 0.0) -> GridStep:
+    """DDIM (Song et al. 2021, Eq. 12) for any α, σ, η=0 deterministic, η=1 DDPM-like: with x̂0 = (x + σ² s)/α and
+    ε̂ = -σ s, x' = α' x̂0 + √(σ'² - c²) ε̂ + c z, c = η σ' √(1 - (α σ' / (α' σ))²) (the posterior std times η).
+    NFE = num_steps - 1 + denoise (the final Tweedie step is DDIM's last x̂0)."""
+    if eta < 0:
+        raise ValueError(f"sampling option 'eta' must be >= 0, got {eta}")
 
     def step(key, x, state, i, t, t_next):
         (a, s), (a2, s2) = _alpha_sigma(sde, t), _alpha_sigma(sde, t_next)
@@ -461,20 +483,10 @@ def ddim_step(sde: SDE, score_fn: ScoreFn, eta: float) -> Callable:
         c = eta * s2 * jnp.sqrt(jnp.maximum(1 - (a * s2 / (a2 * s)) ** 2, 0.0))
         return a2 * x0 + jnp.sqrt(s2**2 - c**2) * eps_hat + c * _noise(key, x), state
 
-    return step
+    return GridStep(step, 1)
 
 
-def build_ddim(sde: SDE, score_fn: ScoreFn, shape, num_steps: int = 100, eta: float = 0.0, grid="uniform",
-               denoise: bool = True, eps: Optional[float] = None, mesh="auto", project: Optional[Callable] = None,
-               x_init: Optional[Array] = None, trajectory: bool = False) -> Tuple[SamplerFn, int]:
-    """DDIM over ``num_steps`` grid times T..eps (η=0: deterministic, η=1: DDPM-like; ``grid`` a kind or an
-    array of times). NFE = num_steps - 1 + denoise (the final Tweedie step is DDIM's last x̂0)."""
-    if eta < 0:
-        raise ValueError(f"sampling option 'eta' must be >= 0, got {eta}")
-    ts, sharding = resolve_grid(sde, grid, num_steps, eps), batch_sharding(shape, mesh)
-    run = _grid_sampler(sde, score_fn, shape, ts, ddim_step(sde, score_fn, eta), lambda x: (), denoise, sharding,
-                        x_init, project, trajectory)
-    return _with_nfe(run, len(ts) - 1 + int(denoise), sharding, trajectory)
+build_ddim = grid_method(ddim_step, num_steps=100, grid="uniform")
 
 
 # ---- DPM-Solver++ (multistep, data prediction) --------------------------------------------------------------------
@@ -502,10 +514,13 @@ def _dpmpp_update(order: int):
     return update
 
 
-def dpmpp_step(sde: SDE, score_fn: ScoreFn, order: int, n_steps_total: int) -> Callable:
-    """One multistep DPM-Solver++ step; state = (previous data predictions (2, ...), their λ (2,)). The first
-    steps use lower orders (not enough history) and, below 10 steps, so do the last (``lower_order_final``)."""
-    updates = [_dpmpp_update(k) for k in (1, 2, 3)]
+def dpmpp_step(sde: SDE, score_fn: ScoreFn, ts: Array, order: int = 2) -> GridStep:
+    """DPM-Solver++(2M / 3M), default grid uniform in λ; state = (previous data predictions (2, ...), their λ
+    (2,)). The first steps use lower orders (not enough history) and, below 10 steps, so do the last
+    (``lower_order_final``). NFE = num_steps - 1 + denoise."""
+    if order not in (1, 2, 3):
+        raise ValueError(f"sampling option 'order' of dpm_solver++ must be 1, 2 or 3, got {order}")
+    updates, n_steps_total = [_dpmpp_update(k) for k in (1, 2, 3)], len(ts) - 1
 
     def step(key, x, state, i, t, t_next):
         m_prev, lam_prev = state
@@ -519,28 +534,18 @@ def dpmpp_step(sde: SDE, score_fn: ScoreFn, order: int, n_steps_total: int) -> C
         x = jax.lax.switch(k - 1, updates, x, m, lam, lam_t, s2 / s, a2)
         return x, (m[:2], lam[:2])
 
-    return step
-
-
-def build_dpm_solver_pp(sde: SDE, score_fn: ScoreFn, shape, num_steps: int = 20, order: int = 2,
-                        grid="log_snr", denoise: bool = True, eps: Optional[float] = None, mesh="auto",
-                        project: Optional[Callable] = None, x_init: Optional[Array] = None,
-                        trajectory: bool = False) -> Tuple[SamplerFn, int]:
-    """DPM-Solver++(2M / 3M) over ``num_steps`` grid times (default uniform in λ; or an array of times).
-    NFE = num_steps - 1 + denoise."""
-    if order not in (1, 2, 3):
-        raise ValueError(f"sampling option 'order' of dpm_solver++ must be 1, 2 or 3, got {order}")
-    ts, sharding = resolve_grid(sde, grid, num_steps, eps), batch_sharding(shape, mesh)
-    step = dpmpp_step(sde, score_fn, order, len(ts) - 1)
     init = lambda x: (jnp.zeros((2,) + x.shape, x.dtype), jnp.zeros((2,), jnp.float32))
-    run = _grid_sampler(sde, score_fn, shape, ts, step, init, denoise, sharding, x_init, project, trajectory)
-    return _with_nfe(run, len(ts) - 1 + int(denoise), sharding, trajectory)
+    return GridStep(step, 1, init)
+
+
+build_dpm_solver_pp = grid_method(dpmpp_step, num_steps=20, grid="log_snr")
 
 
 # ---- Heun (EDM) ----------------------------------------------------------------------------------------------------
-def heun_step(sde: SDE, score_fn: ScoreFn) -> Callable:
-    """Heun's 2nd-order step of the probability-flow ODE in EDM form (Karras et al. 2022, Alg. 1):
-    with x̃ = x/α, σ̃ = σ/α and D = Tweedie's x̂0, dx̃/dσ̃ = (x̃ - D(x̃; σ̃)) / σ̃."""
+def heun_step(sde: SDE, score_fn: ScoreFn, ts: Array) -> GridStep:
+    """EDM's deterministic Heun sampler (Karras et al. 2022, Alg. 1), default the Karras (ρ=7) grid: Heun's
+    2nd-order step of the probability-flow ODE in x̃ = x/α, σ̃ = σ/α, dx̃/dσ̃ = (x̃ - D(x̃; σ̃)) / σ̃ with D Tweedie's
+    x̂0; the final Euler step to σ̃ = 0 is Tweedie's denoiser. NFE = 2 (num_steps - 1) + denoise (35 for 18)."""
 
     def step(key, x, state, i, t, t_next):
         (a, s), (a2, s2) = _alpha_sigma(sde, t), _alpha_sigma(sde, t_next)
@@ -551,19 +556,10 @@ def heun_step(sde: SDE, score_fn: ScoreFn) -> Callable:
         d2 = (xt2 - tweedie(sde, score_fn, a2 * xt2, t_next)) / sg2
         return a2 * (xt + (sg2 - sg) * 0.5 * (d + d2)), state
 
-    return step
+    return GridStep(step, 2)
 
 
-def build_heun(sde: SDE, score_fn: ScoreFn, shape, num_steps: int = 18, grid="karras", denoise: bool = True,
-               eps: Optional[float] = None, mesh="auto", project: Optional[Callable] = None,
-               x_init: Optional[Array] = None, trajectory: bool = False) -> Tuple[SamplerFn, int]:
-    """EDM's deterministic Heun sampler on the Karras (ρ=7) grid of ``num_steps`` times T..eps (or an array of
-    times); the final Euler step to σ̃ = 0 is Tweedie's denoiser. NFE = 2 (num_steps - 1) + denoise (35 for the
-    default 18)."""
-    ts, sharding = resolve_grid(sde, grid, num_steps, eps), batch_sharding(shape, mesh)
-    run = _grid_sampler(sde, score_fn, shape, ts, heun_step(sde, score_fn), lambda x: (), denoise, sharding,
-                        x_init, project, trajectory)
-    return _with_nfe(run, 2 * (len(ts) - 1) + int(denoise), sharding, trajectory)
+build_heun = grid_method(heun_step, num_steps=18, grid="karras")
 
 
 # ---- probability-flow ODE (diffrax) ---------------------------------------------------------------------------------
@@ -575,38 +571,58 @@ ODE_SOLVERS = {"tsit5": (diffrax.Tsit5, True), "dopri5": (diffrax.Dopri5, True),
 # cent. The default Tsit5 estimates its error more conservatively and takes ~25% more. See docs/conventions.md.
 
 
-def _ode_nfe(solver: str, stats) -> Array:
-    """Vector-field evaluations of a diffrax solve: Euler 1 and Heun 2 per step; Tsit5 / Dopri5 are FSAL,
-    6 new stages per (accepted or rejected) step plus one at the start."""
-    steps = stats["num_steps"]
-    return {"euler": steps, "heun": 2 * steps}.get(solver, 6 * steps + 1)
+def ode_nfe(solver: diffrax.AbstractSolver, num_steps: Array) -> Array:
+    """Vector-field evaluations of a diffrax solve of ``num_steps`` attempted (accepted or rejected) steps: the
+    stages of the Runge–Kutta tableau per step, less a first-same-as-last (FSAL) stage reused from the step
+    before, plus that one once at the start; Euler one per step. Tsit5 / Dopri5: 1 + 6n, Heun: 2n, Dopri8:
+    1 + 13n. (diffrax 0.7's PID controller picks its first step without evaluating the field.)"""
+    tableau = getattr(solver, "tableau", None)
+    if tableau is None:
+        if not isinstance(solver, diffrax.Euler):
+            raise ValueError(f"no evaluation count for the ODE solver {type(solver).__name__} (no tableau)")
+        return num_steps
+    fsal = int(bool(tableau.fsal))
+    return fsal + num_steps * (tableau.num_stages - fsal)
+
+
+def solve_ode(field: Callable, y0, t0, t1, solver: str = "tsit5", rtol: float = 1e-5, atol: float = 1e-5,
+              num_steps: Optional[int] = 100, max_steps: int = 16384, save_ts: Optional[Array] = None, args=None,
+              throw: bool = True, solvers: Dict = ODE_SOLVERS):
+    """Every diffrax solve of the repository: dy/dt = ``field(t, y, args)`` from t0 to t1 (either direction) with
+    ``solvers[solver]`` = (diffrax solver class, adaptive). Adaptive: PID controller on rtol/atol, first step
+    (t1 - t0)/num_steps, or diffrax's own choice when num_steps is None; otherwise num_steps fixed steps.
+    Returns (y(t1), or y at ``save_ts`` (times ending at t1; leading axis K); nfe (``ode_nfe``); success), with
+    failures (e.g. max_steps used up) raised, or with ``throw=False`` only reported in ``success``."""
+    cls, adaptive = _lookup(solvers, solver, "ODE solver")
+    if num_steps is not None or not adaptive:
+        _positive("num_steps", num_steps)
+    if adaptive:
+        _positive("rtol", rtol)
+        _positive("atol", atol)
+    controller = diffrax.PIDController(rtol=rtol, atol=atol) if adaptive else diffrax.ConstantStepSize()
+    dt0 = None if num_steps is None else (t1 - t0) / num_steps
+    saveat = diffrax.SaveAt(t1=True) if save_ts is None else diffrax.SaveAt(ts=save_ts)
+    sol = diffrax.diffeqsolve(diffrax.ODETerm(field), cls(), t0, t1, dt0, y0, args=args, saveat=saveat,
+                              stepsize_controller=controller, max_steps=max_steps, throw=throw)
+    ys = jax.tree.map(lambda y: y[-1], sol.ys) if save_ts is None else sol.ys
+    return ys, ode_nfe(cls(), sol.stats["num_steps"]), sol.result == diffrax.RESULTS.successful
 
 
 def solve_flow(sde: SDE, score_fn: ScoreFn, x: Array, t0: float, t1: float, solver: str = "tsit5",
                rtol: float = 1e-5, atol: float = 1e-5, num_steps: int = 100, max_steps: int = 16384,
                save_ts: Optional[Array] = None) -> Tuple[Array, Array]:
-    """Integrate the probability-flow ODE dx/dt = f(x, t) - ½ g(t)² s(x, t) from t0 to t1 (either direction).
-    Tsit5/Dopri5/RK45 are adaptive (I controller on rtol/atol, first step (t1-t0)/num_steps; "rk45" = Dopri5,
-    scipy's RK45 with its NFE at equal rtol/atol); Euler/Heun take ``num_steps`` fixed steps. Returns (x(t1), nfe),
-    or with ``save_ts`` (times ending at t1) (x at save_ts (K, ...), nfe)."""
-    cls, adaptive = _lookup(ODE_SOLVERS, solver, "ODE solver")
-    _positive("num_steps", num_steps)
+    """Integrate the probability-flow ODE dx/dt = f(x, t) - ½ g(t)² s(x, t) from t0 to t1 (either direction) with
+    ``solve_ode``: Tsit5/Dopri5/RK45 are adaptive (I controller on rtol/atol, first step (t1-t0)/num_steps; "rk45"
+    = Dopri5, scipy's RK45 with its NFE at equal rtol/atol); Euler/Heun take ``num_steps`` fixed steps. Returns
+    (x(t1), nfe), or with ``save_ts`` (times ending at t1) (x at save_ts (K, ...), nfe)."""
     rsde = sde.reverse(score_fn, probability_flow=True)
-    term = diffrax.ODETerm(lambda t, y, args: rsde.sde(y, _tb(t, y))[0])
-    if adaptive:
-        _positive("rtol", rtol)
-        _positive("atol", atol)
-        controller = diffrax.PIDController(rtol=rtol, atol=atol)
-    else:
-        controller = diffrax.ConstantStepSize()
-    saveat = diffrax.SaveAt(t1=True) if save_ts is None else diffrax.SaveAt(ts=save_ts)
-    sol = diffrax.diffeqsolve(term, cls(), t0, t1, (t1 - t0) / num_steps, x, stepsize_controller=controller,
-                              max_steps=max_steps, saveat=saveat)
-    return (sol.ys[-1] if save_ts is None else sol.ys), _ode_nfe(solver, sol.stats)
+    field = lambda t, y, args: rsde.sde(y, _tb(t, y))[0]
+    x, nfe, _ = solve_ode(field, x, t0, t1, solver, rtol, atol, num_steps, max_steps, save_ts)
+    return x, nfe
 
 
 def build_ode(sde: SDE, score_fn: ScoreFn, shape, solver: str = "tsit5", rtol: float = 1e-5, atol: float = 1e-5,
-              num_steps: int = 100, denoise: bool = True, eps: Optional[float] = None, mesh="auto",
+              num_steps: int = 100, denoise: bool = True, eps: Optional[float] = None, mesh: Optional[Mesh] = None,
               x_init: Optional[Array] = None, trajectory: bool = False) -> Tuple[SamplerFn, None]:
     """Probability-flow ODE sampler: x(T) = ``x_init`` or a prior sample, solve to eps, then Tweedie's denoiser.
     NFE from diffrax's step counts (+1 for denoising); it is only known after solving, so the returned static
@@ -643,7 +659,7 @@ def ode_decode(sde: SDE, score_fn: ScoreFn, z: Array, eps: Optional[float] = Non
 # ---- Langevin dynamics ----------------------------------------------------------------------------------------------
 def build_langevin(sde: SDE, score_fn: ScoreFn, shape, num_steps: int = 1000, step_size: Optional[float] = None,
                    t: Optional[float] = None, x_init: Optional[Array] = None, denoise: bool = False,
-                   mesh="auto", trajectory: bool = False) -> Tuple[SamplerFn, int]:
+                   mesh: Optional[Mesh] = None, trajectory: bool = False) -> Tuple[SamplerFn, int]:
     """Plain Langevin dynamics with the score at ONE noise level t (default eps): K = ``num_steps`` steps
     x ← x + ε s(x, t) + √(2ε) z from ``x_init`` (default a prior sample). Default ε = 0.1 σ(t)² is stable but slow
     when the data are much wider than σ(t): pass ``step_size`` for your data scale. NFE = K + denoise."""
@@ -651,13 +667,10 @@ def build_langevin(sde: SDE, score_fn: ScoreFn, shape, num_steps: int = 1000, st
     eps_step = 0.1 * float(_alpha_sigma(sde, t)[1]) ** 2 if step_size is None else step_size
     _positive("step_size", eps_step)
     _positive("num_steps", num_steps)
-    sharding = batch_sharding(shape, mesh)
     loop = _langevin_loop(score_fn, lambda x, tb, s, z: jnp.full_like(tb, eps_step), 1)
-    ts = jnp.full((num_steps + 1,), t, jnp.float32)
-    step = lambda key, x, state, i, t_i, t_next: (loop(key, x, t_i), state)
-    run = _grid_sampler(sde, score_fn, shape, ts, step, lambda x: (), denoise, sharding, x_init,
-                        trajectory=trajectory)
-    return _with_nfe(run, num_steps + int(denoise), sharding, trajectory)
+    step = GridStep(lambda key, x, state, i, t_i, t_next: (loop(key, x, t_i), state), 1)
+    return grid_sampler(sde, score_fn, shape, jnp.full((num_steps + 1,), t, jnp.float32), step, denoise, mesh,
+                        x_init=x_init, trajectory=trajectory)
 
 
 ALD_SIGMA_MIN = 0.01   # NCSN's smallest noise level σ_L (data in [0, 1] or [-1, 1])
@@ -666,7 +679,7 @@ ALD_SIGMA_MIN = 0.01   # NCSN's smallest noise level σ_L (data in [0, 1] or [-1
 def build_annealed_langevin(sde: SDE, score_fn: ScoreFn, shape, num_steps: int = 100, n_steps: int = 10,
                             snr: float = 0.4, ald_step_size: Optional[float] = None, step_rule: str = "ncsn",
                             grid="log_snr", denoise: bool = True, eps: Optional[float] = None,
-                            mesh="auto", x_init: Optional[Array] = None,
+                            mesh: Optional[Mesh] = None, x_init: Optional[Array] = None,
                             trajectory: bool = False) -> Tuple[SamplerFn, int]:
     """Annealed Langevin dynamics (NCSN, Song & Ermon 2019, Alg. 1) over L = ``num_steps`` noise levels
     σ_i = σ(t_i) on a geometric ladder (``grid="log_snr"``: σ/α geometric, exactly NCSN's for VE), ``n_steps``
@@ -694,6 +707,24 @@ def build_annealed_langevin(sde: SDE, score_fn: ScoreFn, shape, num_steps: int =
 SAMPLERS: Dict[str, Callable] = {"pc": build_pc, "ode": build_ode, "ddim": build_ddim,
                                  "dpm_solver++": build_dpm_solver_pp, "heun": build_heun,
                                  "langevin": build_langevin, "annealed_langevin": build_annealed_langevin}
+
+
+def register_sampler(name: str, builder: Optional[Callable] = None):
+    """Add ``builder(sde, score_fn, shape, **options) -> (jitted fn(key, x_init=None) -> (x, nfe), nfe)`` to
+    ``SAMPLERS`` under ``name`` (a grid step becomes one with ``grid_method``); without ``builder``, a decorator.
+    A name already registered to another function (by module and qualified name) is an error."""
+    if builder is None:
+        return lambda fn: register_sampler(name, fn)
+    old = SAMPLERS.get(name)
+    if old is not None and _qualified(old) != _qualified(builder):
+        raise ValueError(f"sampler name {name!r} is already registered to {_qualified(old)}")
+    SAMPLERS[name] = builder
+    return builder
+
+
+def methods_with(option: str) -> Tuple[str, ...]:
+    """The registered sampling methods whose builder takes ``option`` (e.g. ``project``: the inpainting hook)."""
+    return tuple(m for m, b in SAMPLERS.items() if option in inspect.signature(b).parameters)
 
 
 def build_sampler(sde: SDE, score_fn: ScoreFn, shape, method: str = "pc", **options) -> Tuple[SamplerFn, object]:
@@ -725,6 +756,6 @@ def options_from_config(sampling_cfg, method: Optional[str] = None) -> dict:
     return {k: sampling_cfg[k] for k in names if k in sampling_cfg and sampling_cfg[k] is not None}
 
 
-def sample_from_config(key: Array, sde: SDE, score_fn: ScoreFn, shape, sampling_cfg, mesh="auto"):
+def sample_from_config(key: Array, sde: SDE, score_fn: ScoreFn, shape, sampling_cfg, mesh: Optional[Mesh] = None):
     """``sample`` with the method and options of ``config.sampling``."""
     return sample(key, sde, score_fn, shape, sampling_cfg.method, mesh=mesh, **options_from_config(sampling_cfg))

@@ -203,7 +203,7 @@ METHOD_OPTIONS: Dict[str, Tuple[str, ...]] = {
 
 
 def method_options() -> Dict[str, Tuple[str, ...]]:
-    """``METHOD_OPTIONS``, plus methods registered at run time (``samplers.SAMPLERS["name"] = builder`` in a
+    """``METHOD_OPTIONS``, plus methods registered at run time (``samplers.register_sampler("name", builder)`` in a
     config file) when ``samplers`` is already imported; never imports it."""
     samplers = sys.modules.get("samplers")
     table = dict(METHOD_OPTIONS)

@@ -158,7 +158,7 @@ def test_method_options_match_the_samplers_registry():
     derived = {name: options(b) for name, b in samplers.SAMPLERS.items() if b.__module__ == "samplers"}
     derived["smc"] = options(controllable_generation.smc_impute)
     assert {m: set(o) for m, o in checks.METHOD_OPTIONS.items()} == {m: set(o) for m, o in derived.items()}
-    assert set(controllable_generation.IMPUTATION_METHODS) <= set(checks.METHOD_OPTIONS)
+    assert set(controllable_generation.imputation_methods()) <= set(checks.method_options())
 
 
 def test_explicit_option_of_another_method_is_refused():
@@ -175,7 +175,7 @@ def test_explicit_option_of_another_method_is_refused():
 def test_a_sampler_registered_at_run_time_is_known(monkeypatch):
     import samplers
 
-    def build_mine(sde, score_fn, shape, num_steps=3, eta=0.0, mesh="auto"):
+    def build_mine(sde, score_fn, shape, num_steps=3, eta=0.0, mesh=None):
         raise NotImplementedError
 
     monkeypatch.setitem(samplers.SAMPLERS, "mine", build_mine)

@@ -179,10 +179,12 @@ def test_midpoint_sampler_is_second_order():
     sde, mu, s = sde_lib.VPSDE(), jnp.array([1.0, -0.5]), 0.7
     gauss = GaussianMixture([1.0], np.asarray(mu)[None], [s])
     key = jax.random.key(0)
-    exact = gaussian_flow(sde, mu, s, sde.prior_sampling(key, (256, 2)), sde.T, sde.eps)
+    x_T = sde.prior_sampling(key, (256, 2))
+    exact = gaussian_flow(sde, mu, s, x_T, sde.T, sde.eps)
     errors = []
     for n in (10, 20, 40):
-        x, nfe = samplers.sample(key, sde, gauss.score_fn(sde), (256, 2), "midpoint", num_steps=n, denoise=False)
+        x, nfe = samplers.sample(key, sde, gauss.score_fn(sde), (256, 2), "midpoint", num_steps=n, denoise=False,
+                                 x_init=x_T)
         assert nfe == 2 * (n - 1)
         errors.append(float(jnp.max(jnp.abs(x - exact))))
     print("midpoint max error at 10/20/40 steps:", errors)  # measured 0.036 / 0.0077 / 0.0017

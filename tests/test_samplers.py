@@ -303,13 +303,22 @@ def test_time_grids_are_monotone_and_karras():
 
 SHARDING_SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np, pytest
+    from jax.sharding import Mesh
     import samplers, sde_lib
     from analytic import GaussianMixture
     assert jax.device_count() == 4
+    def euler_flow_step(sde, score_fn, ts):   # a user's grid step (as in test_a_registered_grid_step_...)
+        flow = sde.reverse(score_fn, probability_flow=True)
+        step = lambda key, x, state, i, t, t_next: (x + (t_next - t) * flow.sde(x, jnp.full((16,), t))[0], state)
+        return samplers.GridStep(step, 1)
+
+    mesh = Mesh(np.array(jax.devices()), ("data",))
     gm = GaussianMixture(weights=[0.5, 0.5], means=[[-2., 0.], [2., 0.]], stds=[0.5, 0.5])
     sde = sde_lib.VPSDE(N=50)
-    for method, opts in [("pc", {}), ("ode", dict(rtol=1e-4, atol=1e-4)), ("dpm_solver++", {})]:
-        x, nfe = samplers.sample(jax.random.key(0), sde, gm.score_fn(sde), (16, 2), method, **opts)
+    samplers.register_sampler("user_euler", samplers.grid_method(euler_flow_step, 8))
+    for method, opts in [("pc", {}), ("ode", dict(rtol=1e-4, atol=1e-4)), ("dpm_solver++", {}),
+                         ("user_euler", dict(project=lambda key, x, t: x.at[:, 0].set(t)))]:
+        x, nfe = samplers.sample(jax.random.key(0), sde, gm.score_fn(sde), (16, 2), method, mesh=mesh, **opts)
         x = jax.block_until_ready(x)
         assert len(x.sharding.device_set) == 4, (method, x.sharding)
         x1, nfe1 = samplers.sample(jax.random.key(0), sde, gm.score_fn(sde), (16, 2), method, mesh=None, **opts)
@@ -318,7 +327,9 @@ SHARDING_SCRIPT = textwrap.dedent("""
         np.testing.assert_allclose(np.asarray(x), np.asarray(x1), atol=1e-4, err_msg=method)
         assert nfe == nfe1
     with pytest.raises(ValueError, match="batch size 6 .* not divisible by the 4 devices"):
-        samplers.sample(jax.random.key(0), sde, gm.score_fn(sde), (6, 2))
+        samplers.sample(jax.random.key(0), sde, gm.score_fn(sde), (6, 2), mesh=mesh)
+    x, _ = samplers.sample(jax.random.key(0), sde, gm.score_fn(sde), (16, 2), "ddim")   # no mesh: one device
+    assert len(jax.block_until_ready(x).sharding.device_set) == 1
     print("OK")
 """)
 
@@ -396,3 +407,84 @@ def test_time_grid_array_errors():
                      ([2.0, 0.5], r"must lie in \(0, T=1"), ([1.0, 0.0], r"must lie in \(0, T=1")):
         with pytest.raises(ValueError, match=msg):
             samplers.build_sampler(sde, MIX2.score_fn(sde), (4, 2), "ddim", grid=np.array(bad))
+
+
+# ---- the public grid-step protocol: a user's sampler gets the loop, NFE, options, project and sharding ---------
+def euler_flow_step(sde, score_fn, ts, scale: float = 1.0) -> samplers.GridStep:
+    """A user's step: Euler on the probability-flow ODE with the drift times ``scale``; the state counts steps."""
+    flow = sde.reverse(score_fn, probability_flow=True)
+
+    def step(key, x, state, i, t, t_next):
+        return x + scale * (t_next - t) * flow.sde(x, jnp.full((x.shape[0],), t))[0], state + 1
+
+    return samplers.GridStep(step, 1, init=lambda x: jnp.zeros((), jnp.int32))
+
+
+@pytest.fixture
+def user_sampler(monkeypatch):
+    monkeypatch.setattr(samplers, "SAMPLERS", dict(samplers.SAMPLERS))
+    return samplers.register_sampler("user_euler", samplers.grid_method(euler_flow_step, 8, grid="uniform"))
+
+
+def test_a_registered_grid_step_is_a_full_sampler(user_sampler):
+    """Registered by name: the loop equals a hand-written Euler loop from the prior sample, the NFE equals the
+    counted score evaluations, the step's own option and the common ones (array grid, x_init, trajectory) work."""
+    import controllable_generation
+    sde, shape, key = sde_lib.VPSDE(N=50), (6, 2), jax.random.key(3)
+    calls, base = [], MIX2.score_fn(sde)
+
+    def counted(x, t):
+        jax.debug.callback(lambda _: calls.append(1), t)
+        return base(x, t)
+
+    fn, nfe = samplers.build_sampler(sde, counted, shape, "user_euler", trajectory=True)
+    x, nfe_run, traj = fn(key)
+    jax.effects_barrier()
+    assert nfe == int(nfe_run) == len(calls) == 8 - 1 + 1
+    ts = samplers.time_grid(sde, 8, sde.eps, "uniform")
+    drift = sde.reverse(base, probability_flow=True).sde
+    manual = prior = sde.prior_sampling(jax.random.split(key)[0], shape)
+    for i in range(7):
+        manual = manual + (ts[i + 1] - ts[i]) * drift(manual, jnp.full((6,), ts[i]))[0]
+    np.testing.assert_allclose(np.asarray(traj["x"][-1]), np.asarray(manual), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(x), np.asarray(samplers.tweedie(sde, base, manual, ts[-1])), atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(traj["t"]), np.asarray(ts))
+    still, _ = samplers.sample(key, sde, base, shape, "user_euler", scale=0.0, denoise=False, x_init=prior + 1)
+    np.testing.assert_array_equal(np.asarray(still), np.asarray(prior + 1))
+    _, fewer = samplers.build_sampler(sde, base, shape, "user_euler", grid=np.asarray(ts[::2]))
+    assert fewer == 4 - 1 + 1
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['eta'\] for sampling method 'user_euler'.*'scale'"):
+        samplers.build_sampler(sde, base, shape, "user_euler", eta=1.0)
+    assert "user_euler" in samplers.methods_with("project") and "user_euler" not in samplers.methods_with("order")
+    assert "user_euler" in controllable_generation.imputation_methods()
+
+
+def test_a_registered_grid_step_gets_the_project_hook(user_sampler):
+    """``project`` runs on the start and after every step at the time it ends at (here it writes t into x[:, 0]);
+    through controllable_generation.impute the user's sampler inpaints with the known part exact."""
+    import controllable_generation
+    sde, shape, key = sde_lib.VPSDE(N=50), (6, 2), jax.random.key(4)
+    project = lambda key, x, t: x.at[:, 0].set(t)
+    fn, _ = samplers.build_sampler(sde, MIX2.score_fn(sde), shape, "user_euler", project=project,
+                                   trajectory=True, denoise=False)
+    _, _, traj = fn(key)
+    np.testing.assert_array_equal(np.asarray(traj["x"][:, :, 0]), np.repeat(np.asarray(traj["t"])[:, None], 6, 1))
+    known = MIX2.sample(jax.random.key(5), 6)
+    x, nfe = controllable_generation.impute(key, sde, MIX2.score_fn(sde), known, np.array([1.0, 0.0]),
+                                            method="user_euler", num_steps=30)
+    np.testing.assert_array_equal(np.asarray(x[:, 0]), np.asarray(known[:, 0]))
+    free, _ = samplers.sample(key, sde, MIX2.score_fn(sde), shape, "user_euler", num_steps=30)
+    assert int(nfe) == 30 and np.all(np.isfinite(np.asarray(x))) and not np.allclose(x[:, 1], free[:, 1])
+
+
+def test_register_sampler_refuses_a_second_function_under_a_taken_name(monkeypatch):
+    monkeypatch.setattr(samplers, "SAMPLERS", dict(samplers.SAMPLERS))
+    with pytest.raises(ValueError, match="sampler name 'ddim' is already registered to samplers.ddim_step"):
+        samplers.register_sampler("ddim", samplers.grid_method(euler_flow_step))
+    assert samplers.register_sampler("ddim", samplers.build_ddim) is samplers.build_ddim   # the same one again
+
+    @samplers.register_sampler("mine")
+    def build_mine(sde, score_fn, shape, mesh=None):
+        raise NotImplementedError
+
+    assert samplers.SAMPLERS["mine"] is build_mine and "mine" not in samplers.methods_with("project")

@@ -25,7 +25,7 @@ MODES = {
     "train": "run_lib:train",
     "eval": "run_lib:evaluate",
     "sample": "run_lib:sample",
-    "likelihood": "likelihood:run",
+    "likelihood": "run_lib:likelihood",
     "fid_stats": "run_lib:fid_stats",
     "eval_samples": "run_lib:eval_samples",
     "convert": "convert:run",

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import likelihood
+import run_lib
 import sde_lib
 from analytic import GaussianMixture
 from conftest import REPO
@@ -332,7 +333,7 @@ def test_run_writes_the_figure_with_every_setting(tmp_path, capsys):
     lik = config.eval.likelihood
     lik.divergence, lik.rtol, lik.atol = "exact", 1e-4, 1e-4
     exp = _checkpointed(config, tmp_path)
-    result = likelihood.run(config, str(tmp_path))
+    result = run_lib.likelihood(config, str(tmp_path))
     out = capsys.readouterr().out
     assert "likelihood on every test example (tsit5, rtol 0.0001, exact divergence" in out   # said before starting
     assert "examples, step 0, EMA weights)" in out
@@ -361,10 +362,10 @@ def test_run_rejects_bad_settings(tmp_path):
     config = default.get_config()  # settings are checked before any checkpoint is looked for
     config.eval.likelihood.divergence = "hutch"
     with pytest.raises(ValueError, match="config.eval.likelihood.divergence"):
-        likelihood.run(config, str(tmp_path))
+        run_lib.likelihood(config, str(tmp_path))
     config.eval.likelihood.divergence, config.eval.likelihood.method = "gaussian", "ddpm_bound"
     with pytest.raises(ValueError, match="DDPM Markov chain"):
-        likelihood.likelihood_settings(config, SDES["ve"])
+        run_lib.likelihood_settings(config, SDES["ve"])
     config.data.centered = False
     with pytest.raises(ValueError, match="centred model space"):
-        likelihood.likelihood_settings(config, SDES["vp"])
+        run_lib.likelihood_settings(config, SDES["vp"])

@@ -281,6 +281,26 @@ def test_bad_inputs_give_clear_errors(tmp_path):
         run_lib.guided_score_fn(config, net, params, sde, 2)
 
 
+def test_sample_task_builds_the_experiment_once(tmp_path, monkeypatch):
+    """``--mode=sample`` with a task builds one Experiment (it used to build a second one for the restore) and
+    checks the task after restoring: cfg on a model without class labels is refused."""
+    import utils
+    from configs import toy
+
+    config = toy.get_config("two_moons")
+    exp = run_lib.Experiment.from_config(config)
+    ckpt = utils.CheckpointManager(tmp_path / "checkpoints", config)
+    ckpt.save(1, run_lib.init_train_state(config, exp.model, exp.optimizer, exp.data_shape))
+    ckpt.wait()
+    builds, build = [], run_lib.Experiment.from_config.__func__
+    counted = classmethod(lambda cls, c: builds.append(1) or build(cls, c))
+    monkeypatch.setattr(run_lib.Experiment, "from_config", counted)
+    config.sampling.task = "cfg"
+    with pytest.raises(ValueError, match="task='cfg'.*needs a class-conditional score model"):
+        run_lib.sample(config, str(tmp_path))
+    assert len(builds) == 1
+
+
 def test_in_batches_covers_n_with_one_key_per_batch():
     seen = []
 

@@ -350,6 +350,38 @@ def test_run_writes_the_figure_with_every_setting(tmp_path, capsys):
     assert written["bpd"] == pytest.approx(float(np.mean(-logp / (2 * np.log(2)))), abs=1e-3)
 
 
+def test_eval_with_bits_per_dim_builds_and_restores_once(tmp_path, monkeypatch):
+    """``--mode=eval`` with ``eval.enable_bpd``: the figure comes from the checkpoint evaluate restored (one
+    Experiment, one restore; the likelihood runner used to restore it again with a second Experiment)."""
+    import utils
+    from configs import toy
+
+    config = toy.get_config("two_moons")
+    config.eval.batch_size, config.data.toy_eval_size = 4, 4
+    config.eval.enable_bpd, config.eval.enable_loss, config.eval.enable_sampling = True, False, False
+    config.eval.likelihood.divergence, config.eval.likelihood.rtol, config.eval.likelihood.atol = "exact", 1e-3, 1e-3
+    exp = run_lib.Experiment.from_config(config)
+    ckpt = utils.CheckpointManager(tmp_path / "checkpoints", config)
+    ckpt.save(0, run_lib.init_train_state(config, exp.model, exp.optimizer, exp.data_shape))
+    ckpt.wait()
+    calls = {"experiment": 0, "restore": 0}
+    build, restore = run_lib.Experiment.from_config.__func__, utils.CheckpointManager.restore
+
+    def counted_build(cls, cfg):
+        calls["experiment"] += 1
+        return build(cls, cfg)
+
+    def counted_restore(self, *args, **kwargs):
+        calls["restore"] += 1
+        return restore(self, *args, **kwargs)
+
+    monkeypatch.setattr(run_lib.Experiment, "from_config", classmethod(counted_build))
+    monkeypatch.setattr(utils.CheckpointManager, "restore", counted_restore)
+    result = run_lib.evaluate(config, str(tmp_path))[0]["metrics"]["likelihood"]
+    assert result["num_examples"] == 4 and result["checkpoint_step"] == 0 and np.isfinite(result["bpd"])
+    assert calls == {"experiment": 1, "restore": 1}
+
+
 def run_lib_restore(config, workdir):
     import run_lib
 

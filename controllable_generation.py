@@ -9,12 +9,11 @@
 * Classifier-free guidance: (1 + w) s(x, t, y) - w s(x, t, ∅), ∅ the null label ``num_classes``.
 
 The training objectives of the classifier and of the class-conditional model are ``losses``' ``classifier`` and
-``dsm_cfg``. Also ``run(config, workdir)``, the ``--mode=sample`` entry for ``config.sampling.task`` !=
-"unconditional".
+``dsm_cfg``. The ``--mode=sample`` runner for ``config.sampling.task`` != "unconditional" is
+``run_lib.controllable``.
 """
 from __future__ import annotations
 
-import functools
 import pathlib
 from typing import Callable, NamedTuple, Optional, Tuple, Union
 
@@ -23,13 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 
 import samplers
-import utils
-from evaluation import metrics, quality
 from sde_lib import SDE, batch_broadcast
 
 Array = jax.Array
 ScoreFn = Callable[[Array, Array], Array]
-TASKS = ("unconditional", "inpaint", "colorize", "class_conditional", "cfg")
 
 
 # ---- decoupled coordinates ------------------------------------------------------------------------------------
@@ -360,201 +356,3 @@ def model_cfg_score_fn(model, params, sde: SDE, y: Array, guidance_scale: float)
     check_labels(np.asarray(y), num_classes, y.shape[0])
     cond = lambda x, t, labels: model.score(params, sde, x, t, y=labels)
     return cfg_score_fn(cond, y, num_classes, guidance_scale)
-
-
-# ---- --mode=sample with config.sampling.task ----------------------------------------------------------------------
-def _test_data(config, n: int) -> Tuple[np.ndarray, np.ndarray]:
-    """The first n test examples (model space) and their labels."""
-    import datasets
-
-    xs, ys, got = [], [], 0
-    for batch in datasets.get_dataset(config, "test", infinite=True, seed=config.seed):
-        keep = np.asarray(batch.get("mask", np.ones(len(batch["x"])))).astype(bool)
-        xs.append(np.asarray(batch["x"])[keep])
-        ys.append(np.asarray(batch["label"])[keep])
-        got += int(keep.sum())
-        if got >= n:
-            break
-    return np.concatenate(xs)[:n], np.concatenate(ys)[:n]
-
-
-def imputation_options(sampling_cfg, method: str) -> dict:
-    """Options of an imputation ``method`` (``imputation_methods()``) from ``config.sampling``."""
-    if method not in imputation_methods():
-        raise ValueError(f"config.sampling.method={method!r} cannot impute; expected one of {imputation_methods()}")
-    if method == "smc":
-        names = ("num_particles", "num_steps", "eps", "denoise")
-        return {k: sampling_cfg[k] for k in names if sampling_cfg.get(k, None) is not None}
-    return samplers.options_from_config(sampling_cfg, method)
-
-
-def _labels_for(config, n: int, num_classes: int) -> Array:
-    label = config.sampling.get("label", None)
-    y = np.arange(n) % num_classes if label is None else np.full((n,), int(label))
-    return check_labels(y, num_classes, n)
-
-
-def _classifier_logits_fn(config) -> Callable:
-    """``logits_fn(x, t)`` of the classifier trained in ``config.sampling.classifier_workdir``."""
-    wd = config.sampling.get("classifier_workdir", None)
-    if not wd or not (pathlib.Path(wd) / "config.json").is_file():
-        raise ValueError(f"config.sampling.classifier_workdir={wd!r} must be the workdir of a classifier trained "
-                         f"with --mode=train (e.g. configs/digits_classifier.py); no config.json there")
-    ev = _restore_classifier(str(pathlib.Path(wd).resolve()), (pathlib.Path(wd) / "config.json").read_text())
-    return lambda x, t: ev.model.output(ev.params, ev.sde, x, t)
-
-
-@functools.lru_cache(maxsize=4)
-def _restore_classifier(workdir: str, config_json: str):
-    """The classifier's eval state, restored once per (workdir, config) for the batches of a run."""
-    import json
-
-    import ml_collections
-
-    import experiment
-
-    exp = experiment.Experiment.from_config(ml_collections.ConfigDict(json.loads(config_json)))
-    return experiment.restore_eval_state(exp, workdir)
-
-
-def guided_score_fn(config, model, params, sde: SDE, n: int, labels=None) -> Tuple[ScoreFn, Array]:
-    """Score and labels (n,) of ``task`` class_conditional (classifier guidance) or cfg; ``labels`` (n,) default
-    to ``config.sampling.label`` (or 0, 1, ..., K-1 repeated)."""
-    task, w = config.sampling.task, float(config.sampling.get("guidance_scale", 1.0))
-    if task == "cfg":
-        if not is_class_conditional(model):
-            raise ValueError("config.sampling.task='cfg' (classifier-free guidance) needs a class-conditional score "
-                             "model (config.model.name='class_conditional', loss 'dsm_cfg'), not "
-                             f"{config.model.name!r}")
-        y = _labels(config, n, int(model.module.num_classes), labels)
-        return model_cfg_score_fn(model, params, sde, y, w), y
-    y = _labels(config, n, int(config.data.num_classes), labels)
-    return classifier_guided_score_fn(model.score_fn(params, sde), _classifier_logits_fn(config), y, w), y
-
-
-def _labels(config, n: int, num_classes: int, labels) -> Array:
-    return _labels_for(config, n, num_classes) if labels is None else check_labels(labels, num_classes, n)
-
-
-def in_batches(n: int, size: int, key: Array, draw: Callable[[Array, int, int], dict],
-               progress: Optional[Callable[[], None]] = None) -> dict:
-    """``draw(key_i, lo, hi)`` (a dict of per-sample arrays, or shared ones under "mask") for the batches
-    [lo, hi) of ``size`` covering n, batch i with ``fold_in(key, i)``; the batches' arrays concatenated.
-    ``progress()`` (optional) is called after each batch (it may raise to stop)."""
-    size = max(1, min(int(size or n), n))
-    parts = []
-    for i, lo in enumerate(range(0, n, size)):
-        parts.append(draw(jax.random.fold_in(key, i), lo, min(lo + size, n)))
-        if progress is not None:
-            progress()
-    return {k: parts[0][k] if k == "mask" else np.concatenate([np.asarray(p[k]) for p in parts]) for k in parts[0]}
-
-
-def run(config, workdir: str) -> dict:
-    """``--mode=sample`` for ``config.sampling.task`` in inpaint | colorize | class_conditional | cfg: writes
-    ``samples.{npz,png}``, ``manifest.json`` (and ``inputs.png`` for imputation, the unknown pixels hatched gray)
-    to a new folder ``experiment.sample_folder`` names after the task and its settings; returns the arrays and the
-    folder (``"outdir"``). ``config.sampling.num_samples`` are drawn in batches of ``config.sampling.batch_size``."""
-    import experiment
-
-    task = config.sampling.get("task", "unconditional")
-    if task not in TASKS:
-        raise ValueError(f"unknown config.sampling.task {task!r}; expected one of {list(TASKS)}")
-    exp = experiment.Experiment.from_config(config)
-    ev = experiment.restore_eval_state(exp, workdir, config.eval.checkpoint)
-    outdir = experiment.sample_folder(config, workdir, ev.sde, ev.step, task)
-    n, size = int(config.sampling.num_samples), config.sampling.get("batch_size", None)
-    key = jax.random.fold_in(jax.random.key(config.seed + 1), ev.step)
-    progress = utils.Progress(f"{task} sampling", -(-n // max(1, min(int(size or n), n))),
-                              detail=f"{n} samples, {experiment.sampler_name(config.sampling, ev.sde)}").update
-    try:
-        out = _draw_task(config, ev, exp, key, n, size, task, progress)
-    except utils.Stopped as e:
-        e.message += "; no samples written"
-        raise
-    images = {k: experiment.to_output(exp, v) for k, v in out.items() if k in ("samples", "inputs")}
-    if "mask" in out and "inputs" in images:
-        images["inputs"] = utils.hatch_unknown(images["inputs"], out["mask"])
-    if jax.process_index() == 0:
-        manifest = experiment.sample_manifest(config, workdir, ev.step, bool(config.eval.use_ema), task)
-        _write_task_outputs(outdir, out, images, manifest, bool(config.sampling.get("save_pngs", False)))
-    _report(config, out, images)
-    print(f"wrote {len(out['samples'])} {task} samples of step {ev.step} to {outdir}", flush=True)
-    return {**out, **{f"{k}_uint8": v for k, v in images.items()}, "outdir": outdir}
-
-
-def _draw_task(config, ev, exp, key, n: int, size, task: str, progress) -> dict:
-    if task in ("inpaint", "colorize"):
-        return _run_imputation(config, ev, key, n, size, task, progress)
-    if task == "unconditional":
-        return in_batches(n, size, key, lambda k, lo, hi: {"samples": exp.sample(k, ev.params, hi - lo)[0]},
-                          progress)
-    _, y = guided_score_fn(config, ev.model, ev.params, ev.sde, n)   # checks the task and the labels
-
-    def draw(k, lo, hi):
-        score, yb = guided_score_fn(config, ev.model, ev.params, ev.sde, hi - lo, labels=y[lo:hi])
-        x, _ = samplers.sample_from_config(k, ev.sde, score, (hi - lo,) + exp.data_shape, config.sampling)
-        return {"samples": x, "labels": yb}
-
-    return in_batches(n, size, key, draw, progress)
-
-
-def _write_task_outputs(outdir: pathlib.Path, out: dict, images: dict, manifest: dict, save_pngs: bool):
-
-    outdir.mkdir(parents=True, exist_ok=True)
-    utils.atomic_savez(outdir / "samples.npz", **{**out, **{f"{k}_uint8": v for k, v in images.items()}})
-    for k, v in images.items():
-        utils.save_image_grid(v, outdir / f"{k}.png") if v.ndim == 4 else utils.save_scatter(v, outdir / f"{k}.png")
-    if save_pngs and images["samples"].ndim == 4:
-        utils.save_images(images["samples"], outdir / "images")
-    utils.atomic_write_json(outdir / "manifest.json", {**manifest, "num_written": len(out["samples"])})
-
-
-def _run_imputation(config, ev, key, n, size, task, progress=None) -> dict:
-    data, _ = _test_data(config, n)
-    method = config.sampling.method
-    opts = imputation_options(config.sampling, method)
-    score_fn = ev.model.score_fn(ev.params, ev.sde)
-    if task == "colorize":
-        if data.ndim != 4 or data.shape[-1] != 3:
-            raise ValueError(f"task 'colorize' needs RGB images (config.data.num_channels=3), got data of shape "
-                             f"{data.shape[1:]}")
-        out = in_batches(n, size, key, lambda k, lo, hi: {"samples": colorize(k, ev.sde, score_fn, data[lo:hi],
-                                                                               method, **opts)[0]}, progress)
-        gray = np.mean(data, -1, keepdims=True)
-        return {**out, "inputs": np.broadcast_to(gray, data.shape), "data": data}
-    mask = load_mask(config.sampling.get("mask", None) or "left", data.shape[1:])
-    out = in_batches(n, size, key, lambda k, lo, hi: {"samples": inpaint(k, ev.sde, score_fn, data[lo:hi], mask,
-                                                                         method, **opts)[0]}, progress)
-    lo = -1.0 if config.data.get("centered", True) else 0.0
-    return {**out, "inputs": np.where(mask > 0, data, lo), "data": data, "mask": mask}
-
-
-def _report(config, out: dict, images: dict) -> None:
-    """Print the error on the known part (imputation), how many colorized samples are one colour of the source's
-    palette, or the source's label classifier's accuracy (class tasks; ``evaluation.quality``); the figures are
-    added to ``out``."""
-    if "mask" in out:
-        reps = len(out["samples"]) // len(out["data"])
-        err = np.abs(np.repeat(out["data"], reps, 0) - out["samples"]) * out["mask"]
-        print(f"max |x - data| on the known pixels: {err.max():.3g}")
-        out["known_error"] = float(err.max())
-    elif config.sampling.get("task") == "colorize":
-        reps = len(out["samples"]) // len(out["data"])
-        err = np.abs(np.repeat(out["data"], reps, 0).mean(-1) - out["samples"].mean(-1))
-        print(f"max |gray(x) - gray(data)|: {err.max():.3g}")
-        out["known_error"] = float(err.max())
-    palette = quality.PALETTES.get(config.data.source)
-    if config.sampling.get("task") == "colorize" and palette is not None:
-        fit = metrics.palette_fit(images["samples"], palette)
-        single = fit["residual"] < 0.15
-        out["palette_fraction"], out["palette_colors"] = float(single.mean()), int(len(np.unique(fit["color"][single])))
-        print(f"{single.mean():.1%} of colorized samples are one palette colour (residual < 0.15; gray inputs: "
-              f"1/3), {out['palette_colors']} of {len(palette)} colours used")
-    classify = quality.LABEL_CLASSIFIERS.get(config.data.source)
-    if "labels" in out and classify is not None:
-        logits = classify(images["samples"])
-        acc = float(np.mean(np.argmax(logits, -1) == out["labels"]))
-        print(f"the {config.data.source} classifier agrees with the requested label on {acc:.1%} of samples "
-              f"(chance {1 / logits.shape[-1]:.0%})")
-        out["label_accuracy"] = acc

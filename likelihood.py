@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Callable, Optional, Tuple
+from typing import Callable, Iterable, Optional, Tuple
 
 import diffrax
 import jax
@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+import losses
 import samplers
 
 Array = jax.Array
@@ -380,8 +381,6 @@ def bits_per_dim_of_data(key: Array, sde, score_fn: ScoreFn, x, *, space: DataSp
 # --------------------------------------------------------------------------------------------------------------
 
 def _ddpm_bound_batch(params, key, x0, score_times, *, sde, eps_fn_of, score_fn_of, variance, num_steps):
-    import losses
-
     steps = None
     if num_steps is not None:  # a uniform random subset of steps: N · mean is an unbiased estimate of Σ
         steps = jax.random.choice(jax.random.fold_in(key, 1), sde.N, (num_steps,), replace=False)
@@ -396,8 +395,6 @@ _jitted_ddpm_bound = jax.jit(_ddpm_bound_batch,
 
 
 def check_ddpm_bound_inputs(sde, space: DataSpace, num_steps: Optional[int]):
-    import losses
-
     if sde.chain is None:
         raise ValueError(f"the DDPM bound needs {losses.CHAINS['chain']}; "
                          f"{type(sde).__name__} does not provide it")
@@ -436,8 +433,6 @@ def ddpm_bound_fn(sde, *, eps_fn_of: Optional[Callable] = None, score_fn_of: Opt
 
     score_times = None
     if score_fn_of is not None:  # continuous times with α(t) = √ᾱ_i, found on the host (numpy) outside jit
-        import losses
-
         score_times = losses.time_of(sde, np.sqrt(sde.chain.alphas_cumprod), "alpha", t_max=1.2 * sde.T)
 
     def fn(params, key, x):
@@ -452,119 +447,21 @@ def ddpm_bound_fn(sde, *, eps_fn_of: Optional[Callable] = None, score_fn_of: Opt
 
 
 # --------------------------------------------------------------------------------------------------------------
-# main.py --mode=likelihood
+# Bits/dim over a data split (``run_lib.likelihood`` is the --mode=likelihood runner)
 # --------------------------------------------------------------------------------------------------------------
 
-METHODS = ("ode", "ddpm_bound")
+METHODS = ("ode", "ddpm_bound")   # bits_per_dim_of_data's probability-flow ODE, or ddpm_bound
 
 
-def data_space(config) -> DataSpace:
-    """The data convention of ``config.data``: 8-bit images in [0, 1] or [-1, 1], or continuous toy vectors."""
-    import datasets
-
-    if not isinstance(datasets.get_data_transform(config), datasets.ImageTransform):
-        return DataSpace(bits=None, centered=bool(config.data.centered))
-    bits = int(config.eval.likelihood.bits)
-    if bits != 8:
-        raise ValueError(f"config.eval.likelihood.bits={bits}: the image pipeline (datasets.py) loads 8-bit data")
-    return DataSpace(bits=8, centered=bool(config.data.centered))
-
-
-def likelihood_settings(config, sde) -> dict:
-    """Every setting that produces the figure, validated; errors name the config key."""
-    lik = config.eval.likelihood
-    for key, valid in (("method", METHODS), ("divergence", DIVERGENCES), ("solver", SOLVERS),
-                       ("dequantization", DEQUANTIZATIONS), ("ddpm_variance", ("beta", "posterior"))):
-        _check_choice(lik[key], valid, f"config.eval.likelihood.{key}")
-    space = data_space(config)
-    out = {"method": lik.method, "split": lik.split, "data_bits": space.bits, "centered": space.centered,
-           "ema": bool(config.eval.use_ema), "sde": type(sde).__name__, "seed": int(config.seed),
-           "batch_size": int(config.eval.batch_size)}
-    if lik.method == "ddpm_bound":
-        import losses
-
-        check_ddpm_bound_inputs(sde, space, lik.ddpm_num_steps)
-        chain = losses.resolve_loss_name(config, sde) in ("ddpm", "ddpm_vlb")  # trained on the chain's labels
-        return {**out, "ddpm_variance": lik.ddpm_variance, "ddpm_num_steps": lik.ddpm_num_steps or sde.N,
-                "ddpm_exact_sum": lik.ddpm_num_steps is None, "is_bound": True,
-                "ddpm_eps": "network at step labels" if chain else "score at t with alpha(t) = sqrt(abar_i)"}
-    dequantization = "none" if space.bits is None else lik.dequantization
-    if int(lik.num_draws) < 1 or int(lik.num_probes) < 1:
-        raise ValueError("config.eval.likelihood.num_draws and .num_probes must be >= 1")
-    return {**out, "estimator": lik.divergence, "num_probes": int(lik.num_probes) if lik.divergence != "exact"
-            else 0, "rtol": float(lik.rtol), "atol": float(lik.atol), "solver": lik.solver,
-            "max_steps": int(lik.max_steps), "eps": float(sde.eps if lik.eps is None else lik.eps),
-            "dequantization": dequantization, "num_draws": int(lik.num_draws) if dequantization == "uniform" else 1,
-            "is_bound": dequantization == "uniform"}
-
-
-def likelihood_work(settings: dict, limit: Optional[int]) -> str:
-    """One line saying how much work ``run`` is about to do, before it starts."""
-    what = f"every {settings['split']} example" if limit is None else \
-        f"the first {limit} {settings['split']} example{'s' if limit != 1 else ''}"
-    if settings["method"] == "ddpm_bound":
-        return (f"DDPM bound on {what}: {settings['ddpm_num_steps']} network evaluations each "
-                f"(config.eval.likelihood.num_examples, .ddpm_num_steps)")
-    return (f"likelihood on {what} ({settings['solver']}, rtol {settings['rtol']:g}, {settings['estimator']} "
-            f"divergence, {settings['num_draws']} dequantization draw(s)): one adaptive ODE solve per example and "
-            f"draw, whose network evaluations grow as rtol shrinks (config.eval.likelihood.num_examples, .rtol; "
-            f"the result records nfe_mean)")
-
-
-def _batch_evaluator(config, ev, settings: dict, space: DataSpace, mesh: Optional[Mesh]) -> Callable:
-    """``evaluate(key, x) -> (bpd (b,), nfe (b,))`` for one batch of model-space data as loaded."""
-    score_fn_of = functools.partial(_model_score_fn, ev.model, ev.sde)
-    if settings["method"] == "ddpm_bound":
-        eps_fn_of = None
-        if settings["ddpm_eps"].startswith("network"):
-            eps_fn_of, score_fn_of = functools.partial(_model_eps_fn, ev.model, ev.sde), None
-        fn = ddpm_bound_fn(ev.sde, eps_fn_of=eps_fn_of, score_fn_of=score_fn_of, space=space, mesh=mesh,
-                           variance=settings["ddpm_variance"], num_steps=config.eval.likelihood.ddpm_num_steps)
-        return lambda key, x: (fn(ev.params, key, x)["bpd"], jnp.full((x.shape[0],), settings["ddpm_num_steps"]))
-    ll = log_likelihood_fn(ev.sde, score_fn_of, divergence=settings["estimator"], mesh=mesh,
-                           num_probes=max(settings["num_probes"], 1), rtol=settings["rtol"], atol=settings["atol"],
-                           eps=settings["eps"], solver=settings["solver"], max_steps=settings["max_steps"])
-
-    def model_logp(key, xm):
-        logp, _, nfe = ll(ev.params, key, xm)
-        return logp, nfe
-
-    def evaluate(key, x):
-        out = data_log_likelihood(key, model_logp, x, space, dequantization=settings["dequantization"],
-                                  num_draws=settings["num_draws"])
-        return out["bpd"], out["nfe"]
-
-    return evaluate
-
-
-def _model_score_fn(model, sde, params):
-    return model.score_fn(params, sde)
-
-
-def _model_eps_fn(model, sde, params):
-    import losses
-
-    return lambda x, i: losses.model_eps(model, params, sde, x, i)
-
-
-def _lattice_batch(x, transform, space: DataSpace) -> np.ndarray:
-    """Model-space data as loaded -> the 8-bit lattice (undoing the pipeline's own dequantization, if any)."""
-    if space.bits is None or not getattr(transform, "uniform_dequantization", False):
-        return np.asarray(x)
-    return np.asarray(space.lattice(transform.inverse(np.asarray(x))))
-
-
-def _evaluate_split(config, evaluate: Callable, space: DataSpace, split: str, limit: Optional[int],
-                    progress: Optional[Callable[[], None]] = None):
-    """Per-example bits/dim and NFE of this process's share of ``split`` (padding dropped), up to ``limit``;
-    ``progress()`` (optional) is called after each batch and may raise to stop."""
-    import datasets
-
-    transform = datasets.get_data_transform(config)
-    key = jax.random.fold_in(jax.random.key(int(config.seed)), jax.process_index())
+def evaluate_batches(evaluate: Callable, batches: Iterable[dict], key: Array, limit: Optional[int] = None,
+                     progress: Optional[Callable[[], None]] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """Per-example bits/dim and NFE over ``batches`` ({"x": (b, ...), optional "mask": (b,) with padding rows
+    False}), padding dropped: batch i is ``evaluate(fold_in(key, i), x) -> (bpd (b,), nfe (b,))``. Stops once
+    ``limit`` examples are in (None: every batch); ``progress()`` (optional) is called after each batch and may
+    raise to stop. Returns (bpd, nfe), each (n,)."""
     bpd, nfe = [], []
-    for i, batch in enumerate(datasets.get_dataset(config, split, infinite=False, seed=config.seed)):
-        b_bpd, b_nfe = evaluate(jax.random.fold_in(key, i), _lattice_batch(batch["x"], transform, space))
+    for i, batch in enumerate(batches):
+        b_bpd, b_nfe = evaluate(jax.random.fold_in(key, i), batch["x"])
         mask = np.asarray(batch.get("mask", np.ones(len(batch["x"]), bool)))
         bpd.append(np.asarray(b_bpd)[mask])
         nfe.append(np.asarray(b_nfe)[mask])
@@ -574,63 +471,3 @@ def _evaluate_split(config, evaluate: Callable, space: DataSpace, split: str, li
             break
     bpd, nfe = np.concatenate(bpd), np.concatenate(nfe)
     return (bpd[:limit], nfe[:limit]) if limit is not None else (bpd, nfe)
-
-
-def _gather(a: np.ndarray) -> np.ndarray:
-    """Concatenate per-process arrays (possibly of different lengths) on every process."""
-    if jax.process_count() == 1:
-        return a
-    from jax.experimental import multihost_utils
-
-    n = multihost_utils.process_allgather(np.array([len(a)]))
-    padded = np.zeros(int(n.max()), a.dtype)
-    padded[:len(a)] = a
-    allv = multihost_utils.process_allgather(padded)
-    return np.concatenate([allv[p, :int(n[p, 0])] for p in range(len(n))])
-
-
-def run(config, workdir: str) -> dict:
-    """``--mode=likelihood``: bits/dim of a checkpoint on ``config.eval.likelihood.split``, written with every
-    setting that produced it to ``<workdir>/likelihood/step_<k>_<method>_<split>.json``."""
-    import pathlib
-    import time
-
-    import experiment
-    import utils
-
-    import sde_lib
-
-    settings = likelihood_settings(config, sde_lib.get_sde(config.sde))  # fail before restoring anything
-    ev = experiment.restore_eval_state(experiment.Experiment.from_config(config), workdir, config.eval.checkpoint)
-    space = data_space(config)
-    n_local = len(jax.local_devices())
-    mesh = Mesh(np.array(jax.local_devices()), ("data",)) if n_local > 1 else None
-    b = int(config.eval.batch_size) // jax.process_count()
-    if b % n_local:
-        raise ValueError(f"config.eval.batch_size={config.eval.batch_size} gives {b} examples per process, not "
-                         f"divisible by its {n_local} devices")
-    limit = config.eval.likelihood.num_examples
-    local_limit = None if limit is None else -(-int(limit) // jax.process_count())
-    if jax.process_index() == 0:
-        print(likelihood_work(settings, limit), flush=True)
-    start = time.time()
-    progress = utils.Progress(f"likelihood ({settings['method']})", None if local_limit is None else
-                              -(-local_limit // b), detail=f"{'all' if limit is None else limit} {settings['split']} "
-                              f"examples in batches of {config.eval.batch_size}")
-    try:
-        bpd, nfe = _evaluate_split(config, _batch_evaluator(config, ev, settings, space, mesh), space,
-                                   settings["split"], local_limit, progress.update)
-    except utils.Stopped as e:
-        e.message += "; no result written"
-        raise
-    bpd, nfe = _gather(bpd.astype(np.float64)), _gather(nfe.astype(np.float64))
-    result = {"bpd": float(bpd.mean()), "bpd_stderr": float(bpd.std(ddof=1) / np.sqrt(len(bpd)))
-              if len(bpd) > 1 else None, "num_examples": int(len(bpd)), "nfe_mean": float(nfe.mean()),
-              "checkpoint_step": int(ev.step), "wall_time_s": round(time.time() - start, 2), **settings}
-    out = pathlib.Path(workdir) / "likelihood" / f"step_{ev.step}_{settings['method']}_{settings['split']}.json"
-    if jax.process_index() == 0:
-        utils.atomic_write_json(out, result)
-        print(f"{settings['method']} bits/dim on {settings['split']} ({len(bpd)} examples, step {ev.step}, "
-              f"{'EMA' if settings['ema'] else 'raw (non-EMA)'} weights): "
-              f"{result['bpd']:.4f} ± {result['bpd_stderr'] or 0:.4f}; wrote {out}")
-    return result

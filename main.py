@@ -27,14 +27,13 @@ MODES = {
     "train": "run_lib:train",
     "eval": "run_lib:evaluate",
     "sample": "run_lib:sample",
-    "likelihood": "likelihood:run",
+    "likelihood": "run_lib:likelihood",
     "fid_stats": "run_lib:fid_stats",
     "eval_samples": "run_lib:eval_samples",
     "convert": "convert:run",
     "describe": None,
 }
 NEEDS_TRAINED_WORKDIR = ("sample", "eval", "likelihood")
-CONFIG_RUNNERS = ("likelihood",)  # still fn(config, workdir): moving into run_lib
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "experiment config file (configs/...[:arg]); override any field "
@@ -137,7 +136,7 @@ def main(argv):
         checks.validate(config, FLAGS.mode, config_overrides())
     init_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     with utils.StopSignal(hard_exit=True):
-        run(config if FLAGS.mode in CONFIG_RUNNERS else build_experiment(config), FLAGS.workdir)
+        run(build_experiment(config), FLAGS.workdir)
 
 
 def build_experiment(config):

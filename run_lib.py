@@ -1,4 +1,5 @@
-"""The ``--mode`` runners, each ``fn(experiment, workdir)``: train, evaluate, sample, fid_stats, eval_samples.
+"""The ``--mode`` runners, each ``fn(experiment, workdir)``: train, evaluate, sample (with a task: ``controllable``),
+likelihood, fid_stats, eval_samples.
 
 ``main.py`` builds the ``experiment.Experiment`` once and calls ``MODES[mode](experiment, workdir)``. The runners
 hold the loops and what they report (the train loop and its periodic work, per-checkpoint evaluation, the sample
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -16,20 +18,24 @@ import pathlib
 import subprocess
 import sys
 import time
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+import controllable_generation
 import datasets
+import likelihood as lik
+import losses
 import sde_lib
 import samplers
 import utils
 from evaluation import classifiers, features, inception, quality, reference, sample_files
+from evaluation.metrics import palette_fit
 from experiment import (EvalState, Experiment, StepCompilation, TrainState, any_process, check_batch_size,
                         compile_step, draw_samples, jit_sharded_step, learning_rate_schedule, make_train_step,
                         open_training, replicate, restore_eval_state, sample_folder, sample_manifest, sampler_name,
@@ -321,12 +327,10 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 def sample(exp: Experiment, workdir: str) -> pathlib.Path:
     """``--mode=sample``: write samples of the latest (or ``config.eval.checkpoint``) checkpoint to a new folder
     (``sample_folder``) with a ``manifest.json``; a ``config.sampling.task`` other than "unconditional" is run by
-    ``controllable_generation.run``. Returns the folder."""
+    ``controllable``. Returns the folder."""
     config = exp.config
     if config.sampling.get("task", "unconditional") != "unconditional":
-        import controllable_generation
-
-        return controllable_generation.run(config, workdir)["outdir"]
+        return controllable(exp, workdir)["outdir"]
     samplers.options_from_config(config.sampling)  # an unknown method fails before restoring
     ev = restore_eval_state(exp, workdir, config.eval.checkpoint)
     outdir = sample_folder(config, workdir, exp.sde, ev.step)
@@ -340,7 +344,7 @@ def sample(exp: Experiment, workdir: str) -> pathlib.Path:
 
 def evaluate(exp: Experiment, workdir: str) -> dict:
     """``--mode=eval``: for each checkpoint in ``workdir`` (or only ``config.eval.checkpoint``): test loss
-    (``eval.enable_loss``), bits/dim through ``likelihood.run`` (``eval.enable_bpd``) and sample quality
+    (``eval.enable_loss``), bits/dim through ``checkpoint_likelihood`` (``eval.enable_bpd``) and sample quality
     (``eval.enable_sampling``), written with provenance to ``eval/step_<k>.json``. Returns {step: result}."""
     config = exp.config
     ckpt = utils.CheckpointManager(pathlib.Path(workdir) / "checkpoints", config)
@@ -371,7 +375,7 @@ def evaluate_checkpoint(exp: Experiment, workdir: str, ev: EvalState) -> dict:
     if config.eval.get("enable_loss", True):
         metrics.update(compute_test_loss(exp, ev.params, ev.step))
     if config.eval.get("enable_bpd", False):
-        metrics["likelihood"] = _likelihood(config, workdir, ev.step)
+        metrics["likelihood"] = checkpoint_likelihood(exp, workdir, ev)
     nfe = None
     if config.eval.get("enable_sampling", True):
         quality, nfe = sample_quality(exp, workdir, ev)
@@ -442,17 +446,6 @@ def make_test_loss_fn(exp: Experiment, verbose: bool = True) -> Callable:
         return {"test_loss": total / max(count, 1.0), "num_test_examples": int(count)}
 
     return test_loss
-
-
-def _likelihood(config, workdir: str, step: int) -> dict:
-    """bits/dim of checkpoint ``step`` by ``likelihood.run`` (settings ``config.eval.likelihood``)."""
-    try:
-        import likelihood
-    except ImportError as e:
-        raise ValueError(f"config.eval.enable_bpd=True needs likelihood.py, which failed to import: {e}") from e
-    cfg = ml_collections.ConfigDict(config.to_dict())
-    cfg.eval.checkpoint = step
-    return likelihood.run(cfg, workdir)
 
 
 def sample_quality(exp: Experiment, workdir: str, ev: EvalState) -> tuple:
@@ -634,3 +627,359 @@ def eval_samples(exp: Experiment, workdir: str) -> dict:
             print(f"  note: {note}")
     print(f"wrote {path}")
     return {"metrics": metrics, "provenance": provenance, "path": str(path)}
+
+
+# ==== --mode=likelihood (was likelihood.run) ========================================================================
+def likelihood_data_space(config) -> lik.DataSpace:
+    """The data convention of ``config.data``: 8-bit images in [0, 1] or [-1, 1], or continuous toy vectors."""
+    if not isinstance(datasets.get_data_transform(config), datasets.ImageTransform):
+        return lik.DataSpace(bits=None, centered=bool(config.data.centered))
+    bits = int(config.eval.likelihood.bits)
+    if bits != 8:
+        raise ValueError(f"config.eval.likelihood.bits={bits}: the image pipeline (datasets.py) loads 8-bit data")
+    return lik.DataSpace(bits=8, centered=bool(config.data.centered))
+
+
+def likelihood_settings(config, sde: sde_lib.SDE) -> dict:
+    """Every setting that produces the figure, validated; errors name the config key."""
+    opts = config.eval.likelihood
+    for key, valid in (("method", lik.METHODS), ("divergence", lik.DIVERGENCES),
+                       ("solver", lik.SOLVERS), ("dequantization", lik.DEQUANTIZATIONS),
+                       ("ddpm_variance", ("beta", "posterior"))):
+        if opts[key] not in valid:
+            raise ValueError(f"unknown config.eval.likelihood.{key} {opts[key]!r}; valid: {sorted(valid)}")
+    space = likelihood_data_space(config)
+    out = {"method": opts.method, "split": opts.split, "data_bits": space.bits, "centered": space.centered,
+           "ema": bool(config.eval.use_ema), "sde": type(sde).__name__, "seed": int(config.seed),
+           "batch_size": int(config.eval.batch_size)}
+    if opts.method == "ddpm_bound":
+        lik.check_ddpm_bound_inputs(sde, space, opts.ddpm_num_steps)
+        chain = losses.resolve_loss_name(config, sde) in ("ddpm", "ddpm_vlb")  # trained on the chain's labels
+        return {**out, "ddpm_variance": opts.ddpm_variance, "ddpm_num_steps": opts.ddpm_num_steps or sde.N,
+                "ddpm_exact_sum": opts.ddpm_num_steps is None, "is_bound": True,
+                "ddpm_eps": "network at step labels" if chain else "score at t with alpha(t) = sqrt(abar_i)"}
+    dequantization = "none" if space.bits is None else opts.dequantization
+    if int(opts.num_draws) < 1 or int(opts.num_probes) < 1:
+        raise ValueError("config.eval.likelihood.num_draws and .num_probes must be >= 1")
+    return {**out, "estimator": opts.divergence, "num_probes": int(opts.num_probes) if opts.divergence != "exact"
+            else 0, "rtol": float(opts.rtol), "atol": float(opts.atol), "solver": opts.solver,
+            "max_steps": int(opts.max_steps), "eps": float(sde.eps if opts.eps is None else opts.eps),
+            "dequantization": dequantization, "num_draws": int(opts.num_draws) if dequantization == "uniform" else 1,
+            "is_bound": dequantization == "uniform"}
+
+
+def likelihood_work(settings: dict, limit: Optional[int]) -> str:
+    """One line saying how much work ``likelihood`` is about to do, before it starts."""
+    what = f"every {settings['split']} example" if limit is None else \
+        f"the first {limit} {settings['split']} example{'s' if limit != 1 else ''}"
+    if settings["method"] == "ddpm_bound":
+        return (f"DDPM bound on {what}: {settings['ddpm_num_steps']} network evaluations each "
+                f"(config.eval.likelihood.num_examples, .ddpm_num_steps)")
+    return (f"likelihood on {what} ({settings['solver']}, rtol {settings['rtol']:g}, {settings['estimator']} "
+            f"divergence, {settings['num_draws']} dequantization draw(s)): one adaptive ODE solve per example and "
+            f"draw, whose network evaluations grow as rtol shrinks (config.eval.likelihood.num_examples, .rtol; "
+            f"the result records nfe_mean)")
+
+
+def _likelihood_evaluator(ev: EvalState, settings: dict, space: lik.DataSpace,
+                          mesh: Optional[Mesh]) -> Callable:
+    """``evaluate(key, x) -> (bpd (b,), nfe (b,))`` for one batch of model-space lattice data."""
+    score_fn_of = functools.partial(_model_score_fn, ev.model, ev.sde)
+    if settings["method"] == "ddpm_bound":
+        eps_fn_of = None
+        if settings["ddpm_eps"].startswith("network"):
+            eps_fn_of, score_fn_of = functools.partial(_model_eps_fn, ev.model, ev.sde), None
+        fn = lik.ddpm_bound_fn(ev.sde, eps_fn_of=eps_fn_of, score_fn_of=score_fn_of, space=space, mesh=mesh,
+                                      variance=settings["ddpm_variance"],
+                                      num_steps=None if settings["ddpm_exact_sum"] else settings["ddpm_num_steps"])
+        return lambda key, x: (fn(ev.params, key, x)["bpd"], jnp.full((x.shape[0],), settings["ddpm_num_steps"]))
+    ll = lik.log_likelihood_fn(ev.sde, score_fn_of, divergence=settings["estimator"], mesh=mesh,
+                                      num_probes=max(settings["num_probes"], 1), rtol=settings["rtol"],
+                                      atol=settings["atol"], eps=settings["eps"], solver=settings["solver"],
+                                      max_steps=settings["max_steps"])
+
+    def model_logp(key, xm):
+        logp, _, nfe = ll(ev.params, key, xm)
+        return logp, nfe
+
+    def evaluate(key, x):
+        out = lik.data_log_likelihood(key, model_logp, x, space, dequantization=settings["dequantization"],
+                                             num_draws=settings["num_draws"])
+        return out["bpd"], out["nfe"]
+
+    return evaluate
+
+
+def _model_score_fn(model, sde, params):
+    return model.score_fn(params, sde)
+
+
+def _model_eps_fn(model, sde, params):
+    return lambda x, i: losses.model_eps(model, params, sde, x, i)
+
+
+def _lattice_batches(batches, transform, space: lik.DataSpace) -> Iterator[dict]:
+    """Batches as loaded, "x" mapped to the 8-bit lattice (undoing the pipeline's own dequantization, if any)."""
+    undo = space.bits is not None and getattr(transform, "uniform_dequantization", False)
+    for batch in batches:
+        x = np.asarray(space.lattice(transform.inverse(np.asarray(batch["x"])))) if undo else np.asarray(batch["x"])
+        yield {**batch, "x": x}
+
+
+def _gather(a: np.ndarray) -> np.ndarray:
+    """Concatenate per-process arrays (possibly of different lengths) on every process."""
+    if jax.process_count() == 1:
+        return a
+    from jax.experimental import multihost_utils
+
+    n = multihost_utils.process_allgather(np.array([len(a)]))
+    padded = np.zeros(int(n.max()), a.dtype)
+    padded[:len(a)] = a
+    allv = multihost_utils.process_allgather(padded)
+    return np.concatenate([allv[p, :int(n[p, 0])] for p in range(len(n))])
+
+
+def likelihood(exp: Experiment, workdir: str) -> dict:
+    """``--mode=likelihood``: bits/dim of checkpoint ``config.eval.checkpoint`` (default the latest) on
+    ``config.eval.likelihood.split`` (``checkpoint_likelihood``)."""
+    likelihood_settings(exp.config, exp.sde)  # fail before restoring anything
+    return checkpoint_likelihood(exp, workdir, restore_eval_state(exp, workdir, exp.config.eval.checkpoint))
+
+
+def checkpoint_likelihood(exp: Experiment, workdir: str, ev: EvalState) -> dict:
+    """Bits/dim of the restored checkpoint ``ev`` on ``config.eval.likelihood.split``, written with every setting
+    that produced it to ``<workdir>/likelihood/step_<k>_<method>_<split>.json``. Each process evaluates its share
+    of the split on its local devices (``exp.local_mesh``)."""
+    config = exp.config
+    settings = likelihood_settings(config, ev.sde)
+    space = likelihood_data_space(config)
+    n_local = len(jax.local_devices())
+    mesh = exp.local_mesh if n_local > 1 else None
+    b = int(config.eval.batch_size) // jax.process_count()
+    if b % n_local:
+        raise ValueError(f"config.eval.batch_size={config.eval.batch_size} gives {b} examples per process, not "
+                         f"divisible by its {n_local} devices")
+    limit = config.eval.likelihood.num_examples
+    local_limit = None if limit is None else -(-int(limit) // jax.process_count())
+    if jax.process_index() == 0:
+        print(likelihood_work(settings, limit), flush=True)
+    start = time.time()
+    progress = utils.Progress(f"likelihood ({settings['method']})", None if local_limit is None else
+                              -(-local_limit // b), detail=f"{'all' if limit is None else limit} {settings['split']} "
+                              f"examples in batches of {config.eval.batch_size}")
+    batches = _lattice_batches(datasets.get_dataset(config, settings["split"], infinite=False, seed=config.seed),
+                               datasets.get_data_transform(config), space)
+    key = jax.random.fold_in(jax.random.key(int(config.seed)), jax.process_index())
+    try:
+        bpd, nfe = lik.evaluate_batches(_likelihood_evaluator(ev, settings, space, mesh), batches, key,
+                                               local_limit, progress.update)
+    except utils.Stopped as e:
+        e.message += "; no result written"
+        raise
+    bpd, nfe = _gather(bpd.astype(np.float64)), _gather(nfe.astype(np.float64))
+    result = {"bpd": float(bpd.mean()), "bpd_stderr": float(bpd.std(ddof=1) / np.sqrt(len(bpd)))
+              if len(bpd) > 1 else None, "num_examples": int(len(bpd)), "nfe_mean": float(nfe.mean()),
+              "checkpoint_step": int(ev.step), "wall_time_s": round(time.time() - start, 2), **settings}
+    out = pathlib.Path(workdir) / "likelihood" / f"step_{ev.step}_{settings['method']}_{settings['split']}.json"
+    if jax.process_index() == 0:
+        utils.atomic_write_json(out, result)
+        print(f"{settings['method']} bits/dim on {settings['split']} ({len(bpd)} examples, step {ev.step}, "
+              f"{'EMA' if settings['ema'] else 'raw (non-EMA)'} weights): "
+              f"{result['bpd']:.4f} ± {result['bpd_stderr'] or 0:.4f}; wrote {out}")
+    return result
+
+
+# ==== --mode=sample with config.sampling.task (was controllable_generation.run) =====================================
+SAMPLING_TASKS = ("unconditional", "inpaint", "colorize", "class_conditional", "cfg")
+
+
+def controllable(exp: Experiment, workdir: str) -> dict:
+    """``--mode=sample`` for ``config.sampling.task`` in inpaint | colorize | class_conditional | cfg: writes
+    ``samples.{npz,png}``, ``manifest.json`` (and ``inputs.png`` for imputation, the unknown pixels hatched gray)
+    to a new folder ``sample_folder`` names after the task and its settings; returns the arrays and the folder
+    (``"outdir"``). ``config.sampling.num_samples`` are drawn in batches of ``config.sampling.batch_size``."""
+    config = exp.config
+    task = config.sampling.get("task", "unconditional")
+    if task not in SAMPLING_TASKS:
+        raise ValueError(f"unknown config.sampling.task {task!r}; expected one of {list(SAMPLING_TASKS)}")
+    ev = restore_eval_state(exp, workdir, config.eval.checkpoint)
+    outdir = sample_folder(config, workdir, ev.sde, ev.step, task)
+    n, size = int(config.sampling.num_samples), config.sampling.get("batch_size", None)
+    key = jax.random.fold_in(jax.random.key(config.seed + 1), ev.step)
+    progress = utils.Progress(f"{task} sampling", -(-n // max(1, min(int(size or n), n))),
+                              detail=f"{n} samples, {sampler_name(config.sampling, ev.sde)}").update
+    try:
+        out = _draw_task(config, ev, exp, key, n, size, task, progress)
+    except utils.Stopped as e:
+        e.message += "; no samples written"
+        raise
+    images = {k: to_output(exp, v) for k, v in out.items() if k in ("samples", "inputs")}
+    if "mask" in out and "inputs" in images:
+        images["inputs"] = utils.hatch_unknown(images["inputs"], out["mask"])
+    if jax.process_index() == 0:
+        manifest = sample_manifest(config, workdir, ev.step, bool(config.eval.use_ema), task)
+        _write_task_outputs(outdir, out, images, manifest, bool(config.sampling.get("save_pngs", False)))
+    _report(config, out, images)
+    print(f"wrote {len(out['samples'])} {task} samples of step {ev.step} to {outdir}", flush=True)
+    return {**out, **{f"{k}_uint8": v for k, v in images.items()}, "outdir": outdir}
+
+
+def in_batches(n: int, size: int, key, draw: Callable[[Any, int, int], dict],
+               progress: Optional[Callable[[], None]] = None) -> dict:
+    """``draw(key_i, lo, hi)`` (a dict of per-sample arrays, or shared ones under "mask") for the batches
+    [lo, hi) of ``size`` covering n, batch i with ``fold_in(key, i)``; the batches' arrays concatenated.
+    ``progress()`` (optional) is called after each batch (it may raise to stop)."""
+    size = max(1, min(int(size or n), n))
+    parts = []
+    for i, lo in enumerate(range(0, n, size)):
+        parts.append(draw(jax.random.fold_in(key, i), lo, min(lo + size, n)))
+        if progress is not None:
+            progress()
+    return {k: parts[0][k] if k == "mask" else np.concatenate([np.asarray(p[k]) for p in parts]) for k in parts[0]}
+
+
+def _draw_task(config, ev: EvalState, exp: Experiment, key, n: int, size, task: str, progress) -> dict:
+    if task in ("inpaint", "colorize"):
+        return _run_imputation(config, ev, key, n, size, task, progress)
+    if task == "unconditional":
+        return in_batches(n, size, key, lambda k, lo, hi: {"samples": exp.sample(k, ev.params, hi - lo)[0]},
+                          progress)
+    _, y = guided_score_fn(config, ev.model, ev.params, ev.sde, n)   # checks the task and the labels
+
+    def draw(k, lo, hi):
+        score, yb = guided_score_fn(config, ev.model, ev.params, ev.sde, hi - lo, labels=y[lo:hi])
+        x, _ = samplers.sample_from_config(k, ev.sde, score, (hi - lo,) + exp.data_shape, config.sampling)
+        return {"samples": x, "labels": yb}
+
+    return in_batches(n, size, key, draw, progress)
+
+
+def _write_task_outputs(outdir: pathlib.Path, out: dict, images: dict, manifest: dict, save_pngs: bool):
+    outdir.mkdir(parents=True, exist_ok=True)
+    utils.atomic_savez(outdir / "samples.npz", **{**out, **{f"{k}_uint8": v for k, v in images.items()}})
+    for k, v in images.items():
+        utils.save_image_grid(v, outdir / f"{k}.png") if v.ndim == 4 else utils.save_scatter(v, outdir / f"{k}.png")
+    if save_pngs and images["samples"].ndim == 4:
+        utils.save_images(images["samples"], outdir / "images")
+    utils.atomic_write_json(outdir / "manifest.json", {**manifest, "num_written": len(out["samples"])})
+
+
+def _test_data(config, n: int) -> Tuple[np.ndarray, np.ndarray]:
+    """The first n test examples (model space) and their labels."""
+    xs, ys, got = [], [], 0
+    for batch in datasets.get_dataset(config, "test", infinite=True, seed=config.seed):
+        keep = np.asarray(batch.get("mask", np.ones(len(batch["x"])))).astype(bool)
+        xs.append(np.asarray(batch["x"])[keep])
+        ys.append(np.asarray(batch["label"])[keep])
+        got += int(keep.sum())
+        if got >= n:
+            break
+    return np.concatenate(xs)[:n], np.concatenate(ys)[:n]
+
+
+def imputation_options(sampling_cfg, method: str) -> dict:
+    """Options of an imputation ``method`` (``controllable_generation.imputation_methods()``) from
+    ``config.sampling``."""
+    methods = controllable_generation.imputation_methods()
+    if method not in methods:
+        raise ValueError(f"config.sampling.method={method!r} cannot impute; expected one of {methods}")
+    if method == "smc":
+        names = ("num_particles", "num_steps", "eps", "denoise")
+        return {k: sampling_cfg[k] for k in names if sampling_cfg.get(k, None) is not None}
+    return samplers.options_from_config(sampling_cfg, method)
+
+
+def _run_imputation(config, ev: EvalState, key, n, size, task, progress=None) -> dict:
+    cg = controllable_generation
+    data, _ = _test_data(config, n)
+    method = config.sampling.method
+    opts = imputation_options(config.sampling, method)
+    score_fn = ev.model.score_fn(ev.params, ev.sde)
+    if task == "colorize":
+        if data.ndim != 4 or data.shape[-1] != 3:
+            raise ValueError(f"task 'colorize' needs RGB images (config.data.num_channels=3), got data of shape "
+                             f"{data.shape[1:]}")
+        out = in_batches(n, size, key, lambda k, lo, hi: {"samples": cg.colorize(k, ev.sde, score_fn, data[lo:hi],
+                                                                                  method, **opts)[0]}, progress)
+        gray = np.mean(data, -1, keepdims=True)
+        return {**out, "inputs": np.broadcast_to(gray, data.shape), "data": data}
+    mask = cg.load_mask(config.sampling.get("mask", None) or "left", data.shape[1:])
+    out = in_batches(n, size, key, lambda k, lo, hi: {"samples": cg.inpaint(k, ev.sde, score_fn, data[lo:hi], mask,
+                                                                            method, **opts)[0]}, progress)
+    lo = -1.0 if config.data.get("centered", True) else 0.0
+    return {**out, "inputs": np.where(mask > 0, data, lo), "data": data, "mask": mask}
+
+
+def _labels_for(config, n: int, num_classes: int):
+    label = config.sampling.get("label", None)
+    y = np.arange(n) % num_classes if label is None else np.full((n,), int(label))
+    return controllable_generation.check_labels(y, num_classes, n)
+
+
+def _labels(config, n: int, num_classes: int, labels):
+    if labels is None:
+        return _labels_for(config, n, num_classes)
+    return controllable_generation.check_labels(labels, num_classes, n)
+
+
+def _classifier_logits_fn(config) -> Callable:
+    """``logits_fn(x, t)`` of the classifier trained in ``config.sampling.classifier_workdir``."""
+    wd = config.sampling.get("classifier_workdir", None)
+    if not wd or not (pathlib.Path(wd) / "config.json").is_file():
+        raise ValueError(f"config.sampling.classifier_workdir={wd!r} must be the workdir of a classifier trained "
+                         f"with --mode=train (e.g. configs/digits_classifier.py); no config.json there")
+    ev = _restore_classifier(str(pathlib.Path(wd).resolve()), (pathlib.Path(wd) / "config.json").read_text())
+    return lambda x, t: ev.model.output(ev.params, ev.sde, x, t)
+
+
+@functools.lru_cache(maxsize=4)
+def _restore_classifier(workdir: str, config_json: str) -> EvalState:
+    """The classifier's eval state (its own experiment), restored once per (workdir, config) for the batches of a
+    run."""
+    return restore_eval_state(Experiment.from_config(ml_collections.ConfigDict(json.loads(config_json))), workdir)
+
+
+def guided_score_fn(config, model, params, sde: sde_lib.SDE, n: int, labels=None) -> tuple:
+    """Score and labels (n,) of ``task`` class_conditional (classifier guidance) or cfg; ``labels`` (n,) default
+    to ``config.sampling.label`` (or 0, 1, ..., K-1 repeated)."""
+    cg = controllable_generation
+    task, w = config.sampling.task, float(config.sampling.get("guidance_scale", 1.0))
+    if task == "cfg":
+        if not cg.is_class_conditional(model):
+            raise ValueError("config.sampling.task='cfg' (classifier-free guidance) needs a class-conditional score "
+                             "model (config.model.name='class_conditional', loss 'dsm_cfg'), not "
+                             f"{config.model.name!r}")
+        y = _labels(config, n, int(model.module.num_classes), labels)
+        return cg.model_cfg_score_fn(model, params, sde, y, w), y
+    y = _labels(config, n, int(config.data.num_classes), labels)
+    return cg.classifier_guided_score_fn(model.score_fn(params, sde), _classifier_logits_fn(config), y, w), y
+
+
+def _report(config, out: dict, images: dict) -> None:
+    """Print the error on the known part (imputation), how many colorized samples are one colour of the source's
+    palette, or the source's label classifier's accuracy (class tasks; ``evaluation.quality``); the figures are
+    added to ``out``."""
+    if "mask" in out:
+        reps = len(out["samples"]) // len(out["data"])
+        err = np.abs(np.repeat(out["data"], reps, 0) - out["samples"]) * out["mask"]
+        print(f"max |x - data| on the known pixels: {err.max():.3g}")
+        out["known_error"] = float(err.max())
+    elif config.sampling.get("task") == "colorize":
+        reps = len(out["samples"]) // len(out["data"])
+        err = np.abs(np.repeat(out["data"], reps, 0).mean(-1) - out["samples"].mean(-1))
+        print(f"max |gray(x) - gray(data)|: {err.max():.3g}")
+        out["known_error"] = float(err.max())
+    palette = quality.PALETTES.get(config.data.source)
+    if config.sampling.get("task") == "colorize" and palette is not None:
+        fit = palette_fit(images["samples"], palette)
+        single = fit["residual"] < 0.15
+        out["palette_fraction"], out["palette_colors"] = float(single.mean()), int(len(np.unique(fit["color"][single])))
+        print(f"{single.mean():.1%} of colorized samples are one palette colour (residual < 0.15; gray inputs: "
+              f"1/3), {out['palette_colors']} of {len(palette)} colours used")
+    classify = quality.LABEL_CLASSIFIERS.get(config.data.source)
+    if "labels" in out and classify is not None:
+        logits = classify(images["samples"])
+        acc = float(np.mean(np.argmax(logits, -1) == out["labels"]))
+        print(f"the {config.data.source} classifier agrees with the requested label on {acc:.1%} of samples "
+              f"(chance {1 / logits.shape[-1]:.0%})")
+        out["label_accuracy"] = acc

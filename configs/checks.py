@@ -220,7 +220,7 @@ def _sampling_keys() -> Tuple[str, ...]:
     return tuple(k.split(".", 1)[1] for k in help_table() if k.startswith("sampling."))
 
 
-# config.eval.likelihood options of each likelihood.METHODS method (likelihood.likelihood_settings reads them)
+# config.eval.likelihood options of each likelihood.METHODS method (run_lib.likelihood_settings reads them)
 LIKELIHOOD_OPTIONS: Dict[str, Tuple[str, ...]] = {
     "ode": ("divergence", "num_probes", "rtol", "atol", "solver", "max_steps", "eps", "dequantization",
             "num_draws"),

@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 
 import controllable_generation as cg
+import experiment
+import run_lib
 import sde_lib
 from analytic import GaussianMixture, sliced_wasserstein
 from configs.base import get_base_config
@@ -22,6 +24,11 @@ from configs.base import get_base_config
 MIX2 = GaussianMixture(weights=[0.2, 0.3, 0.5], means=[[-3.5, 0.9], [1.5, 2.9], [0.5, -2.1]], stds=[0.5, 0.6, 0.4])
 SDES = {"vp": sde_lib.VPSDE(N=1000), "subvp": sde_lib.subVPSDE(N=1000), "ve": sde_lib.VESDE(N=1000, sigma_max=20.0)}
 N = 2048
+
+
+def controllable(config, workdir):
+    """``--mode=sample`` with a task as ``main.py`` runs it: ``run_lib.controllable(experiment, workdir)``."""
+    return run_lib.controllable(experiment.Experiment.from_config(config), str(workdir))
 
 
 def conditional_mixture(gm: GaussianMixture, y: np.ndarray, known: np.ndarray) -> GaussianMixture:
@@ -273,11 +280,31 @@ def test_bad_inputs_give_clear_errors(tmp_path):
         cg.model_cfg_score_fn(net, params, sde, jnp.zeros(2, jnp.int32), 1.0)
     config.sampling.task = "cfg"
     with pytest.raises(ValueError, match="task='cfg'.*needs a class-conditional score model"):
-        cg.guided_score_fn(config, net, params, sde, 2)
+        run_lib.guided_score_fn(config, net, params, sde, 2)
     config.sampling.task = "class_conditional"
     config.sampling.classifier_workdir = str(tmp_path)
     with pytest.raises(ValueError, match="classifier_workdir=.*no config.json"):
-        cg.guided_score_fn(config, net, params, sde, 2)
+        run_lib.guided_score_fn(config, net, params, sde, 2)
+
+
+def test_sample_task_builds_the_experiment_once(tmp_path, monkeypatch):
+    """``--mode=sample`` with a task builds one Experiment (it used to build a second one for the restore) and
+    checks the task after restoring: cfg on a model without class labels is refused."""
+    import utils
+    from configs import toy
+
+    config = toy.get_config("two_moons")
+    exp = experiment.Experiment.from_config(config)
+    ckpt = utils.CheckpointManager(tmp_path / "checkpoints", config)
+    ckpt.save(1, experiment.init_train_state(config, exp.model, exp.optimizer, exp.data_shape))
+    ckpt.wait()
+    builds, build = [], experiment.Experiment.from_config.__func__
+    counted = classmethod(lambda cls, c: builds.append(1) or build(cls, c))
+    monkeypatch.setattr(experiment.Experiment, "from_config", counted)
+    config.sampling.task = "cfg"
+    with pytest.raises(ValueError, match="task='cfg'.*needs a class-conditional score model"):
+        run_lib.sample(experiment.Experiment.from_config(config), str(tmp_path))
+    assert len(builds) == 1
 
 
 def test_in_batches_covers_n_with_one_key_per_batch():
@@ -288,12 +315,12 @@ def test_in_batches_covers_n_with_one_key_per_batch():
         return {"samples": np.arange(lo, hi), "mask": np.ones(3)}
 
     key = jax.random.key(3)
-    out = cg.in_batches(5, 2, key, draw)
+    out = run_lib.in_batches(5, 2, key, draw)
     np.testing.assert_array_equal(out["samples"], np.arange(5))
     assert out["mask"].shape == (3,) and [(lo, hi) for lo, hi, _ in seen] == [(0, 2), (2, 4), (4, 5)]
     for i, (_, _, k) in enumerate(seen):
         np.testing.assert_array_equal(jax.random.key_data(k), jax.random.key_data(jax.random.fold_in(key, i)))
-    assert len(cg.in_batches(3, None, key, draw)["samples"]) == 3 and seen[-1][:2] == (0, 3)
+    assert len(run_lib.in_batches(3, None, key, draw)["samples"]) == 3 and seen[-1][:2] == (0, 3)
 
 
 def test_mask_from_png(tmp_path):
@@ -351,11 +378,11 @@ def test_digits_sample_mode_tasks_end_to_end(tmp_path):
     config.sampling.num_samples, config.sampling.num_steps, config.sampling.corrector = 10, 20, "none"
     config.sampling.batch_size = 4                      # three batches: 4 + 4 + 2
     config.sampling.task, config.sampling.mask = "inpaint", "top"
-    out = cg.run(config, str(tmp_path / "cfg"))
+    out = controllable(config, str(tmp_path / "cfg"))
     assert (out["outdir"] / "samples.png").exists() and (out["outdir"] / "inputs.png").exists()
     assert np.max(np.abs(out["samples"] - out["data"]) * out["mask"]) == 0.0
     config.sampling.task, config.sampling.label = "cfg", 3
-    out = cg.run(config, str(tmp_path / "cfg"))
+    out = controllable(config, str(tmp_path / "cfg"))
     assert out["samples_uint8"].shape == (10, 8, 8, 1) and np.all(out["labels"] == 3)
     config.sampling.task, config.sampling.classifier_workdir = "class_conditional", str(tmp_path / "clf")
     outdir = run_lib.sample(experiment.Experiment.from_config(config), str(tmp_path / "cfg"))  # dispatch
@@ -363,10 +390,10 @@ def test_digits_sample_mode_tasks_end_to_end(tmp_path):
     assert (outdir / "samples.png").exists() and json.loads((outdir / "manifest.json").read_text())["label"] == 3
     config.sampling.task = "colorize"
     with pytest.raises(ValueError, match="colorize' needs RGB images"):
-        cg.run(config, str(tmp_path / "cfg"))
+        controllable(config, str(tmp_path / "cfg"))
     config.sampling.task, config.sampling.label = "cfg", 12
     with pytest.raises(ValueError, match="out of range"):
-        cg.run(config, str(tmp_path / "cfg"))
+        controllable(config, str(tmp_path / "cfg"))
 
 
 @pytest.mark.slow
@@ -383,13 +410,13 @@ def test_digits_guidance_recognised_and_inpainting(tmp_path):
     _train(config, tmp_path / "cfg", 1000)
     config.sampling.num_samples, config.sampling.corrector = 100, "none"
     config.sampling.task, config.sampling.guidance_scale = "cfg", 2.0
-    out = cg.run(config, str(tmp_path / "cfg"))
+    out = controllable(config, str(tmp_path / "cfg"))
     assert out["label_accuracy"] > 0.8, out["label_accuracy"]
     config.sampling.task, config.sampling.classifier_workdir = "class_conditional", str(tmp_path / "clf")
-    out = cg.run(config, str(tmp_path / "cfg"))
+    out = controllable(config, str(tmp_path / "cfg"))
     assert out["label_accuracy"] > 0.5, out["label_accuracy"]
     config.sampling.task, config.sampling.mask = "inpaint", "left"
-    out = cg.run(config, str(tmp_path / "cfg"))
+    out = controllable(config, str(tmp_path / "cfg"))
     assert np.max(np.abs(out["samples"] - out["data"]) * out["mask"]) == 0.0
     assert pathlib.Path(out["outdir"] / "samples.png").exists()
 
@@ -409,7 +436,7 @@ def test_colored_digits_colorization_end_to_end(tmp_path):
         config.sampling.method = method
         for k, v in opts.items():
             config.sampling[k] = v
-        out = cg.run(config, str(tmp_path / "rgb"))
+        out = controllable(config, str(tmp_path / "rgb"))
         assert out["known_error"] < 1e-5, (method, out["known_error"])
         assert out["palette_fraction"] >= 0.8 and out["palette_colors"] >= 4, (method, out["palette_fraction"])
         assert (out["outdir"] / "samples.png").exists() and (out["outdir"] / "inputs.png").exists()

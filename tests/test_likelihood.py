@@ -10,7 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import experiment
 import likelihood
+import run_lib
 import sde_lib
 from analytic import GaussianMixture
 from conftest import REPO
@@ -310,7 +312,6 @@ def test_ddpm_bound_errors():
 def _checkpointed(config, workdir):
     import pathlib
 
-    import experiment
     import utils
 
     exp = experiment.Experiment.from_config(config)
@@ -332,7 +333,7 @@ def test_run_writes_the_figure_with_every_setting(tmp_path, capsys):
     lik = config.eval.likelihood
     lik.divergence, lik.rtol, lik.atol = "exact", 1e-4, 1e-4
     exp = _checkpointed(config, tmp_path)
-    result = likelihood.run(config, str(tmp_path))
+    result = run_lib.likelihood(exp, str(tmp_path))
     out = capsys.readouterr().out
     assert "likelihood on every test example (tsit5, rtol 0.0001, exact divergence" in out   # said before starting
     assert "examples, step 0, EMA weights)" in out
@@ -349,9 +350,39 @@ def test_run_writes_the_figure_with_every_setting(tmp_path, capsys):
     assert written["bpd"] == pytest.approx(float(np.mean(-logp / (2 * np.log(2)))), abs=1e-3)
 
 
-def restore(config, workdir):
-    import experiment
+def test_eval_with_bits_per_dim_builds_and_restores_once(tmp_path, monkeypatch):
+    """``--mode=eval`` with ``eval.enable_bpd``: the figure comes from the checkpoint evaluate restored (one
+    Experiment, one restore; the likelihood runner used to restore it again with a second Experiment)."""
+    import utils
+    from configs import toy
 
+    config = toy.get_config("two_moons")
+    config.eval.batch_size, config.data.toy_eval_size = 4, 4
+    config.eval.enable_bpd, config.eval.enable_loss, config.eval.enable_sampling = True, False, False
+    config.eval.likelihood.divergence, config.eval.likelihood.rtol, config.eval.likelihood.atol = "exact", 1e-3, 1e-3
+    exp = experiment.Experiment.from_config(config)
+    ckpt = utils.CheckpointManager(tmp_path / "checkpoints", config)
+    ckpt.save(0, experiment.init_train_state(config, exp.model, exp.optimizer, exp.data_shape))
+    ckpt.wait()
+    calls = {"experiment": 0, "restore": 0}
+    build, restore = experiment.Experiment.from_config.__func__, utils.CheckpointManager.restore
+
+    def counted_build(cls, cfg):
+        calls["experiment"] += 1
+        return build(cls, cfg)
+
+    def counted_restore(self, *args, **kwargs):
+        calls["restore"] += 1
+        return restore(self, *args, **kwargs)
+
+    monkeypatch.setattr(experiment.Experiment, "from_config", classmethod(counted_build))
+    monkeypatch.setattr(utils.CheckpointManager, "restore", counted_restore)
+    result = run_lib.evaluate(experiment.Experiment.from_config(config), str(tmp_path))[0]["metrics"]["likelihood"]
+    assert result["num_examples"] == 4 and result["checkpoint_step"] == 0 and np.isfinite(result["bpd"])
+    assert calls == {"experiment": 1, "restore": 1}
+
+
+def restore(config, workdir):
     return experiment.restore_eval_state(experiment.Experiment.from_config(config), str(workdir))
 
 
@@ -361,10 +392,10 @@ def test_run_rejects_bad_settings(tmp_path):
     config = default.get_config()  # settings are checked before any checkpoint is looked for
     config.eval.likelihood.divergence = "hutch"
     with pytest.raises(ValueError, match="config.eval.likelihood.divergence"):
-        likelihood.run(config, str(tmp_path))
+        run_lib.likelihood(experiment.Experiment.from_config(config), str(tmp_path))
     config.eval.likelihood.divergence, config.eval.likelihood.method = "gaussian", "ddpm_bound"
     with pytest.raises(ValueError, match="DDPM Markov chain"):
-        likelihood.likelihood_settings(config, SDES["ve"])
+        run_lib.likelihood_settings(config, SDES["ve"])
     config.data.centered = False
     with pytest.raises(ValueError, match="centred model space"):
-        likelihood.likelihood_settings(config, SDES["vp"])
+        run_lib.likelihood_settings(config, SDES["vp"])

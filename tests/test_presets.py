@@ -39,7 +39,7 @@ def test_toy_config_string_combines_dataset_sde_and_preset():
 def test_fashion_quick_sampling_and_likelihood_announce_their_work():
     """Before: 64 images × 1000 steps (64000k network evaluations); quick: 16 × 100."""
     import experiment
-    import likelihood
+    import run_lib
     import sde_lib
     from configs import fashion_mnist
 
@@ -50,7 +50,7 @@ def test_fashion_quick_sampling_and_likelihood_announce_their_work():
     assert experiment.sampling_work(quick, 16) == (
         "sampling 16 images with pc: 100 NFE each = 0.0016M network evaluations in 1 batch of 16")
     cfg = fashion_mnist.get_config("quick")
-    line = likelihood.likelihood_work(likelihood.likelihood_settings(cfg, sde_lib.get_sde(cfg.sde)), 64)
+    line = run_lib.likelihood_work(run_lib.likelihood_settings(cfg, sde_lib.get_sde(cfg.sde)), 64)
     assert line.startswith("likelihood on the first 64 test examples (tsit5, rtol 0.001, gaussian divergence")
 
 

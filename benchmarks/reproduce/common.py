@@ -267,17 +267,19 @@ def _fid_config(cfg, workdir):
 
 
 def bits_per_dim(cfg, mdir: pathlib.Path, setting: Setting, method: str) -> dict:
-    """bits/dim of a trained model on ``setting.lik_examples`` test examples by ``likelihood.run``:
+    """bits/dim of a trained model on ``setting.lik_examples`` test examples by ``run_lib.likelihood``:
     ``method`` "ode" (probability-flow ODE, Hutchinson with Gaussian probes, uniform dequantization) or
     "ddpm_bound" (the DDPM variational bound summed over all N steps)."""
-    import likelihood
     import ml_collections
+
+    import experiment
+    import run_lib
 
     cfg = ml_collections.ConfigDict(cfg.to_dict())
     lik = cfg.eval.likelihood
     lik.method, lik.num_examples = method, setting.lik_examples
     lik.rtol = lik.atol = setting.lik_tol
-    r = likelihood.run(cfg, str(mdir))
+    r = run_lib.likelihood(experiment.Experiment.from_config(cfg), str(mdir))
     return {"bpd": r["bpd"], "bpd_stderr": r["bpd_stderr"], "nfe": r["nfe_mean"], "seconds": r["wall_time_s"],
             "num_examples": r["num_examples"]}
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import gzip
+import importlib.util
 import math
 import os
 import queue
@@ -258,13 +259,38 @@ def load_digits(config, split: str) -> Arrays:
     return fit_images(images[idx], config.data.image_size, config.data.num_channels, "digits"), labels[idx]
 
 
+def sklearn_digits_file() -> Optional[str]:
+    """Path of scikit-learn's embedded ``datasets/data/digits.csv.gz``, found without importing scikit-learn
+    (whose import alone takes about a second of the time to the first step); None when not there."""
+    spec = importlib.util.find_spec("sklearn")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        path = os.path.join(root, "datasets", "data", "digits.csv.gz")
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def read_sklearn_digits() -> Tuple[np.ndarray, np.ndarray]:
+    """The 1797 digits as (N, 8, 8) pixel values 0..16 and their labels, as ``sklearn.datasets.load_digits`` gives
+    them: each row of the CSV is 64 pixels then the label. Falls back to scikit-learn itself when its file moved."""
+    path = sklearn_digits_file()
+    if path is None:
+        from sklearn.datasets import load_digits as sk_load_digits
+
+        bunch = sk_load_digits()
+        return bunch.images, bunch.target
+    with gzip.open(path, "rt") as f:
+        table = np.loadtxt(f, delimiter=",", dtype=np.float64)
+    if table.ndim != 2 or table.shape[1] != 65:
+        raise ValueError(f"{path}: expected rows of 64 pixels and a label, got shape {table.shape}")
+    return table[:, :64].reshape(-1, 8, 8), table[:, 64].astype(np.int64)
+
+
 def _digits_split(split: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """All 1797 digits as uint8 (N, 8, 8, 1), their labels, and the sorted indices of ``split``."""
-    from sklearn.datasets import load_digits as sk_load_digits
-
-    bunch = sk_load_digits()
-    images = digits_to_uint8(bunch.images)[..., None]
-    labels = bunch.target.astype(np.int32)
+    pixels, target = read_sklearn_digits()
+    images = digits_to_uint8(pixels)[..., None]
+    labels = target.astype(np.int32)
     perm = np.random.default_rng(0).permutation(len(labels))
     idx = perm[:DIGITS_TEST_SIZE] if _local_split(split) == "test" else perm[DIGITS_TEST_SIZE:]
     return images, labels, np.sort(idx)

@@ -1,5 +1,8 @@
 """Tests of the input pipeline (datasets.py): sources, transforms, determinism, sharding, finite mode."""
 import itertools
+import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -81,6 +84,28 @@ def test_digits_uint8_mapping():
     assert u[0] == 0 and u[16] == 255 and u[8] == 128
     assert np.all(np.diff(u.astype(int)) > 0)
     np.testing.assert_array_equal(u, np.floor(255 * np.arange(17) / 16 + 0.5))
+
+
+def test_digits_read_without_sklearn_match_sklearn(monkeypatch):
+    """The CSV read directly (no scikit-learn import) is exactly ``sklearn.datasets.load_digits``; without the
+    file, scikit-learn itself is asked."""
+    from sklearn.datasets import load_digits
+    bunch = load_digits()
+    assert datasets.sklearn_digits_file() is not None
+    images, target = datasets.read_sklearn_digits()
+    np.testing.assert_array_equal(images, bunch.images)
+    np.testing.assert_array_equal(target, bunch.target)
+    monkeypatch.setattr(datasets, "sklearn_digits_file", lambda: None)
+    images, target = datasets.read_sklearn_digits()
+    np.testing.assert_array_equal(images, bunch.images)
+
+
+def test_digits_load_does_not_import_sklearn():
+    code = ("import sys, datasets; datasets.read_sklearn_digits(); "
+            "print(any(m == 'sklearn' or m.startswith('sklearn.') for m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=str(pathlib.Path(datasets.__file__).parent))
+    assert out.stdout.strip() == "False"
 
 
 def test_digits_splits_fixed_and_disjoint():

@@ -31,7 +31,6 @@ import functools
 import math
 from typing import Callable, Iterable, Optional, Tuple
 
-import diffrax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -79,12 +78,12 @@ DIVERGENCES = {
     "rademacher": (hutchinson_divergence, _rademacher_probes),
 }
 
-SOLVERS = {  # name -> (diffrax solver, adaptive) for ``samplers.solve_ode``; always adaptive here
-    "tsit5": (diffrax.Tsit5, True),
-    "dopri5": (diffrax.Dopri5, True),
-    "rk45": (diffrax.Dopri5, True),      # scipy's solve_ivp RK45 (score_sde's likelihood): see samplers.ODE_SOLVERS
-    "dopri8": (diffrax.Dopri8, True),
-    "heun": (diffrax.Heun, True),
+SOLVERS = {  # name -> (diffrax solver class name, adaptive) for ``samplers.solve_ode``; always adaptive here
+    "tsit5": ("Tsit5", True),
+    "dopri5": ("Dopri5", True),
+    "rk45": ("Dopri5", True),      # scipy's solve_ivp RK45 (score_sde's likelihood): see samplers.ODE_SOLVERS
+    "dopri8": ("Dopri8", True),
+    "heun": ("Heun", True),
 }
 
 

@@ -333,7 +333,8 @@ def step_arguments_spec(exp: Experiment):
 
 def compile_step_in_background(step_fn, exp: Experiment) -> StepCompilation:
     """Start compiling ``step_fn`` for the config's state and batch in a thread, so that the compilation overlaps
-    building the initial state and loading the first batch; ``compile_step`` collects it."""
+    building the initial state; ``compile_step`` collects it. The thread is not a daemon: a process that exits
+    meanwhile waits for it (a daemon thread returning from XLA into a finalizing interpreter aborts the process)."""
     state, batch = step_arguments_spec(exp)
     pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile_train_step")
     hits = utils.compilation_cache_hits()
@@ -359,31 +360,34 @@ def compile_step(step_fn, state: TrainState, batch: dict, compiling: Optional[St
 @dataclasses.dataclass
 class Training:
     """A workdir opened for training (``open_training``): its checkpoints, the state to start from (restored or
-    initial, on the host) and the global batches from that state's step on."""
+    initial, on the host), the global batches from that state's step on, and what ``background`` returned."""
 
     ckpt: utils.CheckpointManager
     state: TrainState
     batches: Iterator[dict]
+    background: Any = None
 
 
 @contextlib.contextmanager
-def open_training(exp: Experiment, workdir) -> Iterator[Training]:
+def open_training(exp: Experiment, workdir, background: Optional[Callable[[], Any]] = None) -> Iterator[Training]:
     """Open ``workdir`` to train ``exp``: the one place that decides when a run starts writing.
 
     First the checks, which write nothing: the batch size against the devices and data shards, one trainer per
     workdir (``utils.WorkdirLock``), the checkpoint to resume (compatible with the config, finite; the latest
-    readable one) and the first batch of data. Only then the lock file and ``config.json`` are written. On exit the
-    last save is waited for (and verified), then checkpoints and data are closed, even when that save failed."""
+    readable one) and the first batch of data. ``background`` (e.g. ``compile_step_in_background``) is started
+    once those checks passed, so on a fresh run it overlaps building the initial state. Only then the lock file
+    and ``config.json`` are written. On exit the last save is waited for (and verified), then checkpoints and data
+    are closed, even when that save failed."""
     config, workdir = exp.config, pathlib.Path(workdir)
     check_batch_size(config.training.batch_size, shards=num_data_shards(config))
     is_main = jax.process_index() == 0
     with utils.WorkdirLock(workdir, enabled=is_main) as lock:
-        ckpt, state, first, stream = _resume(exp, workdir)
+        ckpt, state, first, stream, started = _resume(exp, workdir, background or (lambda: None))
         try:
             lock.acquire(create=True)  # the checks passed: from here on the workdir is written
             if is_main:
                 utils.write_config(workdir, config)
-            yield Training(ckpt, state, itertools.chain([first], stream))
+            yield Training(ckpt, state, itertools.chain([first], stream), started)
         finally:
             try:
                 ckpt.wait()
@@ -392,16 +396,29 @@ def open_training(exp: Experiment, workdir) -> Iterator[Training]:
                 stream.close()
 
 
-def _resume(exp: Experiment, workdir: pathlib.Path) -> tuple:
+def _resume(exp: Experiment, workdir: pathlib.Path, background: Callable[[], Any]) -> tuple:
     """The checks that need the workdir, writing nothing: the checkpoint to resume from (compatible, finite) and
-    the first batch of data. Returns (ckpt, state, first batch, the stream of the following batches)."""
+    the first batch of data; then ``background()`` is started. A fresh run reads its first batch before building
+    the initial state, so that the state is built while ``background`` runs (a failed check never waits for it).
+    Returns (ckpt, state, first batch, the stream of the following batches, what ``background`` returned)."""
     ckpt = utils.CheckpointManager(workdir / "checkpoints", exp.config)
-    init = abstract_train_state if ckpt.steps() else init_train_state  # a restore needs only the structure
+    stream = None
     try:
-        state = ckpt.restore_or(lambda: init(exp.config, exp.model, exp.optimizer, exp.data_shape))
-        stream = train_batches(exp.config, exp.mesh, int(state.step))
-        return ckpt, state, next(stream), stream
+        if ckpt.steps():  # a restore needs only the structure
+            state = ckpt.restore_or(lambda: abstract_train_state(exp.config, exp.model, exp.optimizer,
+                                                                 exp.data_shape))
+            stream = train_batches(exp.config, exp.mesh, int(state.step))
+            first = next(stream)
+            started = background()
+        else:
+            stream = train_batches(exp.config, exp.mesh, 0)
+            first = next(stream)
+            started = background()
+            state = init_train_state(exp.config, exp.model, exp.optimizer, exp.data_shape)
+        return ckpt, state, first, stream, started
     except BaseException:
+        if stream is not None:
+            stream.close()
         ckpt.close()
         raise
 

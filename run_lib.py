@@ -37,7 +37,7 @@ import utils
 from evaluation import classifiers, features, inception, quality, reference, sample_files
 from evaluation.metrics import palette_fit
 from experiment import (EvalState, Experiment, StepCompilation, TrainState, any_process, check_batch_size,
-                        compile_step, draw_samples, jit_sharded_step, learning_rate_schedule, make_train_step,
+                        compile_step, compile_step_in_background, draw_samples, jit_sharded_step, learning_rate_schedule, make_train_step,
                         open_training, replicate, restore_eval_state, sample_folder, sample_manifest, sampler_name,
                         shard_batch, to_output, write_samples)
 
@@ -92,9 +92,12 @@ def train(exp: Experiment, workdir: str) -> TrainState:
     the latest."""
     timings = {"import": max(utils.process_age() - exp.build_seconds, 0.0)} if _run_by_main() else {}
     t0 = time.time()
-    with open_training(exp, workdir) as opened:
+    step_fn = jit_sharded_step(make_train_step(exp.loss_fn(), exp.optimizer, exp.config.model.ema_rate,
+                                               exp.config.seed), exp.mesh)
+    with open_training(exp, workdir, lambda: compile_step_in_background(step_fn, exp)) as opened:
         timings["init"] = exp.build_seconds + time.time() - t0
-        run = _start_run(exp, pathlib.Path(workdir), opened.ckpt, int(opened.state.step), timings)
+        run = _start_run(exp, pathlib.Path(workdir), opened.ckpt, int(opened.state.step), timings, step_fn)
+        run.compiling = opened.background
         try:
             with utils.StopSignal("saving a checkpoint after this step (or sampling batch) and stopping") as stop:
                 return _train_loop(run, replicate(opened.state, exp.mesh), opened.batches, stop)
@@ -102,16 +105,14 @@ def train(exp: Experiment, workdir: str) -> TrainState:
             run.logger.close()
 
 
-def _start_run(exp: Experiment, workdir: pathlib.Path, ckpt, start: int, timings: dict) -> Run:
-    """Say what runs, open the metric log and jit the step (``config.json`` is written by ``open_training``)."""
+def _start_run(exp: Experiment, workdir: pathlib.Path, ckpt, start: int, timings: dict, step_fn: Callable) -> Run:
+    """Say what runs and open the metric log (``config.json`` is written by ``open_training``)."""
     config, is_main = exp.config, jax.process_index() == 0
     print(f"training steps {start}..{config.training.n_iters} on {jax.device_count()} devices "
           f"({jax.process_count()} processes), global batch {config.training.batch_size}, "
           f"lr {config.optim.lr:g} (warm-up {config.optim.warmup}), EMA rate {config.model.ema_rate}", flush=True)
     warn_ema_keeps_init(config.model.ema_rate, config.training.n_iters)
     warn_warmup_longer_than_run(config.optim.warmup, config.training.n_iters)
-    step_fn = jit_sharded_step(make_train_step(exp.loss_fn(), exp.optimizer, config.model.ema_rate,
-                                               config.seed), exp.mesh)
     logger = utils.MetricLogger(workdir, config.training.n_iters, start, config.training.log_freq, enabled=is_main,
                                 pending=periodic_seconds(config, exp.sde))
     return Run(exp, workdir, ckpt, logger, learning_rate_schedule(config.optim), step_fn, is_main, timings)

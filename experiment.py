@@ -89,7 +89,8 @@ def step_compiler_options() -> Optional[dict]:
 
 
 def _init_fn(model: models.ScoreModel, optimizer, data_shape) -> Callable:
-    def init(key):
+    def init(seed):
+        key = jax.random.fold_in(jax.random.key(seed), -1 & 0x7FFFFFFF)  # traced: no eager key programs
         params = model.init(key, jnp.zeros((1,) + tuple(data_shape)))
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=jax.tree.map(jnp.copy, params),
                           opt_state=optimizer.init(params))
@@ -97,14 +98,16 @@ def _init_fn(model: models.ScoreModel, optimizer, data_shape) -> Callable:
     return init
 
 
-def _init_key(config):
-    return jax.random.fold_in(jax.random.key(config.seed), -1 & 0x7FFFFFFF)
+def _init_seed(config) -> np.ndarray:
+    """The argument of the init program: the seed as uint32 (``jax.random.key`` of a Python int wraps modulo 2**32
+    alike, and gives the same key as of this array)."""
+    return np.uint32(config.seed & 0xFFFFFFFF)
 
 
 def init_train_state(config, model: models.ScoreModel, optimizer, data_shape) -> TrainState:
     """Step 0: parameters from ``fold_in(key(seed), 2**31 - 1)``, EMA = parameters, fresh optimizer state
     (one jitted computation, not one compilation per initializer)."""
-    key = _init_key(config)
+    key = _init_seed(config)
     lowered = jax.jit(_init_fn(model, optimizer, data_shape)).lower(key)
     options = INIT_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
     return lowered.compile(options)(key)
@@ -113,7 +116,7 @@ def init_train_state(config, model: models.ScoreModel, optimizer, data_shape) ->
 def abstract_train_state(config, model: models.ScoreModel, optimizer, data_shape) -> TrainState:
     """The structure of ``init_train_state`` as zero host arrays, computed by ``jax.eval_shape`` (no compilation, no
     device memory): the template a checkpoint is restored into."""
-    shapes = jax.eval_shape(_init_fn(model, optimizer, data_shape), _init_key(config))
+    shapes = jax.eval_shape(_init_fn(model, optimizer, data_shape), _init_seed(config))
     return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
 
 
@@ -123,14 +126,12 @@ def make_train_step(loss_fn: Callable, optimizer, ema_rate: float, seed: int) ->
     The step's key is ``fold_in(key(seed), step)``; the loss draws the noise of the whole global batch from it, and
     with partitionable threefry each device computes its own rows of that draw, so devices get independent noise
     and the result does not depend on the device count."""
-    base_key = jax.random.key(seed)
-
     def objective(params, key, batch):
         per_example, metrics = loss_fn(params, key, batch)
         return jnp.mean(per_example), metrics
 
     def train_step(state: TrainState, batch):
-        key = jax.random.fold_in(base_key, state.step)
+        key = jax.random.fold_in(jax.random.key(seed), state.step)  # traced: no eager program before the step
         (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params, key, batch)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -323,7 +324,7 @@ def step_arguments_spec(exp: Experiment):
     """``(state, batch)`` of the train step as ``ShapeDtypeStruct``s sharded over ``exp.mesh``, from the config
     alone."""
     replicated, data = NamedSharding(exp.mesh, P()), NamedSharding(exp.mesh, P("data"))
-    shapes = jax.eval_shape(_init_fn(exp.model, exp.optimizer, exp.data_shape), _init_key(exp.config))
+    shapes = jax.eval_shape(_init_fn(exp.model, exp.optimizer, exp.data_shape), _init_seed(exp.config))
     state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), shapes)
     b = exp.config.training.batch_size
     batch = {"x": jax.ShapeDtypeStruct((b,) + tuple(exp.data_shape), jnp.float32, sharding=data),

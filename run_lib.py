@@ -57,6 +57,7 @@ class Run:
     is_main: bool
     timings: dict = dataclasses.field(default_factory=dict)  # start-up phases (s), reported after the first step
     compiling: Optional[StepCompilation] = None  # the train step being compiled in the background
+    init_done: float = 0.0  # time.time() when the state to start from was ready (the compile phase starts)
     eval_fn: Optional[Callable] = None   # the held-out loss of training.eval_freq, compiled on first use
 
 
@@ -97,7 +98,7 @@ def train(exp: Experiment, workdir: str) -> TrainState:
     with open_training(exp, workdir, lambda: compile_step_in_background(step_fn, exp)) as opened:
         timings["init"] = exp.build_seconds + time.time() - t0
         run = _start_run(exp, pathlib.Path(workdir), opened.ckpt, int(opened.state.step), timings, step_fn)
-        run.compiling = opened.background
+        run.compiling, run.init_done = opened.background, t0 + timings["init"] - exp.build_seconds
         try:
             with utils.StopSignal("saving a checkpoint after this step (or sampling batch) and stopping") as stop:
                 return _train_loop(run, replicate(opened.state, exp.mesh), opened.batches, stop)
@@ -153,12 +154,15 @@ def _run_by_main() -> bool:
 
 def _compile_step(run: Run, state: TrainState, batch: dict) -> Callable:
     """The train step compiled for ``batch`` (``experiment.compile_step``), its time kept in ``run.timings``."""
-    compiled, run.timings["compile"], run.timings["cached"] = compile_step(run.step_fn, state, batch, run.compiling)
+    compiled, seconds, run.timings["cached"] = compile_step(run.step_fn, state, batch, run.compiling)
+    run.timings["compile"] = time.time() - run.init_done if run.init_done else seconds
     return compiled
 
 
 def first_step_line(timings: dict) -> str:
-    """``first step after 41.2 s (import 3.1 s, init 6.0 s, compile 30.4 s, step 1.7 s)``."""
+    """``first step after 41.2 s (import 3.1 s, init 6.0 s, compile 30.4 s, step 1.7 s)``: consecutive phases of
+    the process (under ``main.py``), from its start to the first step done. "compile" runs from the state being
+    ready to the train step compiled (what of its compilation did not overlap the init, plus the set-up between)."""
     phases = [k for k in ("import", "init", "compile", "first step") if k in timings]
     parts = ", ".join(f"{k.split()[-1]} {timings[k]:.1f} s" + (" from the compilation cache"
                                                               if k == "compile" and timings.get("cached") else "")

@@ -96,11 +96,15 @@ def test_initial_state_agrees_with_a_fully_optimised_compile():
     exp = experiment.Experiment.from_config(config)
     fast = experiment.init_train_state(config, exp.model, exp.optimizer, exp.data_shape)
     init = experiment._init_fn(exp.model, exp.optimizer, exp.data_shape)
-    reference = jax.jit(init)(experiment._init_key(config))
+    reference = jax.jit(init)(experiment._init_seed(config))
     assert jax.tree.structure(fast) == jax.tree.structure(reference)
     for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(reference)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
     assert float(np.std(np.asarray(fast.params["Dense_0"]["kernel"]))) > 0.01   # really random, not zeros
+    key = jax.random.fold_in(jax.random.key(config.seed), 2 ** 31 - 1)  # the documented key, derived eagerly
+    direct = jax.jit(exp.model.init)(key, jax.numpy.zeros((1,) + tuple(exp.data_shape)))
+    for a, b in zip(jax.tree.leaves(fast.params), jax.tree.leaves(direct)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
 
 
 def test_abstract_state_is_the_template_of_the_real_one():

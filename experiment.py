@@ -104,13 +104,19 @@ def _init_seed(config) -> np.ndarray:
     return np.uint32(config.seed & 0xFFFFFFFF)
 
 
-def init_train_state(config, model: models.ScoreModel, optimizer, data_shape) -> TrainState:
+def trace_init(config, model: models.ScoreModel, optimizer, data_shape) -> jax.stages.Traced:
+    """The program of ``init_train_state``, traced: ``.out_info`` is the state's structure (shapes, dtypes) and
+    ``.lower()`` its program, so one tracing serves both (``Experiment.traced_init``)."""
+    return jax.jit(_init_fn(model, optimizer, data_shape)).trace(_init_seed(config))
+
+
+def init_train_state(config, model: models.ScoreModel, optimizer, data_shape,
+                     traced: Optional[jax.stages.Traced] = None) -> TrainState:
     """Step 0: parameters from ``fold_in(key(seed), 2**31 - 1)``, EMA = parameters, fresh optimizer state
-    (one jitted computation, not one compilation per initializer)."""
-    key = _init_seed(config)
-    lowered = jax.jit(_init_fn(model, optimizer, data_shape)).lower(key)
+    (one jitted computation, not one compilation per initializer); ``traced``: its ``trace_init``, if at hand."""
+    traced = traced or trace_init(config, model, optimizer, data_shape)
     options = INIT_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
-    return lowered.compile(options)(key)
+    return traced.lower().compile(options)(_init_seed(config))
 
 
 def abstract_train_state(config, model: models.ScoreModel, optimizer, data_shape) -> TrainState:
@@ -238,6 +244,7 @@ class Experiment:
     local_mesh: Mesh
     build_seconds: float = dataclasses.field(default=0.0, compare=False)
     compiled_samplers: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)  # ``sampler``
+    traced: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)  # ``traced_init``
 
     @classmethod
     def from_config(cls, config) -> "Experiment":
@@ -250,6 +257,12 @@ class Experiment:
         local_mesh = mesh if jax.process_count() == 1 else make_mesh(jax.local_devices())
         return cls(config, sde, model, get_optimizer(config.optim), datasets.data_shape(config.data), mesh,
                    local_mesh, time.time() - t0)
+
+    def traced_init(self) -> jax.stages.Traced:
+        """``trace_init`` of this experiment, traced once (the step's argument shapes and the initial state)."""
+        if "init" not in self.traced:
+            self.traced["init"] = trace_init(self.config, self.model, self.optimizer, self.data_shape)
+        return self.traced["init"]
 
     def loss_fn(self):
         return losses.get_loss_fn(self.config, self.sde, self.model)
@@ -324,8 +337,8 @@ def step_arguments_spec(exp: Experiment):
     """``(state, batch)`` of the train step as ``ShapeDtypeStruct``s sharded over ``exp.mesh``, from the config
     alone."""
     replicated, data = NamedSharding(exp.mesh, P()), NamedSharding(exp.mesh, P("data"))
-    shapes = jax.eval_shape(_init_fn(exp.model, exp.optimizer, exp.data_shape), _init_seed(exp.config))
-    state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), shapes)
+    state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
+                         exp.traced_init().out_info)
     b = exp.config.training.batch_size
     batch = {"x": jax.ShapeDtypeStruct((b,) + tuple(exp.data_shape), jnp.float32, sharding=data),
              "label": jax.ShapeDtypeStruct((b,), jnp.int32, sharding=data)}
@@ -415,7 +428,7 @@ def _resume(exp: Experiment, workdir: pathlib.Path, background: Callable[[], Any
             stream = train_batches(exp.config, exp.mesh, 0)
             first = next(stream)
             started = background()
-            state = init_train_state(exp.config, exp.model, exp.optimizer, exp.data_shape)
+            state = init_train_state(exp.config, exp.model, exp.optimizer, exp.data_shape, exp.traced_init())
         return ckpt, state, first, stream, started
     except BaseException:
         if stream is not None:

@@ -119,6 +119,17 @@ def init_train_state(config, model: models.ScoreModel, optimizer, data_shape,
     return traced.lower().compile(options)(_init_seed(config))
 
 
+def initial_state_in_background(exp) -> concurrent.futures.Future:
+    """``init_train_state`` of ``exp``: lowered here, compiled and run in a thread (XLA releases the GIL), so that
+    a core is busy compiling it while this thread traces the train step."""
+    lowered = exp.traced_init().lower()
+    options = INIT_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="initial_state")
+    future = pool.submit(lambda: lowered.compile(options)(_init_seed(exp.config)))
+    pool.shutdown(wait=False)
+    return future
+
+
 def abstract_train_state(config, model: models.ScoreModel, optimizer, data_shape) -> TrainState:
     """The structure of ``init_train_state`` as zero host arrays, computed by ``jax.eval_shape`` (no compilation, no
     device memory): the template a checkpoint is restored into."""
@@ -427,8 +438,9 @@ def _resume(exp: Experiment, workdir: pathlib.Path, background: Callable[[], Any
         else:
             stream = train_batches(exp.config, exp.mesh, 0)
             first = next(stream)
+            initial = initial_state_in_background(exp)
             started = background()
-            state = init_train_state(exp.config, exp.model, exp.optimizer, exp.data_shape, exp.traced_init())
+            state = initial.result()
         return ckpt, state, first, stream, started
     except BaseException:
         if stream is not None:

@@ -78,9 +78,13 @@ def ema_update(ema_params, params, rate: float):
 # The initial state is computed once, so its program is compiled without LLVM's optimisations on CPU: that
 # compiles 2-3x faster (the initializers' random-bit generation dominates) and the values agree to float rounding.
 INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
-# The train step at LLVM -O2 instead of the default -O3 on CPU: in side-by-side probes it compiled 0.66x as long for
-# the small DDPM++ (0.86x for configs/default.py) with steps within the noise (0.86-1.06x) and the same losses.
-STEP_COMPILER_OPTIONS = {"xla_backend_optimization_level": 2}
+# The train step on CPU: LLVM -O2 instead of the default -O3 (it compiled 0.66x as long for the small DDPM++, 0.86x
+# for configs/default.py, with steps within the noise and the same losses), and XLA's YNNPACK library fusions for
+# elementwise ops, reductions and single dots instead of its default set, which also puts convolutions in YNNPACK:
+# that compiled in 0.7x the CPU time and stepped 1.2-1.3x faster for both configs (benchmarks/results/startup_cpu.md).
+YNN_FUSIONS = ("ELTWISE", "REDUCE", "INDIVIDUAL_DOT")
+STEP_COMPILER_OPTIONS = {"xla_backend_optimization_level": 2,
+                         "xla_cpu_experimental_ynn_fusion_type": ",".join(f"LIBRARY_FUSION_TYPE_{t}" for t in YNN_FUSIONS)}
 
 
 def step_compiler_options() -> Optional[dict]:

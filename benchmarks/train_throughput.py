@@ -7,8 +7,9 @@ scaling efficiency.
 Each (config, device count, dtype) runs in a fresh process: on CPU with ``--xla_force_host_platform_device_count``
 (forced host devices share the machine's cores, so this measures the sharding overhead, not a speed-up), on GPU/TPU
 with the first n real devices. The step is ``experiment.jit_sharded_step(make_train_step(...))`` exactly as in
-training, on a fixed synthetic batch (the input pipeline is measured by ``benchmarks/data.py``), blocking on every
-step as the training loop does. Reported: compile time, steps/s and images/s (median of ``--repeats`` timed
+training, compiled with ``experiment.step_compiler_options()`` (``--xla_defaults``: XLA's defaults), on a fixed
+synthetic batch (the input pipeline is measured by ``benchmarks/data.py``), blocking on every step as the training
+loop does. Reported: compile time, steps/s and images/s (median of ``--repeats`` timed
 windows), scaling efficiency ``images/s(n) / (n images/s(1))``, and where the backend exposes them, peak device
 memory and MFU = XLA-counted FLOPs of one step x steps/s / peak FLOP/s of the devices.
 """
@@ -75,7 +76,8 @@ def worker(args) -> dict:
                                     "label": np.zeros(b, np.int32)}, mesh)
     step = experiment.jit_sharded_step(experiment.make_train_step(exp.loss_fn(), exp.optimizer, 0.999, 0), mesh)
     t0 = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
+    options = None if args.xla_defaults else experiment.step_compiler_options()  # what training compiles with
+    compiled = step.lower(state, batch).compile(options)
     compile_s = time.perf_counter() - t0
     for _ in range(2):
         state, metrics = compiled(state, batch)
@@ -129,7 +131,8 @@ def run_one(args, config: str, devices: int, dtype: str, platform: str) -> dict:
     elif platform == "gpu":
         env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, range(devices)))
     cmd = [sys.executable, __file__, "--worker", f"--config={config}", f"--dtype={dtype}",
-           f"--steps={args.steps}", f"--repeats={args.repeats}"] + ([f"--batch={args.batch}"] if args.batch else [])
+           f"--steps={args.steps}", f"--repeats={args.repeats}"] + ([f"--batch={args.batch}"] if args.batch else []) \
+        + (["--xla_defaults"] if args.xla_defaults else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode or not lines:
@@ -168,6 +171,8 @@ def main():
     p.add_argument("--steps", type=int, default=10, help="steps per timed window")
     p.add_argument("--repeats", type=int, default=3, help="timed windows; the median is reported")
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--xla_defaults", action="store_true",
+                   help="compile the step with XLA's default options instead of experiment.step_compiler_options()")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--config", default=None, help=argparse.SUPPRESS)
     p.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)

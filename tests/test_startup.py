@@ -13,7 +13,7 @@ import pytest
 import experiment
 import run_lib
 import utils
-from configs import toy
+from configs import default, toy
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -187,15 +187,18 @@ def test_step_compiled_in_the_background_is_the_one_train_uses_and_gives_the_sam
 
 def test_step_compilation_starts_only_after_the_checks_and_before_the_initial_state(tmp_path, monkeypatch):
     """``open_training``'s ``background`` (``run_lib.train`` compiles the train step there) starts once every
-    check passed and before the initial state is built; a check that fails (fault injection: the data source
-    raises) never starts it and leaves the workdir empty."""
+    check passed, while the initial state is built (its compilation started just before); a check that fails
+    (fault injection: the data source raises) starts neither and leaves the workdir empty."""
     exp = experiment.Experiment.from_config(small_config())
     events = []
-    init = experiment.init_train_state
-    monkeypatch.setattr(experiment, "init_train_state", lambda *a: events.append("init") or init(*a))
+    init = experiment.initial_state_in_background
+    monkeypatch.setattr(experiment, "initial_state_in_background", lambda *a: events.append("init") or init(*a))
     with experiment.open_training(exp, tmp_path / "ok", lambda: events.append("background") or 7) as opened:
         assert opened.background == 7
-    assert events == ["background", "init"]
+        reference = experiment.init_train_state(exp.config, exp.model, exp.optimizer, exp.data_shape)
+        for a, b in zip(jax.tree.leaves(opened.state), jax.tree.leaves(reference)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert events == ["init", "background"]
     events.clear()
 
     def broken(*args, **kwargs):
@@ -229,3 +232,30 @@ def test_exit_while_the_step_compiles_waits_for_it_instead_of_aborting():
                          timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert out.returncode == 2 and "FATAL" not in out.stderr, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[False]"
+
+
+def test_step_compiler_options_agree_with_xla_defaults_on_a_convolutional_model():
+    """The CPU options of the train step (``experiment.STEP_COMPILER_OPTIONS``: LLVM -O2, YNNPACK fusions for
+    elementwise ops, reductions and dots instead of XLA's default set with convolutions) must give XLA's default
+    program's losses and parameters to float rounding over a few steps of a small U-Net."""
+    config = default.get_config()
+    config.model.nf, config.training.batch_size = 16, 16
+    exp = experiment.Experiment.from_config(config)
+    step_fn = experiment.jit_sharded_step(experiment.make_train_step(exp.loss_fn(), exp.optimizer,
+                                                                     config.model.ema_rate, config.seed), exp.mesh)
+    state = experiment.init_train_state(config, exp.model, exp.optimizer, exp.data_shape)
+    data = experiment.train_batches(config, exp.mesh)
+    batches = [next(data) for _ in range(3)]
+    data.close()
+    results = []
+    for options in (experiment.step_compiler_options(), None):
+        compiled = step_fn.lower(state, batches[0]).compile(options)
+        s, losses = jax.tree.map(jax.numpy.copy, state), []
+        for batch in batches:
+            s, metrics = compiled(s, batch)
+            losses.append(float(metrics["loss"]))
+        results.append((s, losses))
+    (ours, our_losses), (xla, xla_losses) = results
+    np.testing.assert_allclose(our_losses, xla_losses, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(ours.params), jax.tree.leaves(xla.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)

@@ -11,9 +11,7 @@ and ``annealed_langevin`` (NCSN). ``nfe`` counts score evaluations of the whole 
 """
 from __future__ import annotations
 
-import importlib.util
 import inspect
-import sys
 from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 import jax
@@ -22,24 +20,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sde_lib import SDE, _qualified, batch_broadcast
+from utils import lazy_import
 
 
-def lazy_import(name: str):
-    """Module ``name``, executed on its first attribute access (``importlib.util.LazyLoader``): diffrax (with
-    equinox, lineax, optimistix) costs 0.4 s of every start-up and only the ODE solvers need it."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.find_spec(name)
-    if spec is None:
-        raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-    spec.loader = importlib.util.LazyLoader(spec.loader)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-diffrax = lazy_import("diffrax")
+diffrax = lazy_import("diffrax")  # 0.4 s of every start-up (with equinox, lineax, optimistix): ODE solvers only
 
 Array = jax.Array
 ScoreFn = Callable[[Array, Array], Array]

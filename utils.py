@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import importlib.util
 import json
 import logging
 import os
@@ -19,7 +20,6 @@ from typing import Callable, Optional
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import serialization
 
 from configs.checks import UserError
@@ -65,8 +65,6 @@ def _json_default(o):
 
 def load_config_file(path) -> "ml_collections.ConfigDict":
     """``get_config()`` of a config file (what ``--config=path`` gives main.py, before flag overrides)."""
-    import importlib.util
-
     file = pathlib.Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"config file {file} does not exist")
@@ -206,6 +204,23 @@ def hyperparameter_changes(stored: dict, config) -> list:
             for k in sorted(now) if k in old and old[k] != now[k]]
 
 
+def lazy_import(name: str):
+    """Module ``name``, executed on its first attribute access (``importlib.util.LazyLoader``): for heavy imports
+    that a run may never use, e.g. diffrax (ODE solvers only) and orbax (0.2 s; the first checkpoint)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.find_spec(name)
+    if spec is None:
+        raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+    spec.loader = importlib.util.LazyLoader(spec.loader)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+ocp = lazy_import("orbax.checkpoint")
+
 class CheckpointManager:
     """orbax ``CheckpointManager`` storing the train state with the config's conventions and hyperparameters.
 
@@ -221,10 +236,18 @@ class CheckpointManager:
         self.restored_meta: Optional[dict] = None
         self.unreadable: set = set()
         self._pending: Optional[int] = None
-        keep = max_to_keep or config.training.get("keep_checkpoints", 3)
-        _quiet_orbax_write_errors()
-        self.manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=True, create=False))  # created by the first save
+        self.max_to_keep = max_to_keep or config.training.get("keep_checkpoints", 3)
+        self._manager = None
+
+    @property
+    def manager(self):
+        """orbax's ``CheckpointManager`` of ``directory``, made on first use: a run that starts without a
+        checkpoint directory needs none before its first save (importing orbax takes 0.2 s of the start-up)."""
+        if self._manager is None:
+            _quiet_orbax_write_errors()
+            self._manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
+                max_to_keep=self.max_to_keep, enable_async_checkpointing=True, create=False))  # the first save does
+        return self._manager
 
     def save(self, step: int, state):
         """Start writing ``state`` as checkpoint ``step`` (a no-op when that step exists). Every save is checked:
@@ -296,6 +319,8 @@ class CheckpointManager:
 
     def wait(self):
         """Wait for the pending save and check that its step directory is complete."""
+        if self._manager is None:  # nothing saved or restored through orbax yet
+            return
         step = self._pending
         with self._saving(step if step is not None else -1):
             self.manager.wait_until_finished()
@@ -313,9 +338,13 @@ class CheckpointManager:
                                      f"is {self.last_good()}")
 
     def close(self):
-        self.manager.close()
+        if self._manager is not None:
+            self._manager.close()
 
     def steps(self):
+        """The checkpoint steps in ``directory`` (none, without asking orbax, when it does not exist)."""
+        if self._manager is None and not self.directory.is_dir():
+            return []
         return sorted(self.manager.all_steps())
 
     def _restore_step(self, step: int, template):

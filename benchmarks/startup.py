@@ -1,22 +1,30 @@
 """Time to the first training step, cold and warm: process start -> first step done, in phases.
 
-    python benchmarks/startup.py                              # both configs, this checkout, 3 repeats
+    python benchmarks/startup.py                              # both configs and main.py, this checkout, 3 repeats
     python benchmarks/startup.py --repo /path/to/other/checkout --label before   # the same on another checkout
     python benchmarks/startup.py --configs small --repeats 5 --json out.json
+    python benchmarks/startup.py --pythonpath /tmp/ml_dtypes_0.7 ...   # shadow installed packages (e.g. the
+                                                                       # versions an older checkout resolved to)
 
 Each run is a fresh process that does what ``run_lib.train`` does before its first step, timing each phase:
 
-- import: interpreter start -> ``experiment`` (older checkouts: ``run_lib``) imported (jax, flax, optax, orbax,
-  the project);
-- init: the experiment, the initial train state (``experiment.init_train_state``) placed on the mesh;
-- compile: the sharded train step compiled for the first batch, after the init as in ``run_lib.train``
-  (``--background``: in a thread started before the init, ``experiment.compile_step_in_background``; then only the
-  wait that does not overlap the init shows here);
+- import: interpreter start -> ``run_lib`` (what ``main.py`` imports for training) and ``experiment`` imported;
+- init: the experiment, the initial train state placed on the mesh (and the first batch read);
+- compile: the rest of the train step's compilation for that batch;
 - first step: that step run once (blocking).
+
+The worker follows the checkout's own order: where ``experiment.initial_state_in_background`` exists (issue 21), as
+``run_lib.train`` does on a fresh run, the initial state compiles in one thread while the train step is traced
+and then compiled in another (``experiment.compile_step_in_background``), so the init phase overlaps most of the
+compilation and "compile" is what remains of it; older checkouts build the state, then compile the step.
 
 ``small`` is ``configs/default.py`` (8x8 digits, small U-Net, batch 128, real data through ``train_batches``);
 ``ddpmpp_small`` is the DDPM++ cont. architecture at nf=32, ch_mult (1, 2), one block per level (749,891
 parameters), batch 8, on a synthetic batch (``benchmarks/train_throughput.py``'s ``cifar10_reduced``).
+``main.py`` (with ``--main``, the default; configs/default.py only) runs ``python main.py --config=configs/default.py
+--config.training.n_iters=1`` itself and times launch -> its "step 1/1" line, which it prints right after the
+first step: everything a user waits for, flag parsing, checks and checkpoint set-up included; its phases are read
+from the "first step after" line where the checkout prints one.
 Cold: an empty compilation-cache directory; warm: the same directory again, right after. When the checkout has
 ``utils.enable_compilation_cache`` (what ``main.py`` calls), the worker enables it on that directory; an older
 checkout runs without one, so its cold and warm runs differ only by the operating system's file cache.
@@ -31,6 +39,7 @@ import argparse
 import json
 import os
 import pathlib
+import re
 import resource
 import statistics
 import subprocess
@@ -57,10 +66,11 @@ def worker(args) -> dict:
     import jax
     import numpy as np
 
+    import run_lib  # noqa: F401  (what main.py imports for --mode=train)
     try:
         import experiment as lib   # the composition module (issue 20); older checkouts: run_lib
     except ImportError:
-        import run_lib as lib
+        lib = run_lib
     import utils
 
     marks["import"], cpu["import"] = time.time(), _cpu()
@@ -75,21 +85,18 @@ def worker(args) -> dict:
     mesh = lib.make_mesh()
     step = lib.jit_sharded_step(lib.make_train_step(exp.loss_fn(), exp.optimizer, config.model.ema_rate,
                                                     config.seed), mesh)
-    background = hasattr(lib, "compile_step_in_background") and args.background
-    if background:  # the step compiles in a thread while the state is built (run_lib.train does not)
-        compiling = (lib.compile_step_in_background(step, exp) if lib.__name__ == "experiment" else
-                     lib.compile_step_in_background(step, config, exp, mesh))
-    state = lib.replicate(lib.init_train_state(config, exp.model, exp.optimizer, exp.data_shape), mesh)
+    batch = first_batch(lib, args.config, config, exp, mesh)
+    if hasattr(lib, "initial_state_in_background"):   # run_lib.train's order on a fresh run since issue 21
+        initial = lib.initial_state_in_background(exp)
+        compiling = lib.compile_step_in_background(step, exp)
+        state = lib.replicate(initial.result(), mesh)
+    else:
+        compiling = None
+        state = lib.replicate(lib.init_train_state(config, exp.model, exp.optimizer, exp.data_shape), mesh)
     jax.block_until_ready(state)
     marks["init"], cpu["init"] = time.time(), _cpu()
-    if args.config == "small":
-        batch = next(lib.train_batches(config, mesh))
-    else:
-        b = config.training.batch_size
-        batch = lib.shard_batch({"x": np.zeros((b,) + exp.data_shape, np.float32),
-                                 "label": np.zeros(b, np.int32)}, mesh)
     options = lib.step_compiler_options() if hasattr(lib, "step_compiler_options") else None
-    compiled = compiling.future.result() if background else step.lower(state, batch).compile(options)
+    compiled = compiling.future.result() if compiling else step.lower(state, batch).compile(options)
     marks["compile"], cpu["compile"] = time.time(), _cpu()
     state, metrics = compiled(state, batch)
     jax.device_get(metrics)
@@ -97,13 +104,32 @@ def worker(args) -> dict:
     return {"marks": marks, "cpu": cpu}
 
 
-def run_worker(repo: str, config: str, cache_dir: str, background: bool = False) -> dict:
+def first_batch(lib, name: str, config, exp, mesh) -> dict:
+    """The first global batch: real digits for ``small``, a synthetic one for ``ddpmpp_small``."""
+    if name == "small":
+        stream = lib.train_batches(config, mesh)
+        batch = next(stream)
+        stream.close()
+        return batch
+    import numpy as np
+
+    b = config.training.batch_size
+    return lib.shard_batch({"x": np.zeros((b,) + exp.data_shape, np.float32), "label": np.zeros(b, np.int32)}, mesh)
+
+
+def environment(cache_dir: str, pythonpath: str = "") -> dict:
+    env = dict(os.environ, SCORE_SDE_JAX_CACHE=cache_dir)
+    if pythonpath:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [pythonpath, env.get("PYTHONPATH", "")]))
+    return env
+
+
+def run_worker(repo: str, config: str, cache_dir: str, pythonpath: str = "") -> dict:
     """One fresh process; wall seconds and CPU seconds per phase, and the total."""
     t0 = time.time()
     cmd = [sys.executable, __file__, "--worker", f"--repo={repo}", f"--config={config}", f"--cache_dir={cache_dir}",
-           f"--t0={t0!r}"] + (["--background"] if background else [])
-    env = dict(os.environ, SCORE_SDE_JAX_CACHE=cache_dir)
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=repo, env=env)
+           f"--t0={t0!r}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=repo, env=environment(cache_dir, pythonpath))
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode or not lines:
         raise RuntimeError(f"worker failed ({config}, {repo}): {proc.stderr.strip()[-800:]}")
@@ -114,6 +140,45 @@ def run_worker(repo: str, config: str, cache_dir: str, background: bool = False)
     cpu_phase = {p: cpu[p] - (cpu[q] if q in cpu else 0.0) for q, p in zip(times, times[1:])}
     return {"wall": wall, "cpu": cpu_phase, "total": marks["first_step"] - marks["start"],
             "total_cpu": cpu["first_step"]}
+
+
+FIRST_STEP_LINE = re.compile(r"first step after [0-9.]+ s \(import ([0-9.]+) s, init ([0-9.]+) s, "
+                             r"compile ([0-9.]+) s[^,]*, step ([0-9.]+) s\)")
+
+
+def run_main(repo: str, cache_dir: str, pythonpath: str = "") -> dict:
+    """``python main.py`` on configs/default.py for one step in a fresh workdir: wall seconds from launch to its
+    "step 1/1" line (printed right after the first step), its CPU seconds then, and its own phases if printed."""
+    with tempfile.TemporaryDirectory(prefix="startup_workdir_") as workdir:
+        t0 = time.time()
+        proc = subprocess.Popen([sys.executable, "main.py", "--config=configs/default.py", f"--workdir={workdir}",
+                                 "--config.training.n_iters=1", "--config.training.snapshot_sampling=False"],
+                                cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env=environment(cache_dir, pythonpath))
+        phases, total = None, None
+        for line in proc.stdout:
+            match = FIRST_STEP_LINE.search(line)
+            if match:
+                phases = [float(v) for v in match.groups()]
+            if line.startswith("step 1/1"):
+                total = time.time() - t0
+                break
+        cpu = _process_cpu(proc.pid)
+        proc.kill()
+        proc.wait()
+    if total is None:
+        raise RuntimeError(f"main.py in {repo} ended without a 'step 1/1' line (exit status {proc.returncode})")
+    wall = dict(zip(PHASES, phases)) if phases else {p: float("nan") for p in PHASES}
+    return {"wall": wall, "cpu": {p: float("nan") for p in PHASES}, "total": total, "total_cpu": cpu}
+
+
+def _process_cpu(pid: int) -> float:
+    """User + system CPU seconds of a running process (Linux /proc), NaN elsewhere."""
+    try:
+        fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return float("nan")
 
 
 def baseline() -> float:
@@ -130,14 +195,17 @@ def _median_record(records: list) -> dict:
             "totals": [round(r["total"], 2) for r in records]}
 
 
-def measure(repo: str, config: str, repeats: int, background: bool = False) -> dict:
-    """``repeats`` (cold, warm) pairs, each on a new empty cache directory; the baseline between them."""
+def measure(repo: str, config: str, repeats: int, pythonpath: str = "") -> dict:
+    """``repeats`` (cold, warm) pairs, each on a new empty cache directory; the baseline between them.
+    ``config`` "main.py" runs ``main.py`` itself (``run_main``), the others the worker."""
+    run = (lambda cache: run_main(repo, cache, pythonpath)) if config == "main.py" else \
+        (lambda cache: run_worker(repo, config, cache, pythonpath))
     cold, warm, base = [], [], []
     for _ in range(repeats):
         with tempfile.TemporaryDirectory(prefix="startup_cache_") as cache:
             base.append(baseline())
-            cold.append(run_worker(repo, config, cache, background))
-            warm.append(run_worker(repo, config, cache, background))
+            cold.append(run(cache))
+            warm.append(run(cache))
     return {"cold": _median_record(cold), "warm": _median_record(warm), "baseline": statistics.median(base)}
 
 
@@ -154,12 +222,13 @@ def print_table(label: str, results: dict):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", default="small,ddpmpp_small", help=f"comma-separated, of {sorted(CONFIGS)}")
+    p.add_argument("--main", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time `python main.py` on configs/default.py (--no-main: not)")
     p.add_argument("--repo", default=str(REPO), help="checkout to measure (default: this one)")
     p.add_argument("--label", default="this", help="name of the checkout in the table")
     p.add_argument("--repeats", type=int, default=3, help="(cold, warm) pairs; medians are reported")
+    p.add_argument("--pythonpath", default="", help="prepended to PYTHONPATH of the measured processes")
     p.add_argument("--json", default=None, help="also write the results here")
-    p.add_argument("--background", action="store_true",
-                   help="compile the train step in a thread beside the init (run_lib.train does not)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--config", default=None, help=argparse.SUPPRESS)
     p.add_argument("--cache_dir", default=None, help=argparse.SUPPRESS)
@@ -168,14 +237,16 @@ def main():
     if args.worker:
         print(json.dumps(worker(args)), flush=True)
         return
+    configs = [c for c in args.configs.split(",") if c] + (["main.py"] if args.main else [])
     results = {}
-    for config in args.configs.split(","):
-        if config not in CONFIGS:
+    for config in configs:
+        if config not in CONFIGS and config != "main.py":
             raise SystemExit(f"unknown --configs entry {config!r}; valid: {sorted(CONFIGS)}")
-        results[config] = measure(str(pathlib.Path(args.repo).resolve()), config, args.repeats, args.background)
+        results[config] = measure(str(pathlib.Path(args.repo).resolve()), config, args.repeats, args.pythonpath)
         print(json.dumps({"label": args.label, "config": config, **results[config]}), flush=True)
     print(f"\nload average at the end: {os.getloadavg()[0]:.1f} (1 min) on {os.cpu_count()} CPUs; wall seconds "
-          f"per phase, medians of {args.repeats}; ratio = total / baseline ({BASELINE!r})")
+          f"per phase, medians of {args.repeats}; ratio = total / baseline ({BASELINE!r}); main.py: phases as "
+          "it printed them (nan: it prints none), CPU s of the whole process at its 'step 1/1' line")
     print_table(args.label, results)
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps({"label": args.label, "results": results}, indent=1))

@@ -78,13 +78,19 @@ def ema_update(ema_params, params, rate: float):
 # The initial state is computed once, so its program is compiled without LLVM's optimisations on CPU: that
 # compiles 2-3x faster (the initializers' random-bit generation dominates) and the values agree to float rounding.
 INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
-# The train step on CPU: LLVM -O2 instead of the default -O3 (it compiled 0.66x as long for the small DDPM++, 0.86x
-# for configs/default.py, with steps within the noise and the same losses), and XLA's YNNPACK library fusions for
-# elementwise ops, reductions and single dots instead of its default set, which also puts convolutions in YNNPACK:
-# that compiled in 0.7x the CPU time and stepped 1.2-1.3x faster for both configs (benchmarks/results/startup_cpu.md).
-YNN_FUSIONS = ("ELTWISE", "REDUCE", "INDIVIDUAL_DOT")
-STEP_COMPILER_OPTIONS = {"xla_backend_optimization_level": 2,
-                         "xla_cpu_experimental_ynn_fusion_type": ",".join(f"LIBRARY_FUSION_TYPE_{t}" for t in YNN_FUSIONS)}
+# The train step on CPU is two programs (``SplitStep``). Its gradient at LLVM -O2 instead of the default -O3 (0.66x
+# the compile for the small DDPM++, same losses), with XLA's YNNPACK library for reductions and single dots only:
+# YNNPACK's convolutions (in XLA's default set) and elementwise fusions made the step 1.3-1.4x slower for
+# configs/default.py; its reductions save 0.3x of the compile for 5% of the step. The optimizer half (clipping,
+# Adam, EMA: ~640 small kernels for that config) without LLVM optimisation and with YNNPACK's elementwise and
+# reduction fusions, which compile several times faster than LLVM's kernels for the ~5% of the step's time it
+# takes (benchmarks/results/startup_cpu.md).
+def _ynn_fusions(*types: str) -> dict:
+    return {"xla_cpu_experimental_ynn_fusion_type": ",".join(f"LIBRARY_FUSION_TYPE_{t}" for t in types)}
+
+
+STEP_COMPILER_OPTIONS = {"xla_backend_optimization_level": 2, **_ynn_fusions("REDUCE", "INDIVIDUAL_DOT")}
+APPLY_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0, **_ynn_fusions("ELTWISE", "REDUCE", "INDIVIDUAL_DOT")}
 
 
 def step_compiler_options() -> Optional[dict]:
@@ -146,22 +152,32 @@ def make_train_step(loss_fn: Callable, optimizer, ema_rate: float, seed: int) ->
 
     The step's key is ``fold_in(key(seed), step)``; the loss draws the noise of the whole global batch from it, and
     with partitionable threefry each device computes its own rows of that draw, so devices get independent noise
-    and the result does not depend on the device count."""
+    and the result does not depend on the device count. ``train_step.parts`` is the same step in two halves,
+    ``gradient(state, batch) -> (grads, metrics)`` and ``apply(state, grads) -> state`` (clipping, Adam, EMA),
+    which ``jit_sharded_step`` compiles as two programs on CPU (``SplitStep``)."""
+
     def objective(params, key, batch):
         per_example, metrics = loss_fn(params, key, batch)
         return jnp.mean(per_example), metrics
 
-    def train_step(state: TrainState, batch):
+    def gradient(state: TrainState, batch):
         key = jax.random.fold_in(jax.random.key(seed), state.step)  # traced: no eager program before the step
         (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params, key, batch)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
-                               ema_params=ema_update(state.ema_params, params, ema_rate))
         metrics = {k: jnp.mean(v) for k, v in metrics.items()}
         metrics.update(loss=loss, grad_norm=optax.global_norm(grads))
-        return new_state, metrics
+        return grads, metrics
 
+    def apply(state: TrainState, grads) -> TrainState:
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                          ema_params=ema_update(state.ema_params, params, ema_rate))
+
+    def train_step(state: TrainState, batch):
+        grads, metrics = gradient(state, batch)
+        return apply(state, grads), metrics
+
+    train_step.parts = (gradient, apply)
     return train_step
 
 
@@ -228,10 +244,56 @@ def replicate(tree, mesh: Mesh):
                         jax.device_get(tree))
 
 
-def jit_sharded_step(train_step, mesh: Mesh):
+def split_step_by_default() -> bool:
+    """Whether ``jit_sharded_step`` compiles the step as two programs (``SplitStep``) here: on CPU, where that
+    compiled the optimizer's ~640 small per-parameter kernels cheaply and kept the gradient's fast
+    (``benchmarks/results/startup_cpu.md``); elsewhere it was not measured, so the step stays one program."""
+    return jax.default_backend() == "cpu"
+
+
+def jit_sharded_step(train_step, mesh: Mesh, split: Optional[bool] = None):
+    """``train_step`` jitted over ``mesh``: the state replicated (and donated), the batch split over ``data``. With
+    ``split`` (default ``split_step_by_default()``) and ``train_step.parts``, a ``SplitStep`` of two programs."""
     replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    return jax.jit(train_step, in_shardings=(replicated, data), out_shardings=(replicated, replicated),
-                   donate_argnums=0)
+    split = split_step_by_default() if split is None else split
+    if not (split and hasattr(train_step, "parts")):
+        return jax.jit(train_step, in_shardings=(replicated, data), out_shardings=(replicated, replicated),
+                       donate_argnums=0)
+    gradient, apply = train_step.parts
+    return SplitStep(jax.jit(gradient, in_shardings=(replicated, data), out_shardings=(replicated, replicated)),
+                     jax.jit(apply, in_shardings=(replicated, replicated), out_shardings=replicated, donate_argnums=0))
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitStep:
+    """The train step as two jitted programs, used like one: ``step(state, batch)``,
+    ``step.lower(state, batch).compile(options)``. ``gradient`` (forward, backward, metrics) is compiled with the
+    step's ``options``; ``apply`` (clipping, Adam, EMA: small elementwise kernels per parameter, most of the step's
+    kernels but ~5% of its time) with ``APPLY_COMPILER_OPTIONS``, in a second thread."""
+
+    gradient: Any
+    apply: Any
+
+    def __call__(self, state: TrainState, batch):
+        grads, metrics = self.gradient(state, batch)
+        return self.apply(state, grads), metrics
+
+    def lower(self, state, batch) -> "SplitStep":
+        return SplitStep(self.gradient.lower(state, batch), self.apply.lower(state, state.params))
+
+    def compile(self, options: Optional[dict] = None) -> "SplitStep":
+        """Both lowered programs compiled: ``apply`` in a thread while ``gradient`` compiles here."""
+        apply_options = APPLY_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile_apply") as pool:
+            apply = pool.submit(self.apply.compile, apply_options)
+            return SplitStep(self.gradient.compile(options), apply.result())
+
+    def cost_analysis(self) -> dict:
+        """XLA's cost estimates of the two compiled programs, summed (e.g. ``flops``)."""
+        costs = [c[0] if isinstance(c, (list, tuple)) else (c or {})
+                 for c in (self.gradient.cost_analysis(), self.apply.cost_analysis())]
+        keys = {k for c in costs for k, v in c.items() if isinstance(v, (int, float))}
+        return {k: sum(float(c.get(k, 0.0)) for c in costs) for k in keys}
 
 
 def any_process(flag: bool) -> bool:

@@ -235,28 +235,37 @@ def test_exit_while_the_step_compiles_waits_for_it_instead_of_aborting():
     assert out.stdout.strip().splitlines()[-1] == "[False]"
 
 
-def test_step_compiler_options_agree_with_xla_defaults_on_a_convolutional_model():
-    """The CPU options of the train step (``experiment.STEP_COMPILER_OPTIONS``: LLVM -O2, YNNPACK fusions for
-    elementwise ops, reductions and dots instead of XLA's default set with convolutions) must give XLA's default
-    program's losses and parameters to float rounding over a few steps of a small U-Net."""
+def test_split_step_with_cpu_options_agrees_with_the_fused_default_program_on_a_convolutional_model():
+    """On CPU the train step is two programs (``experiment.SplitStep``: gradient, then clipping/Adam/EMA), compiled
+    with ``STEP_COMPILER_OPTIONS`` and ``APPLY_COMPILER_OPTIONS`` (LLVM levels, YNNPACK fusion sets). Over a few
+    steps of a small U-Net it must give the losses and parameters of the one fused program under XLA's default
+    options to float rounding, and report XLA's cost estimate summed over both programs."""
     config = default.get_config()
     config.model.nf, config.training.batch_size = 16, 16
     exp = experiment.Experiment.from_config(config)
-    step_fn = experiment.jit_sharded_step(experiment.make_train_step(exp.loss_fn(), exp.optimizer,
-                                                                     config.model.ema_rate, config.seed), exp.mesh)
+    train_step = experiment.make_train_step(exp.loss_fn(), exp.optimizer, config.model.ema_rate, config.seed)
+    split = experiment.jit_sharded_step(train_step, exp.mesh)
+    fused = experiment.jit_sharded_step(train_step, exp.mesh, split=False)
+    assert isinstance(split, experiment.SplitStep) and not isinstance(fused, experiment.SplitStep)
     state = experiment.init_train_state(config, exp.model, exp.optimizer, exp.data_shape)
     data = experiment.train_batches(config, exp.mesh)
     batches = [next(data) for _ in range(3)]
     data.close()
+    ours = split.lower(state, batches[0]).compile(experiment.step_compiler_options())
+    xla = fused.lower(state, batches[0]).compile()
     results = []
-    for options in (experiment.step_compiler_options(), None):
-        compiled = step_fn.lower(state, batches[0]).compile(options)
+    for compiled in (ours, xla):
         s, losses = jax.tree.map(jax.numpy.copy, state), []
         for batch in batches:
             s, metrics = compiled(s, batch)
             losses.append(float(metrics["loss"]))
         results.append((s, losses))
-    (ours, our_losses), (xla, xla_losses) = results
+    (ours_state, our_losses), (xla_state, xla_losses) = results
     np.testing.assert_allclose(our_losses, xla_losses, rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(ours.params), jax.tree.leaves(xla.params)):
+    assert int(ours_state.step) == int(xla_state.step) == 3
+    for a, b in zip(jax.tree.leaves((ours_state.params, ours_state.ema_params, ours_state.opt_state)),
+                    jax.tree.leaves((xla_state.params, xla_state.ema_params, xla_state.opt_state))):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+    flops = ours.cost_analysis()["flops"]
+    parts = sum(float(c.cost_analysis()["flops"]) for c in (ours.gradient, ours.apply))
+    assert flops == parts > 0

@@ -7,9 +7,9 @@ scaling efficiency.
 Each (config, device count, dtype) runs in a fresh process: on CPU with ``--xla_force_host_platform_device_count``
 (forced host devices share the machine's cores, so this measures the sharding overhead, not a speed-up), on GPU/TPU
 with the first n real devices. The step is ``experiment.jit_sharded_step(make_train_step(...))`` exactly as in
-training, compiled with ``experiment.step_compiler_options()`` (``--xla_defaults``: one program under XLA's defaults), on a fixed
-synthetic batch (the input pipeline is measured by ``benchmarks/data.py``), blocking on every step as the training
-loop does. Reported: compile time, steps/s and images/s (median of ``--repeats`` timed
+training, compiled with ``experiment.step_compiler_options()`` (``--xla_defaults``: one program under XLA's
+defaults), on a fixed synthetic batch (the input pipeline is measured by ``benchmarks/data.py``), blocking on every
+step as the training loop does. Reported: compile time, steps/s and images/s (median of ``--repeats`` timed
 windows), scaling efficiency ``images/s(n) / (n images/s(1))``, and where the backend exposes them, peak device
 memory and MFU = XLA-counted FLOPs of one step x steps/s / peak FLOP/s of the devices.
 """

@@ -93,6 +93,17 @@ STEP_COMPILER_OPTIONS = {"xla_backend_optimization_level": 2, **_ynn_fusions("RE
 APPLY_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0, **_ynn_fusions("ELTWISE", "REDUCE", "INDIVIDUAL_DOT")}
 
 
+# Samplers on CPU (``Experiment.sampler``): LLVM -O2 and YNNPACK for reductions and single dots only: its
+# convolutions, in XLA's default set, made a PC sampler of configs/default.py ~1.9x slower
+# (benchmarks/results/startup_cpu.md).
+SAMPLER_COMPILER_OPTIONS = {"xla_backend_optimization_level": 2, **_ynn_fusions("REDUCE", "INDIVIDUAL_DOT")}
+
+
+def sampler_compiler_options() -> Optional[dict]:
+    """XLA options for compiling ``Experiment.sampler`` on this backend (None: XLA's defaults)."""
+    return SAMPLER_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
+
+
 def step_compiler_options() -> Optional[dict]:
     """XLA options for compiling the train step on this backend (None: XLA's defaults)."""
     return STEP_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
@@ -367,7 +378,8 @@ class Experiment:
                                                    cfg.method, mesh=self.local_mesh, **options)
                 return fn(key)
 
-            self.compiled_samplers[cache_key] = _announce_first_call(jax.jit(run), sampler_description(
+            jitted = jax.jit(run, compiler_options=sampler_compiler_options())
+            self.compiled_samplers[cache_key] = _announce_first_call(jitted, sampler_description(
                 cfg.method, options, self.sde, int(n)))
         return self.compiled_samplers[cache_key]
 

@@ -2,7 +2,9 @@
 
 Fixtures (``../shared/data/interop``, see its README): small models saved by score_sde_pytorch with inputs, the
 labels the network received, raw outputs and scores (EMA and raw weights), plus the key lists of the full-size
-CIFAR-10 models. Tolerance: max abs error <= 1e-4 in float32 with highest matmul precision.
+CIFAR-10 models. Tolerance: max abs error <= 1e-4 in float32 with highest matmul precision, or 2e-6 of the largest
+reference value where that exceeds 50 (``tolerance``): the VE models' outputs reach ~76, where float32 rounding
+through the network alone gave 1.1e-4 on one CPU (1.4e-6 relative) while the VP models stay at ~2e-6.
 """
 import importlib
 import json
@@ -51,6 +53,11 @@ def converted(request):
     return name, config, params, ema_params, step, ref
 
 
+def tolerance(reference) -> float:
+    """``TOL``, relative (2e-6 of the largest magnitude) for references of magnitude above 50."""
+    return TOL * max(1.0, float(np.abs(reference).max()) / 50)
+
+
 def nhwc(a):
     return np.transpose(a, (0, 2, 3, 1))
 
@@ -65,7 +72,7 @@ def test_outputs_match_reference_ema_and_raw(converted):
     err_ema = float(np.abs(np.asarray(out_ema) - ref["out_nhwc"]).max())
     err_raw = float(np.abs(np.asarray(out_raw) - nhwc(ref["out_model_nchw"])).max())
     print(f"{name}: max abs error EMA {err_ema:.2e}, raw {err_raw:.2e} (|out| <= {np.abs(ref['out_nhwc']).max():.1f})")
-    assert err_ema <= TOL and err_raw <= TOL
+    assert err_ema <= tolerance(ref["out_nhwc"]) and err_raw <= tolerance(ref["out_model_nchw"])
     # the EMA and raw weights really differ, so both comparisons are informative
     assert float(np.abs(np.asarray(out_ema) - np.asarray(out_raw)).max()) > 100 * TOL
 
@@ -93,11 +100,10 @@ def test_scores_and_labels_match_reference(converted):
     if "score_divisor_std" in ref and model.time_input != "index":
         np.testing.assert_allclose(np.asarray(sde.marginal_prob(ref["x_nhwc"], t)[1]), ref["score_divisor_std"],
                                    rtol=1e-5)
-    scale = max(1.0, float(np.abs(ref["score_nhwc"]).max()) * 1e-6)  # relative for scores of large magnitude
     err_ema = float(np.abs(np.asarray(score_ema) - ref["score_nhwc"]).max())
     err_raw = float(np.abs(np.asarray(score_raw) - nhwc(ref["score_model_nchw"])).max())
     print(f"{name}: score max abs error EMA {err_ema:.2e}, raw {err_raw:.2e}")
-    assert err_ema <= TOL * scale and err_raw <= TOL * scale
+    assert err_ema <= tolerance(ref["score_nhwc"]) and err_raw <= tolerance(ref["score_model_nchw"])
 
 
 @pytest.mark.parametrize("keys_name", sorted(FULL_SIZE))

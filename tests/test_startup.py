@@ -269,3 +269,20 @@ def test_split_step_with_cpu_options_agrees_with_the_fused_default_program_on_a_
     flops = ours.cost_analysis()["flops"]
     parts = sum(float(c.cost_analysis()["flops"]) for c in (ours.gradient, ours.apply))
     assert flops == parts > 0
+
+
+def test_sampler_cpu_options_agree_with_xla_defaults_on_a_convolutional_model():
+    """``Experiment.sampler`` compiles with ``sampler_compiler_options()`` (on CPU: LLVM -O2, YNNPACK for
+    reductions and dots only): a reverse-diffusion sampler of a small U-Net must give the default program's
+    samples to float rounding for the same key."""
+    config = default.get_config()
+    config.model.nf, config.sde.N = 16, 25
+    config.sampling.corrector = "none"  # Langevin's step size divides by the score's norm: NaN for a random net
+    exp = experiment.Experiment.from_config(config)
+    params = experiment.init_train_state(config, exp.model, exp.optimizer, exp.data_shape).params
+    sampler = exp.sampler(8)
+    x, nfe = sampler(params, jax.random.key(3))
+    reference = jax.jit(sampler.jitted.__wrapped__)
+    x_ref, nfe_ref = reference(params, jax.random.key(3))
+    assert np.all(np.isfinite(np.asarray(x_ref))) and int(nfe) == int(nfe_ref)
+    np.testing.assert_allclose(np.asarray(x), np.asarray(x_ref), rtol=1e-4, atol=1e-4)

@@ -93,10 +93,9 @@ STEP_COMPILER_OPTIONS = {"xla_backend_optimization_level": 2, **_ynn_fusions("RE
 APPLY_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0, **_ynn_fusions("ELTWISE", "REDUCE", "INDIVIDUAL_DOT")}
 
 
-# Samplers on CPU (``Experiment.sampler``): LLVM -O2 and YNNPACK for reductions and single dots only: its
-# convolutions, in XLA's default set, made a PC sampler of configs/default.py ~1.9x slower
-# (benchmarks/results/startup_cpu.md).
-SAMPLER_COMPILER_OPTIONS = {"xla_backend_optimization_level": 2, **_ynn_fusions("REDUCE", "INDIVIDUAL_DOT")}
+# Samplers on CPU (``Experiment.sampler``) as the gradient: YNNPACK's convolutions, in XLA's default set, made the
+# reverse-diffusion sampler of configs/default.py 1.7x slower (benchmarks/results/startup_cpu.md).
+SAMPLER_COMPILER_OPTIONS = STEP_COMPILER_OPTIONS
 
 
 def sampler_compiler_options() -> Optional[dict]:
@@ -131,22 +130,22 @@ def trace_init(config, model: models.ScoreModel, optimizer, data_shape) -> jax.s
     return jax.jit(_init_fn(model, optimizer, data_shape)).trace(_init_seed(config))
 
 
-def init_train_state(config, model: models.ScoreModel, optimizer, data_shape,
-                     traced: Optional[jax.stages.Traced] = None) -> TrainState:
+def _run_init(lowered, config) -> TrainState:
+    return lowered.compile(INIT_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None)(_init_seed(config))
+
+
+def init_train_state(config, model: models.ScoreModel, optimizer, data_shape) -> TrainState:
     """Step 0: parameters from ``fold_in(key(seed), 2**31 - 1)``, EMA = parameters, fresh optimizer state
-    (one jitted computation, not one compilation per initializer); ``traced``: its ``trace_init``, if at hand."""
-    traced = traced or trace_init(config, model, optimizer, data_shape)
-    options = INIT_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
-    return traced.lower().compile(options)(_init_seed(config))
+    (one jitted computation, not one compilation per initializer)."""
+    return _run_init(trace_init(config, model, optimizer, data_shape).lower(), config)
 
 
 def initial_state_in_background(exp) -> concurrent.futures.Future:
     """``init_train_state`` of ``exp``: lowered here, compiled and run in a thread (XLA releases the GIL), so that
     a core is busy compiling it while this thread traces the train step."""
     lowered = exp.traced_init().lower()
-    options = INIT_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
     pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="initial_state")
-    future = pool.submit(lambda: lowered.compile(options)(_init_seed(exp.config)))
+    future = pool.submit(_run_init, lowered, exp.config)
     pool.shutdown(wait=False)
     return future
 

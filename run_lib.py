@@ -36,10 +36,10 @@ import samplers
 import utils
 from evaluation import classifiers, features, inception, quality, reference, sample_files
 from evaluation.metrics import palette_fit
-from experiment import (EvalState, Experiment, StepCompilation, TrainState, any_process, check_batch_size,
-                        compile_step, compile_step_in_background, draw_samples, jit_sharded_step, learning_rate_schedule, make_train_step,
-                        open_training, replicate, restore_eval_state, sample_folder, sample_manifest, sampler_name,
-                        shard_batch, to_output, write_samples)
+from experiment import (EvalState, Experiment, StepCompilation, Training, TrainState, any_process, check_batch_size,
+                        compile_step, compile_step_in_background, draw_samples, jit_sharded_step,
+                        learning_rate_schedule, make_train_step, open_training, replicate, restore_eval_state,
+                        sample_folder, sample_manifest, sampler_name, shard_batch, to_output, write_samples)
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +96,9 @@ def train(exp: Experiment, workdir: str) -> TrainState:
     step_fn = jit_sharded_step(make_train_step(exp.loss_fn(), exp.optimizer, exp.config.model.ema_rate,
                                                exp.config.seed), exp.mesh)
     with open_training(exp, workdir, lambda: compile_step_in_background(step_fn, exp)) as opened:
-        timings["init"] = exp.build_seconds + time.time() - t0
-        run = _start_run(exp, pathlib.Path(workdir), opened.ckpt, int(opened.state.step), timings, step_fn)
-        run.compiling, run.init_done = opened.background, t0 + timings["init"] - exp.build_seconds
+        init_done = time.time()
+        timings["init"] = exp.build_seconds + init_done - t0
+        run = _start_run(exp, pathlib.Path(workdir), opened, timings, step_fn, init_done)
         try:
             with utils.StopSignal("saving a checkpoint after this step (or sampling batch) and stopping") as stop:
                 return _train_loop(run, replicate(opened.state, exp.mesh), opened.batches, stop)
@@ -106,9 +106,10 @@ def train(exp: Experiment, workdir: str) -> TrainState:
             run.logger.close()
 
 
-def _start_run(exp: Experiment, workdir: pathlib.Path, ckpt, start: int, timings: dict, step_fn: Callable) -> Run:
+def _start_run(exp: Experiment, workdir: pathlib.Path, opened: Training, timings: dict, step_fn: Callable,
+               init_done: float) -> Run:
     """Say what runs and open the metric log (``config.json`` is written by ``open_training``)."""
-    config, is_main = exp.config, jax.process_index() == 0
+    config, is_main, start = exp.config, jax.process_index() == 0, int(opened.state.step)
     print(f"training steps {start}..{config.training.n_iters} on {jax.device_count()} devices "
           f"({jax.process_count()} processes), global batch {config.training.batch_size}, "
           f"lr {config.optim.lr:g} (warm-up {config.optim.warmup}), EMA rate {config.model.ema_rate}", flush=True)
@@ -116,7 +117,8 @@ def _start_run(exp: Experiment, workdir: pathlib.Path, ckpt, start: int, timings
     warn_warmup_longer_than_run(config.optim.warmup, config.training.n_iters)
     logger = utils.MetricLogger(workdir, config.training.n_iters, start, config.training.log_freq, enabled=is_main,
                                 pending=periodic_seconds(config, exp.sde))
-    return Run(exp, workdir, ckpt, logger, learning_rate_schedule(config.optim), step_fn, is_main, timings)
+    return Run(exp, workdir, opened.ckpt, logger, learning_rate_schedule(config.optim), step_fn, is_main, timings,
+               compiling=opened.background, init_done=init_done)
 
 
 def _train_loop(run: Run, state: TrainState, data: Iterator, stop: utils.StopSignal) -> TrainState:
@@ -154,8 +156,8 @@ def _run_by_main() -> bool:
 
 def _compile_step(run: Run, state: TrainState, batch: dict) -> Callable:
     """The train step compiled for ``batch`` (``experiment.compile_step``), its time kept in ``run.timings``."""
-    compiled, seconds, run.timings["cached"] = compile_step(run.step_fn, state, batch, run.compiling)
-    run.timings["compile"] = time.time() - run.init_done if run.init_done else seconds
+    compiled, _, run.timings["cached"] = compile_step(run.step_fn, state, batch, run.compiling)
+    run.timings["compile"] = time.time() - run.init_done
     return compiled
 
 

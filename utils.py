@@ -221,6 +221,7 @@ def lazy_import(name: str):
 
 ocp = lazy_import("orbax.checkpoint")
 
+
 class CheckpointManager:
     """orbax ``CheckpointManager`` storing the train state with the config's conventions and hyperparameters.
 

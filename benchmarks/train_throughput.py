@@ -173,8 +173,8 @@ def main():
     p.add_argument("--repeats", type=int, default=3, help="timed windows; the median is reported")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--xla_defaults", action="store_true",
-                   help="compile the step as one program with XLA's default options (not experiment.SplitStep on CPU with "
-                        "experiment.step_compiler_options())")
+                   help="compile the step as one program with XLA's default options (not experiment.SplitStep on "
+                        "CPU with experiment.step_compiler_options())")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--config", default=None, help=argparse.SUPPRESS)
     p.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)

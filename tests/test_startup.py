@@ -153,9 +153,9 @@ def test_sampling_batches_compiles_the_sampler_once(capsys):
 
 
 def test_step_compiled_in_the_background_is_the_one_train_uses_and_gives_the_same_result(monkeypatch):
-    """``compile_step_in_background`` (``benchmarks/startup.py --background``) compiles the train step in a thread
-    beside the init: that compilation must be for exactly the (state, batch) shapes the loop meets, and its result must equal the step compiled in
-    the foreground bit for bit, and the step's CPU compile options (``experiment.STEP_COMPILER_OPTIONS``) must
+    """``compile_step_in_background`` (what ``run_lib.train`` uses) compiles the train step in a thread beside the
+    init: that compilation must be for exactly the (state, batch) shapes the loop meets, and its result must equal
+    the step compiled in the foreground bit for bit, and the step's CPU compile options (``experiment.STEP_COMPILER_OPTIONS``) must
     agree with XLA's defaults to float rounding. Fault injection: a wrong batch size must not match."""
     config = small_config()
     exp = experiment.Experiment.from_config(config)
